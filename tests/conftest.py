@@ -1,0 +1,38 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(LlamaForCausalLM, tokenizer) of the real SmolLM2-135M-Instruct (converted once, cached)."""
+    from vlmfix.demo import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smol_llava(smollm2):
+    """LLaVA-1.5-style model on SmolLM2 with a random 576-token vision tower, and its processor."""
+    from vlmfix.demo import build_llava
+
+    lm, tok = smollm2
+    return build_llava(lm, tok)
+
+
+@pytest.fixture(scope="session")
+def small_smol_llava(smollm2):
+    """The same with 144 image tokens (12 x 12), for faster generate tests."""
+    from vlmfix.demo import build_llava
+
+    lm, tok = smollm2
+    return build_llava(lm, tok, image_size=168)

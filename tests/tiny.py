@@ -1,0 +1,116 @@
+"""Tiny random models of the three supported families, built from config objects (no downloads),
+with hand-built inputs (image placeholders expanded as each family's processor would)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+VOCAB = 128
+IMAGE = 100  # image token id
+PAD = 0
+VSTART, VEND = 101, 102  # Qwen2-VL vision start / end
+FAMILIES = ("llava", "llava_next", "qwen2_vl")
+
+
+def _text(**kw) -> dict:
+    cfg = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+    )
+    cfg.update(kw)
+    return cfg
+
+
+def _vision() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=30, patch_size=6)
+
+
+def make_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if family == "llava":
+        cfg = LlavaConfig(vision_config=_vision(), text_config=LlamaConfig(**_text()), image_token_index=IMAGE,
+                          vision_feature_layer=-1)
+        model = LlavaForConditionalGeneration(cfg)
+    elif family == "llava_next":
+        cfg = LlavaNextConfig(vision_config=_vision(), text_config=LlamaConfig(**_text()), image_token_index=IMAGE,
+                              vision_feature_layer=-1, image_grid_pinpoints=[[30, 60], [60, 30], [60, 60]])
+        model = LlavaNextForConditionalGeneration(cfg)
+    elif family == "qwen2_vl":
+        cfg = Qwen2VLConfig(
+            vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                               spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+            text_config=dict(model_type="qwen2_vl_text", **_text(rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})),
+            image_token_id=IMAGE, vision_start_token_id=VSTART, vision_end_token_id=VEND,
+        )
+        model = Qwen2VLForConditionalGeneration(cfg)
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+def image_tokens(family: str, model, size: tuple[int, int]) -> tuple[int, dict]:
+    """(number of image tokens, pixel inputs) for one image of `size` (H, W)."""
+    g = torch.Generator().manual_seed(size[0] * 1000 + size[1])
+    if family == "llava":
+        return 25, {"pixel_values": torch.randn(1, 3, 30, 30, generator=g)}
+    if family == "llava_next":
+        from vlmfix.adapters.llava_next import LlavaNextAdapter
+
+        n = image_size_to_num_patches(size, model.config.image_grid_pinpoints, 30)
+        inputs = {"pixel_values": torch.randn(1, n, 3, 30, 30, generator=g), "image_sizes": torch.tensor([size])}
+        lay = LlavaNextAdapter(model).image_layouts(inputs)[0]
+        return lay.length, inputs
+    h, w = max(2, size[0] // 14 // 2 * 2), max(2, size[1] // 14 // 2 * 2)
+    grid = torch.tensor([[1, h, w]])
+    return h * w // 4, {"pixel_values": torch.randn(h * w, 3 * 2 * 14 * 14, generator=g), "image_grid_thw": grid}
+
+
+def make_batch(family: str, model, prompts: list[tuple[list[int], tuple[int, int] | None, list[int]]]) -> dict:
+    """Left-padded batch. Each prompt: (text before the image, image size or None, text after)."""
+    seqs, pixels = [], []
+    for before, size, after in prompts:
+        ids = list(before)
+        if size is not None:
+            n, px = image_tokens(family, model, size)
+            ids += ([VSTART] if family == "qwen2_vl" else []) + [IMAGE] * n + ([VEND] if family == "qwen2_vl" else [])
+            pixels.append(px)
+        ids += list(after)
+        seqs.append(ids)
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), PAD)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if family == "qwen2_vl":
+        batch["mm_token_type_ids"] = (input_ids == IMAGE).int()
+    if pixels:
+        if family == "llava_next":
+            most = max(p["pixel_values"].shape[1] for p in pixels)
+            pv = [torch.nn.functional.pad(p["pixel_values"], (0, 0, 0, 0, 0, 0, 0, most - p["pixel_values"].shape[1]))
+                  for p in pixels]
+            batch["pixel_values"] = torch.cat(pv)
+            batch["image_sizes"] = torch.cat([p["image_sizes"] for p in pixels])
+        else:
+            for key in pixels[0]:
+                batch[key] = torch.cat([p[key] for p in pixels])
+    return batch
+
+
+def prompts_two() -> list:
+    """Two prompts of different lengths (so the batch is left-padded)."""
+    return [([1, 5, 6], (30, 30), [7, 8, 9, 10, 11]), ([1, 12], (40, 70), [13, 14, 15, 16, 17, 18, 19, 20])]

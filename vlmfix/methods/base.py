@@ -1,0 +1,43 @@
+"""The hooks a vlmfix method may implement (peft-style: a config dataclass plus the code applying it).
+
+A method is a dataclass whose fields are its configuration. `attach()` calls the hooks below;
+the defaults do nothing, so a method overrides only what it needs:
+
+- `on_prefill(state)`: a new call started; read the spans, reset this method's records;
+- `eager_rows(state, layer, q_start, q_len)`: which query rows of the current block (indices
+  0..q_len-1; absolute position = q_start + index) this method edits at `layer`; None for none.
+  Only those rows are computed in eager form, everything else stays on the fast path;
+- `scores(state, layer, positions, scores)`: edit pre-softmax fp32 scores (B, H, R, K) of the rows
+  at absolute `positions`;
+- `probs(state, layer, positions, probs)`: edit post-softmax fp32 rows (B, H, R, K).
+
+`uses_sinks` asks attach to track the sink scores phi of the prefill residual stream.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..state import CallState
+
+
+class Method:
+    name: ClassVar[str] = "method"
+    uses_sinks: ClassVar[bool] = False
+
+    def validate(self, num_layers: int, num_heads: int) -> None:
+        """Raise ValueError when the configuration cannot apply to a model of this size."""
+
+    def on_prefill(self, state: CallState) -> None:
+        """A new call started."""
+
+    def eager_rows(self, state: CallState, layer: int, q_start: int, q_len: int) -> torch.Tensor | None:
+        return None
+
+    def scores(self, state: CallState, layer: int, positions: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores
+
+    def probs(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        return probs

@@ -1,0 +1,37 @@
+"""YAML presets in configs/: per-model sink dims and thresholds (configs/models/*.yaml).
+
+A model preset applies when one of its `match` strings occurs in the model's name or path
+(case-insensitive) and its hidden size equals the model's (so a random tiny config never picks up
+a 7B table).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def configs_dir() -> Path:
+    """The configs/ folder: beside the package in a checkout, inside it in a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "configs", here / "_configs"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("vlmfix's configs/ folder is missing; reinstall vlmfix (pip install -e .)")
+
+
+@lru_cache(maxsize=None)
+def model_presets() -> tuple[dict[str, Any], ...]:
+    return tuple(yaml.safe_load(p.read_text()) for p in sorted((configs_dir() / "models").glob("*.yaml")))
+
+
+def model_preset(name_or_path: str, hidden_size: int) -> dict[str, Any] | None:
+    """The preset matching a model name/path and width, or None."""
+    name = (name_or_path or "").lower()
+    for preset in model_presets():
+        if preset.get("hidden_size") == hidden_size and any(m.lower() in name for m in preset.get("match", [])):
+            return preset
+    return None

@@ -1,0 +1,155 @@
+"""Per-call state: what one `generate` (or forward) learned at its prefill, batch-aware.
+
+A `CallState` is created when a forward starts on an empty cache (the prefill) and replaced at the
+next prefill; nothing in it outlives that or is shared between models. Positions are absolute
+column indices in the (left-padded) prompt, which are also the key indices of the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def above_threshold(phi: torch.Tensor, tau: float | str, first: torch.Tensor) -> torch.Tensor:
+    """phi (B, N) > tau, strictly; tau a number or "bos:F" (F x phi of each row's token at `first[b]`)."""
+    if isinstance(tau, str):
+        frac = float(tau.split(":", 1)[1])
+        return phi > frac * phi[torch.arange(phi.shape[0]), first][:, None]
+    return phi > tau
+
+
+@dataclass(frozen=True)
+class ImageSegment:
+    """A rows x cols grid of image tokens starting at `start`.
+
+    With `newline`, every grid row is followed by one newline token (LLaVA-NeXT), so a row spans
+    cols + 1 positions. `name` tells the segment's role ("image", "base", "crops").
+    """
+
+    start: int
+    rows: int
+    cols: int
+    newline: bool = False
+    image_index: int = 0
+    name: str = "image"
+
+    @property
+    def length(self) -> int:
+        return self.rows * (self.cols + int(self.newline))
+
+    def grid_positions(self) -> torch.Tensor:
+        """(rows, cols) tensor of the absolute positions of the grid's patch tokens (newlines excluded)."""
+        r = torch.arange(self.rows)[:, None] * (self.cols + int(self.newline))
+        return self.start + r + torch.arange(self.cols)[None, :]
+
+
+@dataclass
+class RowLayout:
+    """The spans of one batch row of the prompt."""
+
+    index: int
+    pad_left: int
+    prompt_len: int
+    image_positions: torch.Tensor
+    newline_positions: torch.Tensor
+    segments: tuple[ImageSegment, ...]
+    query_span: tuple[int, int] | None
+
+    @property
+    def has_image(self) -> bool:
+        return len(self.image_positions) > 0
+
+    @property
+    def note(self) -> str:
+        """Why methods leave this row alone ('' when they do not)."""
+        return "" if self.has_image else "text-only row: no image tokens, left untouched"
+
+    @property
+    def after_image(self) -> int | None:
+        """First position after the last image token (None for a text-only row)."""
+        return int(self.image_positions[-1]) + 1 if self.has_image else None
+
+
+@dataclass
+class CallState:
+    """What the current call found; `Attached.last_state` keeps the last one for inspection.
+
+    - `rows`: per batch row layout (image positions, grid, newline tokens, query span, padding);
+    - `phi[layer]`: (B, prompt_len) sink scores of the prefill residual stream (specs/sinks.md),
+      filled for layers >= 2 when a method or report asks for sinks;
+    - `records`: per-method records (e.g. attention moved, saliency), keyed by method name;
+    - `phase`: "prefill" while the prompt is processed, then "decode"; `step` counts decode steps.
+    """
+
+    rows: list[RowLayout]
+    prompt_len: int
+    sink_dims: tuple[int, ...] = ()
+    tau: float | str | None = None
+    phase: str = "prefill"
+    step: int = 0
+    phi: dict[int, torch.Tensor] = field(default_factory=dict)
+    records: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    def image_mask(self, device: torch.device | None = None) -> torch.Tensor:
+        """(B, prompt_len) bool: True at image-token positions."""
+        mask = torch.zeros(self.batch_size, self.prompt_len, dtype=torch.bool)
+        for row in self.rows:
+            mask[row.index, row.image_positions] = True
+        return mask.to(device) if device is not None else mask
+
+    def sink_mask(self, layer: int, tau: float | str | None = None) -> torch.Tensor | None:
+        """(B, prompt_len) bool: tokens whose sink score at `layer` exceeds the threshold (strict);
+        None if sinks were not tracked. Layers 0 and 1 have no sinks by definition (all False).
+
+        tau: a number, or "bos:F" for F x the phi of each row's first (non-padding) token.
+        """
+        tau = self.tau if tau is None else tau
+        if layer < 2:
+            return torch.zeros(self.batch_size, self.prompt_len, dtype=torch.bool)
+        phi = self.phi.get(layer)
+        if phi is None or tau is None:
+            return None
+        first = torch.tensor([r.pad_left for r in self.rows]).clamp(max=self.prompt_len - 1)
+        return above_threshold(phi, tau, first)
+
+    def sinks(self, layer: int, row: int, tau: float | str | None = None) -> torch.Tensor:
+        """Positions of all sink tokens of batch row `row` at `layer` (text sinks such as BOS included)."""
+        mask = self.sink_mask(layer, tau)
+        if mask is None:
+            raise RuntimeError("sink scores were not tracked in this call: attach a method that uses sinks")
+        return mask[row].nonzero().flatten()
+
+    def visual_sinks(self, layer: int, row: int, tau: float | str | None = None) -> torch.Tensor:
+        """Positions of the image tokens of batch row `row` that are sinks at `layer`."""
+        mask = self.sink_mask(layer, tau)
+        if mask is None:
+            raise RuntimeError("sink scores were not tracked in this call: attach a method that uses sinks")
+        positions = self.rows[row].image_positions
+        return positions[mask[row, positions]]
+
+    def summary(self) -> dict[str, Any]:
+        """A plain-data overview: per row its spans, per layer its visual-sink counts."""
+        out: dict[str, Any] = {"prompt_len": self.prompt_len, "sink_dims": list(self.sink_dims), "tau": self.tau}
+        out["rows"] = [
+            {
+                "pad_left": r.pad_left,
+                "image_tokens": len(r.image_positions),
+                "grids": [(s.rows, s.cols) for s in r.segments],
+                "newline_tokens": len(r.newline_positions),
+                "query_span": r.query_span,
+                "note": r.note,
+            }
+            for r in self.rows
+        ]
+        if self.phi and self.tau is not None:
+            out["visual_sinks_per_layer"] = {
+                layer: [len(self.visual_sinks(layer, r.index)) for r in self.rows] for layer in sorted(self.phi)
+            }
+        return out
