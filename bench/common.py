@@ -1,14 +1,23 @@
-"""Shared benchmark helpers: the SmolLM2-based LLaVA test-bed and interleaved timing."""
+"""Shared benchmark helpers: the SmolLM2-based LLaVA test-bed, interleaved timing, peak memory.
+
+Every benchmark compares a plain model with an attached twin (a deep copy with the same weights)
+in the same process and prints ratios; absolute times on a shared 2-core machine mean little.
+"""
 
 from __future__ import annotations
 
+import copy
+import ctypes
+import gc
 import statistics
+import threading
 import time
 from typing import Callable
 
 import torch
 from PIL import Image
 
+import vlmfix
 from vlmfix.demo import build_llava, load_smollm2
 from vlmfix.demo.assemble import prompt_for
 
@@ -38,3 +47,93 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> dict
         for name, fn in variants.items():
             samples[name].append(timed(fn))
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _heap_in_use() -> int:
+    """Bytes the C heap has handed out now (glibc mallinfo2: arena blocks in use + mmapped blocks)."""
+    info = _LIBC.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+_LIBC = ctypes.CDLL(None)
+_LIBC.mallinfo2.restype = _MallInfo2
+
+
+def peak_bytes(fn: Callable[[], object], interval: float = 0.0005) -> int:
+    """Peak extra memory while `fn` runs: on CUDA torch.cuda.max_memory_allocated above the start; on
+    the CPU the glibc heap in use (torch's CPU tensors live there), sampled every `interval` seconds
+    by a thread, above its level at the start."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    gc.collect()
+    start = _heap_in_use()
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _heap_in_use())
+            time.sleep(interval)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        with torch.inference_mode():
+            fn()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0], _heap_in_use()) - start
+
+
+def compare_generate(model, processor, inputs, methods, new_tokens: int, repeats: int, memory: bool = True) -> dict:
+    """Prefill time, decode time per token and peak memory of `generate`, plain vs attached twin.
+
+    Decode per token = (t(1 + N new tokens) - t(1 new token)) / N, medians over interleaved repeats.
+    """
+    twin = copy.deepcopy(model)
+    vlmfix.attach(twin, processor, methods)
+
+    def gen(m, tokens):
+        return lambda: m.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+    n = new_tokens
+    t = interleaved({"plain_1": gen(model, 1), "plain_n": gen(model, 1 + n), "fixed_1": gen(twin, 1),
+                     "fixed_n": gen(twin, 1 + n)}, repeats)
+    out = {
+        "prefill_plain_s": t["plain_1"], "prefill_fixed_s": t["fixed_1"],
+        "decode_plain_ms": 1000 * (t["plain_n"] - t["plain_1"]) / n,
+        "decode_fixed_ms": 1000 * (t["fixed_n"] - t["fixed_1"]) / n,
+        "generate_plain_s": t["plain_n"], "generate_fixed_s": t["fixed_n"],
+    }
+    out["prefill_ratio"] = out["prefill_fixed_s"] / out["prefill_plain_s"]
+    out["decode_ratio"] = out["decode_fixed_ms"] / out["decode_plain_ms"]
+    out["generate_ratio"] = out["generate_fixed_s"] / out["generate_plain_s"]
+    if memory:  # the prefill and a few steps: where the peak is (profiling all N steps is very slow on CPU)
+        out["peak_plain_mb"] = peak_bytes(gen(model, 4)) / 2**20
+        out["peak_fixed_mb"] = peak_bytes(gen(twin, 4)) / 2**20
+        out["peak_ratio"] = out["peak_fixed_mb"] / out["peak_plain_mb"]
+    return out
+
+
+def report(title: str, res: dict, targets: dict[str, float]) -> None:
+    print(title)
+    print(f"  prefill: plain {res['prefill_plain_s']:.3f}s  fixed {res['prefill_fixed_s']:.3f}s")
+    print(f"  decode per token: plain {res['decode_plain_ms']:.2f} ms  fixed {res['decode_fixed_ms']:.2f} ms")
+    if "peak_ratio" in res:
+        print(f"  peak memory: plain {res['peak_plain_mb']:.1f} MB  fixed {res['peak_fixed_mb']:.1f} MB")
+    for key, target in targets.items():
+        verdict = "ok" if res[key] <= target else "ABOVE TARGET"
+        print(f"  {key}: {res[key]:.3f} (target <= {target}) {verdict}")

@@ -53,3 +53,25 @@ def test_sinks_bad_arguments(tmp_path, capsys):
     assert "tau must be > 0" in capsys.readouterr().err
     assert main(["sinks", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "cannot find model" in capsys.readouterr().err
+
+
+@pytest.mark.smollm2
+def test_generate_with_var_writes_heatmap(tmp_path, capsys):
+    assert main(["generate", "--model", "smollm2-llava", "--method", "var", "--max-new-tokens", "4",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "generate.json").read_text())
+    assert result["plain"]["text"] and result["fixed"]["text"] and "VAR(" in result["methods"][0]
+    assert "var (" in out and (tmp_path / "var_moved.png").is_file()
+
+
+def test_method_specs():
+    from vlmfix.cli import parse_methods
+
+    var, = parse_methods("var:vision-centric")
+    assert var.rho == 0.9 and var.tau is None
+    assert parse_methods("none") == []
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods("foo")
+    with pytest.raises(ValueError, match="unknown var preset"):
+        parse_methods("var:bar")

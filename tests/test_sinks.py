@@ -81,50 +81,22 @@ def test_sink_dims_are_massive_in_middle_layers(smollm2):
 
 @pytest.mark.smollm2
 def test_visual_sinks_detected_where_planted(smol_llava):
-    """Known sinks: image features are embeddings of ordinary content words (no natural sinks: phi
-    stays below ~20.5 on them), and a hook writes a massive value into the sink dimension at chosen
-    image positions entering layer 2."""
+    """Known sinks (tests/planted.py): detection finds exactly the planted image tokens, per row."""
     from PIL import Image
+    from planted import TAU, planted_sinks
 
     from vlmfix.demo.assemble import prompt_for
 
     model, processor = smol_llava
-    dim = 507
-    words = ("apple river mountain garden window yellow bicycle teacher orange planet music forest candle winter "
-             "ocean pencil coffee animal morning doctor silver castle flower basket").split()
-    vocab = processor.tokenizer.convert_tokens_to_ids(["Ġ" + w for w in words])
-    embeddings = model.get_input_embeddings().weight[vocab]
     planted = {0: [0, 5, 300], 1: [17, 575]}  # image-token indices per batch row
-
-    def plain_features(module, args, output):
-        pick = torch.randint(0, len(words), output.shape[:-1], generator=torch.Generator().manual_seed(0))
-        return embeddings[pick]
-
-    def plant(module, args, kwargs):
-        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
-        for row, idx in planted.items():
-            image = (ids[row] == model.config.image_token_id).nonzero().flatten()
-            hidden[row, image[idx], dim] = 1000.0
-        if args:
-            return (hidden,) + args[1:], kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
     texts = [prompt_for("What is this?"), prompt_for("Describe all the objects you can see here, please.")]
     images = [Image.new("RGB", (80, 60), "blue"), Image.new("RGB", (50, 90), "green")]
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    ids = inputs["input_ids"]
-    hooks = [model.model.multi_modal_projector.register_forward_hook(plain_features),
-             model.model.language_model.layers[2].register_forward_pre_hook(plant, with_kwargs=True)]
-    try:
-        # planted tokens reach phi ~ 24 (the ceiling); content words stay below ~20.5
-        with vlmfix.attach(model, processor, SinkShare(), tau=21.5) as fixed:
-            with torch.no_grad():
-                fixed(**inputs)
-            state = fixed.last_state
-    finally:
-        for h in hooks:
-            h.remove()
+    with planted_sinks(model, processor.tokenizer, planted), vlmfix.attach(model, processor, SinkShare(), tau=TAU) as fx:
+        with torch.no_grad():
+            fx(**inputs)
+        state = fx.last_state
     assert state.rows[0].pad_left > 0  # the shorter prompt is left-padded
     n_layers = model.config.text_config.num_hidden_layers
     for layer in range(2, n_layers - 2):

@@ -7,7 +7,7 @@
 
 from .adapters import VlmfixInputError, supported_families
 from .attach import Attached, VlmfixError, attach
-from .methods import Method
+from .methods import GIFT, VAR, Method
 from .sinks import find_sink_dims, scaled_tau, sink_scores
 from .state import CallState
 
@@ -16,7 +16,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Attached",
     "CallState",
+    "GIFT",
     "Method",
+    "VAR",
     "VlmfixError",
     "VlmfixInputError",
     "attach",

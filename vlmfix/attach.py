@@ -20,7 +20,6 @@ from transformers.masking_utils import AttentionMaskInterface
 from . import attention
 from .adapters import Adapter, get_adapter
 from .methods.base import Method
-from .presets import model_preset
 from .sinks import check_tau, find_sink_dims, scaled_tau, sink_scores
 from .state import CallState
 
@@ -74,13 +73,14 @@ class Attached:
         for m in self.methods:
             if not isinstance(m, Method):
                 raise TypeError(f"attach expects vlmfix methods (VAR(), GIFT(), ...), got {type(m).__name__}")
-            m.validate(self.adapter.num_layers, self.adapter.num_heads)
+            m.validate(self.adapter)
         self.state: CallState | None = None
         self.last_state: CallState | None = None
         self.tracks_sinks = any(m.uses_sinks for m in self.methods) or sink_dims is not None
         self.sink_dims, self.tau, self.sink_source = self._resolve_sinks(sink_dims, tau)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._fallbacks: dict[type, Any] = {}
+        self._in_prepass = False
         self._attached = False
         self._attach()
 
@@ -88,9 +88,7 @@ class Attached:
     def _resolve_sinks(
         self, dims: Sequence[int] | None, tau: float | str | None
     ) -> tuple[tuple[int, ...], float | str, str]:
-        cfg, text = self.adapter.config, self.adapter.text_config
-        names = " ".join(str(getattr(c, "_name_or_path", "") or "") for c in (cfg, text))
-        preset = model_preset(names, self.adapter.hidden_size)
+        preset = self.adapter.preset
         if tau is None:
             tau = preset["tau"] if preset else scaled_tau(self.adapter.hidden_size)
         tau = check_tau(tau, self.adapter.hidden_size)
@@ -184,7 +182,7 @@ class Attached:
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and cache.get_seq_length() > 0:
+        if self._in_prepass or (cache is not None and cache.get_seq_length() > 0):
             return
         inputs = dict(kwargs)
         if args:
@@ -195,10 +193,36 @@ class Attached:
         )
         for m in self.methods:
             m.on_prefill(self.state)
+        until = max((u for m in self.methods if (u := m.prepass_until()) is not None), default=None)
+        if until is not None:
+            self._prepass(args, kwargs, until)
+
+    def _prepass(self, args: tuple, kwargs: dict, until: int) -> None:
+        """Run the prompt through layers 0..until only (no cache written), in phase "prepass"."""
+
+        class _Stop(Exception):
+            pass
+
+        def stop(module: nn.Module, a: tuple, kw: dict) -> None:
+            raise _Stop
+
+        layers = self.adapter.decoder_layers
+        hook = layers[until + 1].register_forward_pre_hook(stop, with_kwargs=True) if until + 1 < len(layers) else None
+        inputs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+        inputs["use_cache"] = False
+        self.state.phase, self._in_prepass = "prepass", True
+        try:
+            self.model(*args, **inputs)
+        except _Stop:
+            pass
+        finally:
+            if hook is not None:
+                hook.remove()
+            self.state.phase, self._in_prepass = "prefill", False
 
     def _post_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         state = self.state
-        if state is None:
+        if state is None or self._in_prepass:
             return
         if state.phase == "prefill":
             state.phase = "decode"

@@ -41,14 +41,6 @@ def previous_attention(implementation: str | None, module: torch.nn.Module) -> C
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-def expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, KV, N, D) -> (B, KV * n_rep, N, D): grouped key/value heads expanded to query heads."""
-    if n_rep == 1:
-        return x
-    b, kv, n, d = x.shape
-    return x[:, :, None].expand(b, kv, n_rep, n, d).reshape(b, kv * n_rep, n, d)
-
-
 def additive_mask_rows(
     mask: torch.Tensor | None, rows: torch.Tensor, q_start: int, kv_len: int, batch: int
 ) -> torch.Tensor:
@@ -110,10 +102,7 @@ def vlmfix_attention(
         out, _ = fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    n_rep = query.shape[1] // key.shape[1]
-    q = query[:, :, rows].float()
-    k = expand_kv(key, n_rep).float()
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    scores = grouped_scores(query[:, :, rows], key) * scaling
     scores = scores + additive_mask_rows(attention_mask, rows, q_start, kv_len, query.shape[0])
     positions = rows + q_start
     for method, _ in wanted:
@@ -121,12 +110,31 @@ def vlmfix_attention(
     probs = torch.softmax(scores, dim=-1)
     for method, _ in wanted:
         probs = method.probs(state, layer, positions, probs)
-    rows_out = torch.matmul(probs.to(value.dtype), expand_kv(value, n_rep)).transpose(1, 2)  # (B, R, H, D)
+    rows_out = grouped_values(probs.to(value.dtype), value).transpose(1, 2)  # (B, R, H, D)
     if out is None:
         return rows_out.contiguous(), None
     out = out.clone() if not out.is_contiguous() else out
     out[:, rows] = rows_out.to(out.dtype)
     return out, None
+
+
+def grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """fp32 q.k^T for query heads (B, H, R, D) against grouped key heads (B, KV, K, D) -> (B, H, R, K).
+
+    Query head h reads key head h // (H / KV), as transformers' repeat_kv; the product runs per
+    key head on the native dtype without copying K, then is cast to fp32 (as eager attention does).
+    """
+    b, h, r, d = query.shape
+    kv = key.shape[1]
+    grouped = query.reshape(b, kv, (h // kv) * r, d)
+    return torch.matmul(grouped, key.transpose(-1, -2)).float().reshape(b, h, r, key.shape[2])
+
+
+def grouped_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """probs (B, H, R, K) times grouped value heads (B, KV, K, D) -> (B, H, R, D), without copying V."""
+    b, h, r, k = probs.shape
+    kv = value.shape[1]
+    return torch.matmul(probs.reshape(b, kv, (h // kv) * r, k), value).reshape(b, h, r, value.shape[-1])
 
 
 def vlmfix_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:

@@ -2,6 +2,7 @@
 
     vlmfix sinks --model smollm2                      # sink dims + text sink tokens of a text LM
     vlmfix sinks --model PATH --image IMG --prompt T  # + visual sinks, their attention share, a heat map
+    vlmfix generate --method var --image IMG          # plain vs with methods, side by side, + heat maps
 """
 
 from __future__ import annotations
@@ -143,6 +144,62 @@ def cmd_sinks(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_methods(spec: str) -> list:
+    """"var,gift" or "var:general" (a preset of configs/methods/var.yaml) -> method objects; "none" -> []."""
+    from .methods import build
+
+    methods = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        if item == "none":
+            continue
+        name, _, preset = item.partition(":")
+        methods.append(build(name, preset or None))
+    return methods
+
+
+@torch.no_grad()
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from PIL import Image
+
+    from .attach import attach
+    from .viz import model_view, moved_heatmap
+
+    methods = parse_methods(args.method)
+    model, processor = load(args.model)
+    if not hasattr(processor, "image_processor"):
+        raise ValueError(f"{args.model} is a text-only LM; generate needs a VLM (try --model smollm2-llava)")
+    image = Image.open(args.image).convert("RGB") if args.image else _default_image()
+    inputs = processor(images=image, text=_chat_prompt(processor, args.prompt, True), return_tensors="pt")
+    n_prompt = inputs["input_ids"].shape[1]
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+
+    def run(m):
+        start = time.perf_counter()
+        out = m.generate(**inputs, **settings)
+        return processor.batch_decode(out[:, n_prompt:], skip_special_tokens=True)[0].strip(), time.perf_counter() - start
+
+    plain, t_plain = run(model)
+    with attach(model, processor, methods) as fixed:
+        text, t_fixed = run(fixed)
+        state = fixed.last_state
+    label = args.method or "none"
+    print(f"model: {args.model}   prompt: {args.prompt!r}")
+    print(f"plain ({t_plain:.2f}s): {plain}")
+    print(f"{label} ({t_fixed:.2f}s): {text}")
+    out = Path(args.out)
+    pixel = inputs["pixel_values"][0]
+    view = (model_view(pixel, processor) if pixel.ndim == 3 else None) or image
+    if "var" in state.records and state.records["var"]["gain"]:
+        print(f"heat map (attention moved by VAR): {moved_heatmap(state, out / 'var_moved.png', view)}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "generate.json").write_text(json.dumps(
+        {"model": args.model, "prompt": args.prompt, "methods": [repr(m) for m in methods],
+         "plain": {"text": plain, "seconds": t_plain}, "fixed": {"text": text, "seconds": t_fixed}}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmfix", description="Attention-sink tools for transformers VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, help="layer of the heat map (default: the one with most visual sinks)")
     p.add_argument("--out", default="out/sinks", help="folder for sinks.json and the heat map")
     p.set_defaults(func=cmd_sinks)
+
+    g = sub.add_parser("generate", help="generate with and without methods, side by side")
+    g.add_argument("--model", default="smollm2-llava", help="as for `sinks` (a VLM)")
+    g.add_argument("--image", help="image file (default: a synthetic picture)")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--method", default="var",
+                   help="comma-separated methods, each NAME or NAME:PRESET (configs/methods/NAME.yaml), e.g. "
+                   "var, var:general, var:vision-centric")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--out", default="out/generate", help="folder for generate.json and heat maps")
+    g.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""YAML presets in configs/: per-model sink dims and thresholds (configs/models/*.yaml).
+"""YAML presets in configs/: per-model sink dims and thresholds (configs/models/*.yaml) and
+per-method settings (configs/methods/<method>.yaml: named presets and a default).
 
 A model preset applies when one of its `match` strings occurs in the model's name or path
 (case-insensitive) and its hidden size equals the model's (so a random tiny config never picks up
@@ -35,3 +36,16 @@ def model_preset(name_or_path: str, hidden_size: int) -> dict[str, Any] | None:
         if preset.get("hidden_size") == hidden_size and any(m.lower() in name for m in preset.get("match", [])):
             return preset
     return None
+
+
+def method_preset(method: str, preset: str | None = None) -> dict[str, Any]:
+    """The settings of `preset` (default: the file's default) for `method` from configs/methods."""
+    path = configs_dir() / "methods" / f"{method}.yaml"
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    presets = data.get("presets", {})
+    name = preset or data.get("default")
+    if name not in presets:
+        raise ValueError(f"unknown {method} preset {name!r}; {path.name} has: {', '.join(presets)}")
+    return dict(presets[name])

@@ -57,6 +57,7 @@ class RowLayout:
     newline_positions: torch.Tensor
     segments: tuple[ImageSegment, ...]
     query_span: tuple[int, int] | None
+    query_pieces: tuple[str, ...] | None = None  # decoded tokens of the query span (with a tokenizer)
 
     @property
     def has_image(self) -> bool:

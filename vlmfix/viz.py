@@ -1,7 +1,8 @@
 """Heat maps over the image grid, as PNG files (Pillow only).
 
 `grid_heatmap` colours a rows x cols grid of values and blends it over the image as the model saw
-it; `sink_heatmap` does so for the sink scores phi of one layer of a call's state.
+it; `sink_heatmap` does so for the sink scores phi of one layer of a call's state, `moved_heatmap`
+for the attention VAR moved onto each patch.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def grid_heatmap(
     return path
 
 
+def on_grid(state: CallState, values: torch.Tensor, row: int = 0, segment: int = 0) -> torch.Tensor:
+    """Per-position values (B, prompt_len) of batch row `row`, laid out on one of its image grids."""
+    layout = state.rows[row]
+    if not layout.segments:
+        raise ValueError(f"batch row {row} has no image")
+    return values[row][layout.segments[segment].grid_positions()]
+
+
 def sink_heatmap(
     state: CallState, layer: int, path: str | Path, image: Image.Image | None = None, *, row: int = 0,
     segment: int = 0,
@@ -86,13 +95,26 @@ def sink_heatmap(
     """PNG of the sink score phi at `layer` over one image grid of batch row `row`; visual sinks outlined."""
     if layer not in state.phi:
         raise ValueError(f"no sink scores for layer {layer}: tracked layers are {sorted(state.phi)}")
-    layout = state.rows[row]
-    if not layout.segments:
-        raise ValueError(f"batch row {row} has no image")
-    seg = layout.segments[segment]
-    grid = seg.grid_positions()
-    values = state.phi[layer][row][grid]
-    sinks = state.sink_mask(layer)[row][grid]
+    values = on_grid(state, state.phi[layer], row, segment)
+    sinks = on_grid(state, state.sink_mask(layer), row, segment)
     tau = f"{state.tau:.2f}" if isinstance(state.tau, float) else str(state.tau)
     title = f"sink score phi, layer {layer}: {int(sinks.sum())} visual sinks (phi > tau {tau}, outlined)"
     return grid_heatmap(values, path, image, vmin=0.0, title=title, marked=sinks)
+
+
+def moved_heatmap(
+    state: CallState, path: str | Path, image: Image.Image | None = None, *, layer: int | None = None,
+    row: int = 0, segment: int = 0,
+) -> Path:
+    """PNG of the attention VAR gave to each image patch (summed over heads, rows, steps and, without
+    `layer`, over layers); the visual sinks it took attention from are outlined."""
+    rec = state.records.get("var")
+    if not rec or not rec["gain"]:
+        raise ValueError("VAR moved no attention in this call (no image-centric heads, or VAR not attached)")
+    layers = [layer] if layer is not None else sorted(rec["gain"])
+    gain = sum(rec["gain"][k] for k in layers if k in rec["gain"])
+    visual = sum(rec["masks"][k][1].cpu().long() for k in layers if k in rec["masks"]) > 0
+    values = on_grid(state, gain, row, segment)
+    where = f"layer {layer}" if layer is not None else f"layers {layers[0]}-{layers[-1]}"
+    title = f"attention moved by VAR, {where} (total {float(values.sum()):.2f}; sinks outlined)"
+    return grid_heatmap(values, path, image, vmin=0.0, title=title, marked=on_grid(state, visual, row, segment))

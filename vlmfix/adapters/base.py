@@ -55,6 +55,14 @@ class Adapter:
         if processor is not None:
             self.check_processor(processor)
 
+    @property
+    def preset(self) -> dict[str, Any] | None:
+        """This model's preset in configs/models (matched on name/path and width), if any."""
+        from ..presets import model_preset
+
+        names = " ".join(str(getattr(c, "_name_or_path", "") or "") for c in (self.config, self.text_config))
+        return model_preset(names, self.hidden_size)
+
     # -- where things are -------------------------------------------------------------------
     def _find_decoder_layers(self) -> nn.ModuleList:
         lm = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
@@ -163,7 +171,7 @@ class Adapter:
                 cursor += lay.length
                 next_image += 1
                 image_index += 1
-            query = self._query_span(input_ids[b], positions, seq_len) if len(positions) else None
+            query, pieces = self._query_span(input_ids[b], positions, seq_len) if len(positions) else (None, None)
             rows.append(
                 RowLayout(
                     index=b,
@@ -173,21 +181,25 @@ class Adapter:
                     newline_positions=torch.tensor(sorted(newlines), dtype=torch.long),
                     segments=tuple(segments),
                     query_span=query,
+                    query_pieces=pieces,
                 )
             )
         return rows
 
-    def _query_span(self, ids: torch.Tensor, image_positions: torch.Tensor, seq_len: int) -> tuple[int, int] | None:
-        """[start, end) of the user's own text after the last image token, up to the turn-end marker.
+    def _query_span(
+        self, ids: torch.Tensor, image_positions: torch.Tensor, seq_len: int
+    ) -> tuple[tuple[int, int] | None, tuple[str, ...] | None]:
+        """[start, end) of the user's own text after the last image token, up to the turn-end marker,
+        and the decoded pieces of its tokens (None without a tokenizer).
 
         Tokens right after the image that hold no text (e.g. a vision-end marker) are skipped. Without a
         tokenizer the span runs to the end of the prompt.
         """
         start = int(image_positions[-1]) + 1
         if start >= seq_len:
-            return None
+            return None, None
         if self.tokenizer is None:
-            return (start, seq_len)
+            return (start, seq_len), None
         tail = ids[start:].tolist()
         pieces = [self.tokenizer.decode([t]) for t in tail]
         special = set(getattr(self.tokenizer, "all_special_ids", []))
@@ -204,8 +216,8 @@ class Adapter:
         if first >= 0:
             stop = next(k for k in range(len(tail)) if ends[k + 1] > first)
         if stop <= lead:
-            return None
-        return (start + lead, start + stop)
+            return None, None
+        return (start + lead, start + stop), tuple(pieces[lead:stop])
 
 
 

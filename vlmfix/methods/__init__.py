@@ -1,5 +1,24 @@
 """vlmfix methods: each is a config dataclass plus the hooks that apply it (see `base.Method`)."""
 
-from .base import Method
+from __future__ import annotations
 
-__all__ = ["Method"]
+from typing import Any
+
+from .base import Method
+from .gift import GIFT
+from .var import VAR
+
+#: method name (CLI, configs/methods/<name>.yaml) -> config class
+REGISTRY: dict[str, type[Method]] = {"var": VAR, "gift": GIFT}
+
+
+def build(name: str, preset: str | None = None, **overrides: Any) -> Method:
+    """A method from its name, a preset of configs/methods/<name>.yaml, and keyword overrides."""
+    from ..presets import method_preset
+
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(REGISTRY)}")
+    return REGISTRY[name](**{**method_preset(name, preset), **overrides})
+
+
+__all__ = ["GIFT", "REGISTRY", "Method", "VAR", "build"]

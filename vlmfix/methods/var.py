@@ -1,0 +1,144 @@
+"""VAR: Visual Attention Redistribution (Kang et al., "See What You Are Told: Visual Attention
+Sink in Large Multimodal Models", ICLR 2025; specs/var.md).
+
+For one batch row, layer l, query head h and query row i, with post-softmax fp32 attention A,
+image positions I, sinks S_l (phi > tau over the prompt), visual sinks V_l = S_l & I and visual
+non-sinks N_l = I \\ V_l:
+
+- image-centric iff V_l is not empty, r = 1 - sum_V A / (sum_I A + 1e-6) >= rho and
+  m = sum_I A >= m_min;
+- then, with p the fraction of sink attention moved (the paper's semantics):
+  A'_j = (1 - p) A_j for j in the source set (S_l, or V_l with sources="visual"),
+  Omega = p * sum_{sources} A, and A'_j = A_j + Omega * A_j / sum_N A for j in N_l;
+  nothing moves when sum_N A = 0. Rows still sum to 1.
+
+Applies in layers 2 .. L-2 (or `layers`), on prefill rows from the first token after the last
+image token to the end of the prompt, and on every decoding step. The released reference code
+multiplies sinks by p and moves 1 - p (its "p = 0.6" moves 40%); vlmfix follows the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Sequence
+
+import torch
+
+from ..state import CallState
+from .base import Method
+
+if TYPE_CHECKING:
+    from ..adapters import Adapter
+
+
+@dataclass
+class VAR(Method):
+    """Visual attention redistribution (paper defaults: tau 20, rho 0.5, p 0.6, m_min 0.2).
+
+    - tau: sink threshold on phi (number, "scaled", "bos:F"; None = the one attach resolved for
+      the model, i.e. its preset);
+    - rho: minimum visual non-sink ratio of an image-centric head (0.5 hallucination benchmarks,
+      0.8 general tasks, 0.9 vision-centric tasks);
+    - p: fraction of the sinks' attention moved to the visual non-sinks;
+    - m_min: minimum attention mass on the image of an image-centric head;
+    - sources: "all" (text and visual sinks give attention, the paper) or "visual" (visual only);
+    - layers: the layers it acts in (default 2 .. L-2).
+    """
+
+    tau: float | str | None = 20.0
+    rho: float = 0.5
+    p: float = 0.6
+    m_min: float = 0.2
+    sources: str = "all"
+    layers: Sequence[int] | None = None
+
+    name: ClassVar[str] = "var"
+    uses_sinks: ClassVar[bool] = True
+
+    def validate(self, adapter: "Adapter") -> None:
+        from ..sinks import check_tau
+
+        num_layers = adapter.num_layers
+        if self.tau is not None:
+            self.tau = check_tau(self.tau, adapter.hidden_size)
+        for field, value in (("rho", self.rho), ("p", self.p), ("m_min", self.m_min)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"VAR {field} must be in [0, 1], got {value}")
+        if self.sources not in ("all", "visual"):
+            raise ValueError(f"VAR sources must be 'all' or 'visual', got {self.sources!r}")
+        if self.layers is None:
+            self._layers = frozenset(range(2, num_layers - 1))
+        else:
+            bad = [x for x in self.layers if not 0 <= x < num_layers]
+            if bad:
+                raise ValueError(f"VAR layers {bad} are outside the model's {num_layers} decoder layers")
+            self._layers = frozenset(self.layers)
+
+    def on_prefill(self, state: CallState) -> None:
+        state.records[self.name] = {"masks": {}, "moved": {}, "heads": {}, "gain": {}}
+
+    def eager_rows(self, state: CallState, layer: int, q_start: int, q_len: int) -> torch.Tensor | None:
+        if self.p == 0 or layer not in self._layers or state.phase == "prepass":
+            return None
+        starts = [r.after_image for r in state.rows if r.has_image]
+        if not starts:
+            return None
+        first = max(min(starts) - q_start, 0)
+        return torch.arange(first, q_len) if first < q_len else None
+
+    def _masks(self, state: CallState, layer: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(B, P) masks over prompt positions: image, visual sinks, sources, visual non-sinks."""
+        rec = state.records[self.name]["masks"]
+        if layer not in rec:
+            sinks = state.sink_mask(layer, self.tau).to(device)
+            image = state.image_mask(device)
+            visual = sinks & image
+            source = sinks if self.sources == "all" else visual
+            rec[layer] = (image, visual, source, image & ~visual)
+        return rec[layer]
+
+    def probs(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        b, h, r, k = probs.shape
+        prompt = min(k, state.prompt_len)
+        image, visual, source, non = (m[:, None, None, :prompt].float() for m in self._masks(state, layer, probs.device))
+        a = probs[..., :prompt]
+        a_img = (a * image).sum(-1)
+        a_vis = (a * visual).sum(-1)
+        a_src = (a * source).sum(-1)
+        a_non = (a * non).sum(-1)
+        ratio = 1.0 - a_vis / (a_img + 1e-6)
+        after = torch.tensor([r_.after_image if r_.has_image else state.prompt_len + 10**9 for r_ in state.rows],
+                             device=probs.device)
+        row_ok = positions.to(probs.device)[None, :] >= after[:, None]  # (B, R)
+        has_visual = visual.flatten(1).any(-1)  # (B,)
+        chosen = (ratio >= self.rho) & (a_img >= self.m_min) & (a_non > 0) & row_ok[:, None, :] & has_visual[:, None, None]
+        if not bool(chosen.any()):
+            return probs
+        omega = self.p * a_src
+        gain = torch.where(a_non > 0, omega / a_non.clamp_min(1e-30), torch.zeros_like(omega))
+        new = a * (1.0 - self.p * source) + (gain[..., None] * a) * non
+        out = probs.clone()
+        out[..., :prompt] = torch.where(chosen[..., None], new, a)
+        rec = state.records[self.name]
+        moved = (omega * chosen).sum((1, 2)).cpu()  # (B,) attention mass moved, summed over heads and rows
+        rec["moved"][layer] = rec["moved"].get(layer, 0) + moved
+        rec["heads"][layer] = rec["heads"].get(layer, 0) + chosen.sum((1, 2)).cpu()
+        received = ((new - a) * chosen[..., None]).clamp_min(0).sum((1, 2)).cpu()  # (B, P)
+        rec["gain"][layer] = rec["gain"].get(layer, 0) + received
+        return out
+
+    @staticmethod
+    def summary(state: CallState) -> dict[int, dict[str, list]]:
+        """Per layer: visual sinks per row, attention mass moved per row, image-centric (head, row) pairs."""
+        rec = state.records.get(VAR.name)
+        if rec is None:
+            return {}
+        out = {}
+        for layer in sorted(rec["masks"]):
+            visual = rec["masks"][layer][1]
+            out[layer] = {
+                "visual_sinks": visual.sum(-1).tolist(),
+                "moved": rec["moved"].get(layer, torch.zeros(state.batch_size)).tolist(),
+                "image_centric": torch.as_tensor(rec["heads"].get(layer, torch.zeros(state.batch_size))).tolist(),
+            }
+        return out
