@@ -8,19 +8,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from reference_attention import eager_probs, routed, text_key
 
 NAME = "gift_reference"
-
-
-def text_key(model):
-    text = model.config.get_text_config()
-    return next(k for k in model.config.sub_configs if getattr(model.config, k) is text)
 
 
 def saliency(model, inputs, spans, informative, layers, alpha):
@@ -76,22 +69,12 @@ class Booster:
         self.spans, self.maps, self.layers, self.beta = spans, maps, set(boost_layers), beta
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        b_, h_, q_len, d = query.shape
-        rep = h_ // key.shape[1]
-        k = key.repeat_interleave(rep, dim=1).float()
-        v = value.repeat_interleave(rep, dim=1).float()
-        scores = torch.matmul(query.float(), k.transpose(-1, -2)) * (scaling or d ** -0.5)
-        kv_len = k.shape[2]
-        q_start = kv_len - q_len
-        if attention_mask is None:
-            allowed = (torch.arange(kv_len)[None, :] <= torch.arange(q_start, kv_len)[:, None])[None, None]
-        else:
-            allowed = attention_mask[:, :, :, :kv_len].bool()
-        probs = torch.softmax(scores.masked_fill(~allowed, torch.finfo(torch.float32).min), dim=-1)
+        probs, v, q_start = eager_probs(query, key, value, attention_mask, scaling)
+        q_len = query.shape[2]
         if module.layer_idx in self.layers:
             probs = probs.clone()
             i = q_len - 1  # the last row: the last prompt position, or the decoding step
-            for b in range(b_):
+            for b in range(query.shape[0]):
                 if self.maps[b] is not None:
                     probs[b, :, i] = self.boost(probs[b, :, i], b)
         return torch.matmul(probs, v).to(query.dtype).transpose(1, 2).contiguous(), None
@@ -120,14 +103,5 @@ class Booster:
         return new
 
 
-@contextlib.contextmanager
 def boosted(model, booster):
-    AttentionInterface.register(NAME, booster.attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    key = text_key(model)
-    previous = model.config.get_text_config()._attn_implementation
-    model.set_attn_implementation({key: NAME})
-    try:
-        yield
-    finally:
-        model.set_attn_implementation({key: previous})
+    return routed(model, NAME, booster.attention)

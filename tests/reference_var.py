@@ -11,8 +11,7 @@ import contextlib
 import math
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from reference_attention import eager_probs, routed
 
 NAME = "var_reference"
 
@@ -51,20 +50,7 @@ class Reference:
         return hook
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        b_, h_, q_len, d = query.shape
-        rep = h_ // key.shape[1]
-        k = key.repeat_interleave(rep, dim=1).float()
-        v = value.repeat_interleave(rep, dim=1).float()
-        scores = torch.matmul(query.float(), k.transpose(-1, -2)) * (scaling or d ** -0.5)
-        kv_len = k.shape[2]
-        q_start = kv_len - q_len
-        if attention_mask is None:
-            allowed = torch.arange(kv_len)[None, :] <= torch.arange(q_start, kv_len)[:, None]
-            allowed = allowed[None, None]
-        else:
-            allowed = attention_mask[:, :, :, :kv_len].bool()
-        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1)
+        probs, v, q_start = eager_probs(query, key, value, attention_mask, scaling)
         layer = module.layer_idx
         if layer == 0:
             self.step += 1
@@ -115,20 +101,14 @@ class Reference:
 def reference_var(model, **config):
     """Run `model` with the reference VAR (restores its attention implementation afterwards)."""
     ref = Reference(model, **config)
-    AttentionInterface.register(NAME, ref.attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    text = model.config.get_text_config()
-    key = next(k for k in model.config.sub_configs if getattr(model.config, k) is text)
-    previous = text._attn_implementation
     hooks = [model.register_forward_pre_hook(
         lambda m, a, kw: ref.prefill(kw["input_ids"]) if kw.get("input_ids") is not None
         and kw["input_ids"].shape[1] > 1 else None, with_kwargs=True)]
     layers = model.get_decoder().layers
     hooks += [layer.register_forward_pre_hook(ref.phi_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    model.set_attn_implementation({key: NAME})
     try:
-        yield ref
+        with routed(model, NAME, ref.attention):
+            yield ref
     finally:
         for h in hooks:
             h.remove()
-        model.set_attn_implementation({key: previous})

@@ -75,3 +75,11 @@ def test_method_specs():
         parse_methods("foo")
     with pytest.raises(ValueError, match="unknown var preset"):
         parse_methods("var:bar")
+
+
+@pytest.mark.smollm2
+def test_generate_with_gift_writes_saliency_map(tmp_path, capsys):
+    assert main(["generate", "--model", "smollm2-llava", "--method", "gift", "--max-new-tokens", "2",
+                 "--prompt", "Is there a red ball next to the yellow box?", "--out", str(tmp_path)]) == 0
+    assert "GIFT saliency" in capsys.readouterr().out
+    assert Image.open(tmp_path / "gift_saliency.png").size[0] == 24 * 24

@@ -1,29 +1,48 @@
 """vlmfix: attention-sink tools for transformers VLMs (find sinks, mitigate hallucination, prune tokens).
 
     import vlmfix
-    with vlmfix.attach(model, processor, [methods...]) as fixed:
+    with vlmfix.attach(model, processor, [vlmfix.VAR(), vlmfix.GIFT()]) as fixed:
         fixed.generate(**inputs)
+
+Public names are imported on first use, so `from vlmfix.metrics import pope` does not load
+torch or transformers.
 """
 
-from .adapters import VlmfixInputError, supported_families
-from .attach import Attached, VlmfixError, attach
-from .methods import GIFT, VAR, Method
-from .sinks import find_sink_dims, scaled_tau, sink_scores
-from .state import CallState
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Attached",
-    "CallState",
-    "GIFT",
-    "Method",
-    "VAR",
-    "VlmfixError",
-    "VlmfixInputError",
-    "attach",
-    "find_sink_dims",
-    "scaled_tau",
-    "sink_scores",
-    "supported_families",
-]
+_PUBLIC = {
+    "Attached": "attach",
+    "VlmfixError": "attach",
+    "attach": "attach",
+    "CallState": "state",
+    "Debias": "methods",
+    "FastVPrune": "methods",
+    "GIFT": "methods",
+    "Method": "methods",
+    "StagedPrune": "methods",
+    "VAR": "methods",
+    "VlmfixInputError": "adapters",
+    "supported_families": "adapters",
+    "find_sink_dims": "sinks",
+    "scaled_tau": "sinks",
+    "sink_scores": "sinks",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vlmfix' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

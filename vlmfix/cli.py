@@ -3,6 +3,7 @@
     vlmfix sinks --model smollm2                      # sink dims + text sink tokens of a text LM
     vlmfix sinks --model PATH --image IMG --prompt T  # + visual sinks, their attention share, a heat map
     vlmfix generate --method var --image IMG          # plain vs with methods, side by side, + heat maps
+    vlmfix world --out DIR --images N --seed S        # an EmojiCOCO split with its POPE files
 """
 
 from __future__ import annotations
@@ -15,17 +16,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .loading import NAMED, load
+from .loading import NAMED, chat_prompt, load
 
 DEFAULT_PROMPT = "Describe the image in detail."
-
-
-def _chat_prompt(processor: Any, question: str, with_image: bool) -> str:
-    content: list[dict] = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
-    messages = [{"role": "user", "content": content if with_image else question}]
-    if getattr(processor, "chat_template", None):
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"USER: <image>\n{question} ASSISTANT:" if with_image else question
 
 
 def _default_image():
@@ -76,7 +69,7 @@ def _vlm_report(model, processor, image, prompt: str, tau: float | str | None, o
     from .sinks import SinkShare
     from .viz import model_view, sink_heatmap
 
-    inputs = processor(images=image, text=_chat_prompt(processor, prompt, True), return_tensors="pt")
+    inputs = processor(images=image, text=chat_prompt(processor, prompt, True), return_tensors="pt")
     with attach(model, processor, SinkShare(), tau=tau) as fixed:
         fixed(**inputs)
         state = fixed.last_state
@@ -121,7 +114,7 @@ def cmd_sinks(args: argparse.Namespace) -> int:
     else:
         if args.image:
             print(f"note: {args.model} is a text-only LM; --image is ignored", file=sys.stderr)
-        report = _text_report(model, processor, _chat_prompt(processor, args.prompt, False), args.tau)
+        report = _text_report(model, processor, chat_prompt(processor, args.prompt, False), args.tau)
     report["model"] = args.model
     out.mkdir(parents=True, exist_ok=True)
     (out / "sinks.json").write_text(json.dumps(report, indent=2))
@@ -164,14 +157,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .attach import attach
-    from .viz import model_view, moved_heatmap
+    from .viz import model_view, moved_heatmap, saliency_heatmap
 
     methods = parse_methods(args.method)
     model, processor = load(args.model)
     if not hasattr(processor, "image_processor"):
         raise ValueError(f"{args.model} is a text-only LM; generate needs a VLM (try --model smollm2-llava)")
     image = Image.open(args.image).convert("RGB") if args.image else _default_image()
-    inputs = processor(images=image, text=_chat_prompt(processor, args.prompt, True), return_tensors="pt")
+    inputs = processor(images=image, text=chat_prompt(processor, args.prompt, True), return_tensors="pt")
     n_prompt = inputs["input_ids"].shape[1]
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
 
@@ -193,10 +186,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     view = (model_view(pixel, processor) if pixel.ndim == 3 else None) or image
     if "var" in state.records and state.records["var"]["gain"]:
         print(f"heat map (attention moved by VAR): {moved_heatmap(state, out / 'var_moved.png', view)}")
+    if "gift" in state.records:
+        info = state.records["gift"]["rows"][0]
+        if info.get("saliency") is not None:
+            print(f"heat map (GIFT saliency): {saliency_heatmap(state, out / 'gift_saliency.png', view)}")
+        else:
+            print(f"GIFT: {info['note']}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "generate.json").write_text(json.dumps(
         {"model": args.model, "prompt": args.prompt, "methods": [repr(m) for m in methods],
          "plain": {"text": plain, "seconds": t_plain}, "fixed": {"text": text, "seconds": t_fixed}}, indent=2))
+    return 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from .data.world import main as world
+
+    if args.images < 1:
+        raise ValueError(f"--images must be >= 1, got {args.images}")
+    world(args.out, args.images, args.seed)
     return 0
 
 
@@ -220,10 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default=DEFAULT_PROMPT)
     g.add_argument("--method", default="var",
                    help="comma-separated methods, each NAME or NAME:PRESET (configs/methods/NAME.yaml), e.g. "
-                   "var, var:general, var:vision-centric")
+                   "var, var:general, var:vision-centric, gift, gift:mild, var,gift")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--out", default="out/generate", help="folder for generate.json and heat maps")
     g.set_defaults(func=cmd_generate)
+
+    w = sub.add_parser("world", help="write an EmojiCOCO split: images, COCO instances/captions, POPE files")
+    w.add_argument("--out", required=True, help="output folder")
+    w.add_argument("--images", type=int, default=500, help="number of images (default 500)")
+    w.add_argument("--seed", type=int, default=0)
+    w.set_defaults(func=cmd_world)
+
+    from .cli_eval import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

@@ -52,3 +52,12 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
 
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, local_files_only=True)
     return model.eval(), AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+
+
+def chat_prompt(processor: Any, question: str, with_image: bool = True) -> str:
+    """The model's chat prompt for one user turn (with one image), ready for generation."""
+    content: list[dict] = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content if with_image else question}]
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"USER: <image>\n{question} ASSISTANT:" if with_image else question

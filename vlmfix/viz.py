@@ -2,7 +2,7 @@
 
 `grid_heatmap` colours a rows x cols grid of values and blends it over the image as the model saw
 it; `sink_heatmap` does so for the sink scores phi of one layer of a call's state, `moved_heatmap`
-for the attention VAR moved onto each patch.
+for the attention VAR moved onto each patch, `saliency_heatmap` for GIFT's saliency map.
 """
 
 from __future__ import annotations
@@ -118,3 +118,22 @@ def moved_heatmap(
     where = f"layer {layer}" if layer is not None else f"layers {layers[0]}-{layers[-1]}"
     title = f"attention moved by VAR, {where} (total {float(values.sum()):.2f}; sinks outlined)"
     return grid_heatmap(values, path, image, vmin=0.0, title=title, marked=on_grid(state, visual, row, segment))
+
+
+def saliency_heatmap(
+    state: CallState, path: str | Path, image: Image.Image | None = None, *, row: int = 0, segment: int = 0,
+) -> Path:
+    """PNG of GIFT's saliency map S_hat (gaze shifts of the question over the image) for batch row `row`."""
+    rec = state.records.get("gift")
+    if rec is None:
+        raise ValueError("GIFT was not attached in this call")
+    info = rec["rows"][row]
+    s_hat = info.get("saliency")
+    if s_hat is None:
+        raise ValueError(f"no saliency map for batch row {row}: {info['note'] or 'GIFT computed none'}")
+    layout = state.rows[row]
+    values = torch.zeros(state.batch_size, state.prompt_len)
+    values[row, layout.image_positions] = s_hat.float()
+    alpha = f"{state.records['gift'].get('alpha', '')}"
+    title = "GIFT saliency S_hat (gaze shifts of the question over the image)" + (f", alpha {alpha}" if alpha else "")
+    return grid_heatmap(on_grid(state, values, row, segment), path, image, vmin=0.0, vmax=1.0, title=title)

@@ -110,7 +110,7 @@ class GIFT(Method):
                 if not any(flags):
                     info["note"] = "no informative word in the question: saliency is flat, attention unchanged"
             rows.append(info)
-        state.records[self.name] = {"rows": rows, "saliency": {}, "M": None, "r": {}}
+        state.records[self.name] = {"rows": rows, "saliency": {}, "M": None, "r": {}, "alpha": self.alpha}
 
     @staticmethod
     def _spans(state: CallState) -> list[tuple[int, int]]:
