@@ -74,6 +74,10 @@ class Attached:
             if not isinstance(m, Method):
                 raise TypeError(f"attach expects vlmfix methods (VAR(), GIFT(), ...), got {type(m).__name__}")
             m.validate(self.adapter)
+        for m in self.methods:
+            m.check_combination(self.methods)
+        #: methods that may replace the attention mask (asked in every attached layer call)
+        self.maskers = tuple(m for m in self.methods if type(m).mask is not Method.mask)
         self.state: CallState | None = None
         self.last_state: CallState | None = None
         self.tracks_sinks = any(m.uses_sinks for m in self.methods) or sink_dims is not None
@@ -81,6 +85,7 @@ class Attached:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._fallbacks: dict[type, Any] = {}
         self._in_prepass = False
+        self._pixels: torch.Tensor | None = None
         self._attached = False
         self._attach()
 
@@ -136,6 +141,12 @@ class Attached:
             for idx, layer in enumerate(self.adapter.decoder_layers):
                 if idx >= 2:
                     self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
+        tower = getattr(getattr(self.model, "model", self.model), "vision_tower", None)
+        if tower is not None and any(type(m).on_inputs is not Method.on_inputs for m in self.methods):
+            self._hooks.append(tower.register_forward_pre_hook(self._keep_pixels, with_kwargs=True))
+        layers = self.adapter.decoder_layers
+        for idx in sorted({i for m in self.methods for i in m.hooked_layers()}):
+            self._hooks.append(layers[idx].register_forward_pre_hook(self._method_layer_hook(idx), with_kwargs=True))
         self._attached = True
 
     def detach(self) -> nn.Module:
@@ -193,6 +204,11 @@ class Attached:
         )
         for m in self.methods:
             m.on_prefill(self.state)
+        if self._pixels is not None:  # generate encoded the images before this forward
+            inputs.setdefault("pixel_values", self._pixels)
+            self._pixels = None
+        for m in self.methods:
+            m.on_inputs(self.state, inputs)
         until = max((u for m in self.methods if (u := m.prepass_until()) is not None), default=None)
         if until is not None:
             self._prepass(args, kwargs, until)
@@ -237,6 +253,27 @@ class Attached:
                 return
             hidden = args[0] if args else kwargs["hidden_states"]
             state.phi[layer] = sink_scores(hidden, self.sink_dims).cpu()
+
+        return hook
+
+    def _keep_pixels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Vision-tower pre-hook: keep the pixel values for the next prefill's `on_inputs`."""
+        self._pixels = args[0] if args else kwargs.get("pixel_values")
+
+    def _method_layer_hook(self, layer: int):
+        """Pre-hook letting methods rewrite a decoder layer's prefill inputs (args, kwargs)."""
+        methods = [m for m in self.methods if layer in m.hooked_layers()]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            state = self.state
+            if state is None or state.phase != "prefill" or self._in_prepass:
+                return None
+            changed = None
+            for m in methods:
+                new = m.before_layer(state, layer, args, kwargs)
+                if new is not None:
+                    args, kwargs = changed = new
+            return changed
 
         return hook
 

@@ -4,6 +4,9 @@ Fast path: when no attached method asks for any query row of this layer in this 
 goes straight to the attention function the model used before (`sdpa`, `eager`, flash, ...), with
 the mask that function expects: no extra tensor work at all.
 
+A method may also replace the mask of a layer (`mask` hook, pruning); only the methods that
+define it are asked, and they answer None (no work) until they prune.
+
 Otherwise the rows the methods asked for are computed in eager form with an fp32 softmax,
 handed to the methods (`scores` before the softmax, `probs` after it), multiplied with V and
 written into the output; rows nobody asked for still come from the fast path.
@@ -88,6 +91,10 @@ def vlmfix_attention(
     layer = module.layer_idx
     q_len, kv_len = query.shape[2], key.shape[2]
     q_start = kv_len - q_len
+    for method in handle.maskers:
+        replaced = method.mask(state, layer, q_start, q_len, kv_len, attention_mask)
+        if replaced is not None:
+            attention_mask = replaced
     wanted = []
     for method in handle.methods:
         rows = method.eager_rows(state, layer, q_start, q_len)

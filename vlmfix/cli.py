@@ -157,7 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .attach import attach
-    from .viz import model_view, moved_heatmap, saliency_heatmap
+    from .viz import kept_heatmap, model_view, moved_heatmap, saliency_heatmap
 
     methods = parse_methods(args.method)
     model, processor = load(args.model)
@@ -192,6 +192,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"heat map (GIFT saliency): {saliency_heatmap(state, out / 'gift_saliency.png', view)}")
         else:
             print(f"GIFT: {info['note']}")
+    if state.records.get("prune", {}).get("stages"):
+        print(f"heat map (kept image tokens): {kept_heatmap(state, out / 'kept_tokens.png', view)}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "generate.json").write_text(json.dumps(
         {"model": args.model, "prompt": args.prompt, "methods": [repr(m) for m in methods],
@@ -228,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default=DEFAULT_PROMPT)
     g.add_argument("--method", default="var",
                    help="comma-separated methods, each NAME or NAME:PRESET (configs/methods/NAME.yaml), e.g. "
-                   "var, var:general, var:vision-centric, gift, gift:mild, var,gift")
+                   "var, var:general, var:vision-centric, gift, gift:mild, var,gift, fastv, fastv:keep64, staged")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--out", default="out/generate", help="folder for generate.json and heat maps")
     g.set_defaults(func=cmd_generate)

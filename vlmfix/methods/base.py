@@ -11,14 +11,20 @@ the defaults do nothing, so a method overrides only what it needs:
   Only those rows are computed in eager form, everything else stays on the fast path;
 - `scores(state, layer, positions, scores)`: edit pre-softmax fp32 scores (B, H, R, K) of the rows
   at absolute `positions`;
-- `probs(state, layer, positions, probs)`: edit post-softmax fp32 rows (B, H, R, K).
+- `probs(state, layer, positions, probs)`: edit post-softmax fp32 rows (B, H, R, K);
+- `on_inputs(state, inputs)`: the prefill's model inputs (pixel values, ...), after `on_prefill`;
+- `mask(state, layer, q_start, q_len, key_len, attention_mask)`: a replacement attention mask
+  for the current block of `layer` (pruning), or None to keep the model's;
+- `hooked_layers()` / `before_layer(state, layer, args, kwargs)`: decoder layers whose prefill
+  inputs the method rewrites (in-place pruning); return (args, kwargs) or None;
+- `check_combination(methods)`: raise ValueError when it cannot run beside the other methods.
 
 `uses_sinks` asks attach to track the sink scores phi of the prefill residual stream.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
@@ -52,3 +58,19 @@ class Method:
 
     def probs(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         return probs
+
+    def on_inputs(self, state: CallState, inputs: dict[str, Any]) -> None:
+        """The inputs of the prefill forward."""
+
+    def mask(self, state: CallState, layer: int, q_start: int, q_len: int, key_len: int,
+             attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
+    def hooked_layers(self) -> tuple[int, ...]:
+        return ()
+
+    def before_layer(self, state: CallState, layer: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        return None
+
+    def check_combination(self, methods: Sequence["Method"]) -> None:
+        """Raise ValueError when this method cannot be attached together with `methods`."""

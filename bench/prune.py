@@ -1,0 +1,47 @@
+"""FastV pruning speed-up against the plain model: prefill time, decode per-token latency and
+KV-cache size ratios, keeping 128 of 576 image tokens (in-place form), with and without Debias.
+
+On the SmolLM2-135M LLaVA test-bed with 576 image tokens (bench/common.py).
+Targets: prefill <= 0.50, decode <= 0.85.
+
+    python bench/prune.py [--new-tokens 32] [--repeats 3] [--keep 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from common import compare_generate, report, smol_llava_inputs
+
+import vlmfix
+
+
+def cache_bytes(model, inputs) -> int:
+    """Bytes of keys and values in the cache after a 1-token generate."""
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    return sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--keep", type=int, default=128)
+    args = ap.parse_args()
+    model, processor, inputs = smol_llava_inputs()
+    plain_kv = cache_bytes(model, inputs)
+    for label, debias in (("no debias", None), ("debiased", vlmfix.Debias())):
+        method = vlmfix.FastVPrune(layer=2, keep=args.keep, debias=debias)
+        res = compare_generate(model, processor, inputs, [method], args.new_tokens, args.repeats, memory=False)
+        twin = copy.deepcopy(model)
+        with vlmfix.attach(twin, processor, vlmfix.FastVPrune(layer=2, keep=args.keep, debias=debias)):
+            res["kv_ratio"] = cache_bytes(twin, inputs) / plain_kv
+        report(f"FastV keep {args.keep} of 576 ({label}), {args.new_tokens} new tokens", res,
+               {"prefill_ratio": 0.50, "decode_ratio": 0.85, "kv_ratio": 1.0})
+
+
+if __name__ == "__main__":
+    main()

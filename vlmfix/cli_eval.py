@@ -1,0 +1,384 @@
+"""`vlmfix eval pope|chair`: POPE and CHAIR as tasks of `vlmfix.runner` (also `evals/pope.py`,
+`evals/chair.py`, which run this same code with the same flags; docs/evaluation.md).
+
+Configuration, each layer replacing the keys it sets: configs/evals/<task>.yaml, then the file of
+`--config`, then the flags. A `data` section is replaced as a whole, and any data flag (--data,
+--images, --pope-dir, --pope-hf, --instances, --captions) replaces it. `data` is either
+`world: DIR` (an EmojiCOCO folder, generated first when missing and `world_images` is set) or
+the files of a real dataset: `images` plus `pope_dir` (the official coco_pope_<split>.json) or
+`pope_hf` (a local copy of lmms-lab/POPE) for POPE; `images`, `instances` and `captions` (lists of
+COCO-format files, merged: e.g. val2014 and train2014) for CHAIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .data.errors import DataFormatError
+from .runner import Item, Settings, Task, accelerator, evaluate, parse_method_sets, prepare
+
+TASKS = ("pope", "chair")
+COMMON_KEYS = ("model", "dtype", "data", "world_images", "methods", "batch_size", "max_new_tokens", "prompt",
+               "seed", "out")
+TASK_KEYS = {"pope": ("splits", "limit", "rule"), "chair": ("n_images", "image_ids")}
+DATA_KEYS = {"pope": ("world", "images", "pope_dir", "pope_hf"), "chair": ("world", "images", "instances", "captions")}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ------------------------------------------------------------------------------- configuration
+
+
+def load_config(task: str, path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict:
+    """The settings of `task`: configs/evals/<task>.yaml, then the file `path`, then `overrides`
+    (None values are ignored; data keys replace the `data` section)."""
+    from .presets import configs_dir
+
+    if task not in TASKS:
+        raise ValueError(f"unknown evaluation {task!r}; available: {', '.join(TASKS)}")
+    config = _read_yaml(configs_dir() / "evals" / f"{task}.yaml", task)
+    if path is not None:
+        config.update(_read_yaml(Path(path), task))
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data = {k: given.pop(k) for k in DATA_KEYS[task] if k in given}
+    if data:
+        config["data"] = data
+    config.update(given)
+    _check(config, task)
+    return config
+
+
+def _read_yaml(path: Path, task: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise DataFormatError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(config, dict):
+        raise DataFormatError(f"{path}: expected a mapping of settings, got {type(config).__name__}")
+    known = COMMON_KEYS + TASK_KEYS[task]
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise DataFormatError(f"{path}: unknown key(s) {unknown} for {task}; known: {', '.join(known)}")
+    if "data" in config:
+        _check_data(config["data"], task, str(path))
+    return config
+
+
+def _check_data(data: Any, task: str, where: str) -> None:
+    if not isinstance(data, dict) or not data:
+        raise DataFormatError(f"{where}: 'data' must be a mapping with keys among {', '.join(DATA_KEYS[task])}")
+    unknown = sorted(set(data) - set(DATA_KEYS[task]))
+    if unknown:
+        raise DataFormatError(f"{where}: unknown data key(s) {unknown} for {task}; known: {', '.join(DATA_KEYS[task])}")
+    if "world" in data and len(data) > 1:
+        raise DataFormatError(f"{where}: data 'world' (an EmojiCOCO folder) excludes {sorted(set(data) - {'world'})}")
+
+
+def _check(config: dict, task: str) -> None:
+    missing = [k for k in COMMON_KEYS + TASK_KEYS[task] if k not in config]
+    if missing:
+        raise ValueError(f"{task} config lacks {missing}")
+    _check_data(config["data"], task, "config")
+    if config["dtype"] not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {config['dtype']!r}")
+    if isinstance(config["methods"], str):
+        config["methods"] = [config["methods"]]
+    for key in ("batch_size", "max_new_tokens", "world_images", "limit", "n_images"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    if task == "pope":
+        from .data.pope import SPLITS
+        from .metrics.pope import RULES
+
+        if config["rule"] not in RULES:
+            raise ValueError(f"unknown POPE answer rule {config['rule']!r}; valid rules: {', '.join(RULES)}")
+        bad = [s for s in config["splits"] if s not in SPLITS]
+        if bad or not config["splits"]:
+            raise ValueError(f"POPE splits must be among {', '.join(SPLITS)}, got {config['splits']!r}")
+        if "{question}" not in config["prompt"]:
+            raise ValueError("the POPE prompt must contain {question}, e.g. "
+                             "'{question}\\nAnswer the question using a single word or phrase.'")
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def resolve_data(task: str, config: dict) -> dict[str, Any]:
+    """Absolute data paths; an EmojiCOCO `world` that does not exist is generated first (main
+    process) when `world_images` is set."""
+    data = config["data"]
+    if "world" in data:
+        world = Path(data["world"]).resolve()
+        if not world.exists():
+            if config["world_images"] is None:
+                raise FileNotFoundError(
+                    f"{world}: no such EmojiCOCO folder; pass --world-images N (and --seed S) to generate it, or "
+                    f"run `vlmfix world --out {data['world']} --images N`")
+            from .data.world import main as generate_world
+
+            with accelerator().main_process_first():
+                if not world.exists():
+                    print(f"generating an EmojiCOCO world of {config['world_images']} images (seed {config['seed']}) "
+                          f"in {world}", file=sys.stderr)
+                    generate_world(world, config["world_images"], config["seed"])
+        if not (world / "instances.json").is_file():
+            raise FileNotFoundError(f"{world}: not an EmojiCOCO folder (no instances.json); generate it with "
+                                    "`vlmfix world --out DIR` or pass the dataset's files")
+        data = {"world": str(world), "images": world / "images"}
+        if task == "pope":
+            data["pope_dir"] = world
+        else:
+            data.update(instances=[world / "instances.json"], captions=[world / "captions.json"])
+    needed = ("images", "pope_dir|pope_hf") if task == "pope" else ("images", "instances", "captions")
+    for key in needed:
+        if not any(data.get(k) for k in key.split("|")):
+            raise ValueError(f"{task} data lacks {key.replace('|', ' or ')} (or give an EmojiCOCO folder with --data)")
+    if task == "pope" and data.get("pope_dir") and data.get("pope_hf"):
+        raise ValueError("give POPE questions as pope_dir or pope_hf, not both")
+    resolved: dict[str, Any] = {k: str(Path(v).resolve()) for k, v in data.items()
+                                if v and k not in ("instances", "captions")}
+    for key in ("instances", "captions"):  # lists of files (a single path is a list of one)
+        if data.get(key):
+            paths = [data[key]] if isinstance(data[key], (str, Path)) else data[key]
+            resolved[key] = [str(Path(p).resolve()) for p in paths]
+    if not Path(resolved["images"]).is_dir():
+        raise FileNotFoundError(f"{resolved['images']}: image folder not found")
+    return resolved
+
+
+def _image_finder(folder: str):
+    """name -> existing file of the image folder ("x", else "x.jpg", "x.png"), or None."""
+    root = Path(folder)
+
+    @lru_cache(maxsize=None)
+    def find(name: str) -> Path | None:
+        for candidate in (name, f"{name}.jpg", f"{name}.png"):
+            if (root / candidate).is_file():
+                return root / candidate
+        return None
+
+    return find
+
+
+# ------------------------------------------------------------------------------- POPE
+
+
+def pope_task(config: dict, data: dict) -> Task:
+    """POPE (specs/pope.md): one item per question of each split; metrics per split and their mean."""
+    from .data.pope import load_pope_hf, load_pope_jsonl
+    from .metrics import pope
+
+    rule, splits, template = config["rule"], list(config["splits"]), config["prompt"]
+    find = _image_finder(data["images"])
+    items = []
+    for split in splits:
+        if "pope_hf" in data:
+            source, questions = f"{data['pope_hf']} ({split})", load_pope_hf(data["pope_hf"], split)
+        else:
+            path = Path(data["pope_dir"]) / f"coco_pope_{split}.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: POPE questions of split {split!r} not found")
+            source, questions = str(path), load_pope_jsonl(path)
+        for q in questions[:config["limit"]]:
+            image = find(q.image)
+            if image is None:
+                raise DataFormatError(f"{source}: question_id {q.question_id}: image {q.image!r} not found in "
+                                      f"{data['images']}")
+            items.append(Item(f"{split}/{q.question_id}", image, template.replace("{question}", q.text),
+                              {"split": split, "question_id": q.question_id, "image": q.image, "label": q.label}))
+
+    def score(records: list[dict]) -> dict:
+        per_split = {}
+        for split in splits:
+            rows = [r for r in records if r["split"] == split]
+            per_split[split] = pope.pope_metrics([pope.parse_answer(r["output"], rule) for r in rows],
+                                                 [r["label"] for r in rows])
+        return {"rule": rule, "splits": per_split, "mean": pope.mean_over_splits(per_split)}
+
+    def report(metrics: Mapping[str, dict]) -> str:
+        lines = [f"## Mean over splits ({', '.join(splits)}), in percent; answers parsed with the {rule!r} rule",
+                 "", "| method set | accuracy | precision | recall | F1 | yes-ratio |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {spec} | " + " | ".join(f"{100 * m['mean'][k]:.1f}" for k in pope.METRICS) + " |"
+                  for spec, m in metrics.items()]
+        sections = [f"## {spec}\n\n{pope.format_table(m['splits'], rule)}" for spec, m in metrics.items()]
+        return "\n".join(lines) + "\n\n" + "\n".join(sections)
+
+    settings = {"data": data, "prompt": template, "splits": splits, "limit": config["limit"], "rule": rule}
+    return Task("pope", items, score, report, config=settings,
+                identity={"prompt": template, "data": data})
+
+
+# ------------------------------------------------------------------------------- CHAIR
+
+
+def _merge_coco(parts: list[dict]) -> dict:
+    """One COCO dict from several files of a kind (e.g. train2014 + val2014): images by id, all
+    annotations, the first file's categories."""
+    images = {im["id"]: im for part in parts for im in part["images"]}
+    merged = {"images": list(images.values()), "annotations": [a for part in parts for a in part["annotations"]]}
+    if "categories" in parts[0]:
+        merged["categories"] = parts[0]["categories"]
+    return merged
+
+
+def _chosen_ids(config: dict, pool: list[int], source: str) -> list[int]:
+    """The image ids to caption: the `image_ids` file, else `n_images` drawn with `seed` (all if None)."""
+    import json
+
+    if config["image_ids"] is not None:
+        path = Path(config["image_ids"])
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: image id file not found")
+        try:
+            listed = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}: not valid JSON ({err.msg})") from None
+        ids = listed.get("image_ids") if isinstance(listed, dict) else listed
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+            raise DataFormatError(f"{path}: expected a non-empty JSON list of image ids (or {{\"image_ids\": [...]}})")
+        unknown = sorted(set(ids) - set(pool))
+        if unknown:
+            raise DataFormatError(f"{path}: {len(unknown)} image id(s) are not images of {source} (first {unknown[0]})")
+        return ids
+    n = config["n_images"]
+    if n is None:
+        return sorted(pool)
+    if n > len(pool):
+        raise ValueError(f"n_images is {n} but {source} has {len(pool)} images")
+    return sorted(random.Random(config["seed"]).sample(sorted(pool), n))
+
+
+def chair_task(config: dict, data: dict) -> Task:
+    """CHAIR (specs/chair.md): one caption per image drawn from the first instances file; ground
+    truth from all instances and captions files."""
+    from .data.coco import load_captions, load_instances
+    from .metrics.chair import CHAIR
+
+    parts = [load_instances(p).dataset for p in data["instances"]]
+    instances = _merge_coco(parts)
+    captions = _merge_coco([load_captions(p).dataset for p in data["captions"]])
+    annotated = {im["id"] for im in instances["images"]}
+    absent = sorted({a["image_id"] for a in captions["annotations"]} - annotated)
+    if absent:
+        raise DataFormatError(
+            f"{', '.join(data['captions'])}: captions of {len(absent)} image(s) absent from the instances "
+            f"annotations {', '.join(data['instances'])} (first image_id {absent[0]}); pass the matching files "
+            "(e.g. both train2014 and val2014 for instances and captions)")
+    source = data["instances"][0]
+    first = {im["id"]: im for im in parts[0]["images"]}
+    ids = _chosen_ids(config, list(first), source)
+    find = _image_finder(data["images"])
+    items = []
+    for image_id in ids:
+        image = find(first[image_id]["file_name"])
+        if image is None:
+            raise DataFormatError(f"{source}: image {image_id} ({first[image_id]['file_name']}) not found in "
+                                  f"{data['images']}")
+        items.append(Item(str(image_id), image, config["prompt"],
+                          {"image_id": image_id, "file_name": first[image_id]["file_name"]}))
+    # ground truth of the chosen images only: parsing every reference caption of COCO takes minutes
+    chosen = set(ids)
+    evaluator = CHAIR(instances, {"images": [im for im in captions["images"] if im["id"] in chosen],
+                                  "annotations": [a for a in captions["annotations"] if a["image_id"] in chosen]})
+
+    def score(records: list[dict]) -> dict:
+        return evaluator.compute([{"image_id": r["image_id"], "caption": r["output"]} for r in records])
+
+    def report(metrics: Mapping[str, dict]) -> str:
+        lines = ["## CHAIR (CHAIR_s, CHAIR_i, Recall in percent; Len in words after phrase merging)", "",
+                 "| method set | CHAIR_s | CHAIR_i | Recall | Len | captions | mentions | hallucinated |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for spec, m in metrics.items():
+            c = m["counts"]
+            lines.append(f"| {spec} | {100 * m['CHAIRs']:.1f} | {100 * m['CHAIRi']:.1f} | {100 * m['Recall']:.1f} | "
+                         f"{m['Len']:.1f} | {c['captions']} | {c['mentions']} | {c['hallucinated_mentions']} |")
+        return "\n".join(lines) + "\n"
+
+    sample = {"seed": config["seed"], "n_images": len(ids), "source": source, "image_ids": ids}
+    settings = {"data": data, "prompt": config["prompt"], "image_ids_file": config["image_ids"],
+                "sample": {k: v for k, v in sample.items() if k != "image_ids"}, "image_ids": ids}
+    return Task("chair", items, score, report, config=settings,
+                identity={"prompt": config["prompt"], "data": data}, artifacts={"chair_image_ids.json": sample})
+
+
+# ------------------------------------------------------------------------------- running
+
+
+def run(task: str, config: dict, model: Any = None, processor: Any = None) -> dict | None:
+    """Evaluate `task` with `config` (see `load_config`); loads `config["model"]` unless a
+    (model, processor) is given. Returns the results on the main process, else None."""
+    import torch
+
+    from .loading import load
+
+    method_sets = parse_method_sets(config["methods"])
+    data = resolve_data(task, config)
+    built = pope_task(config, data) if task == "pope" else chair_task(config, data)
+    settings = Settings(model=config["model"], out=Path(config["out"]), dtype=config["dtype"],
+                        batch_size=config["batch_size"], max_new_tokens=config["max_new_tokens"], seed=config["seed"])
+    prepare(built, method_sets, settings)
+    if model is None:
+        model, processor = load(config["model"], getattr(torch, config["dtype"]))
+    if not hasattr(processor, "image_processor"):
+        raise ValueError(f"{config['model']} is a text-only LM; {task} needs a VLM (e.g. smollm2-llava)")
+    results = evaluate(built, model, processor, method_sets, settings)
+    if results is not None:
+        print((settings.out / "results.md").read_text(encoding="utf-8"))
+        print(f"results: {settings.out / 'results.md'}, {settings.out / 'results.json'}")
+    return results
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    keys = COMMON_KEYS + TASK_KEYS[args.task] + DATA_KEYS[args.task]
+    overrides = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    run(args.task, load_config(args.task, args.config, overrides))
+    return 0
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the `eval` command on the CLI's subparsers."""
+    from .data.pope import SPLITS
+    from .metrics.pope import RULES
+
+    parser = sub.add_parser("eval", help="POPE / CHAIR evaluation (resumable; sharded with accelerate launch)",
+                            description="Flags override the YAML config (configs/evals/<task>.yaml, then --config).")
+    tasks = parser.add_subparsers(dest="task", required=True)
+    helps = {"pope": "POPE yes/no object questions (accuracy, precision, recall, F1, yes-ratio)",
+             "chair": "CHAIR on detailed captions (CHAIR_s, CHAIR_i, Recall, Len)"}
+    for task in TASKS:
+        p = tasks.add_parser(task, help=helps[task])
+        p.add_argument("--config", help=f"YAML over configs/evals/{task}.yaml")
+        p.add_argument("--model", help="local folder, cached hub id, or a named test-bed (smollm2-llava, ...)")
+        p.add_argument("--dtype", choices=DTYPES)
+        p.add_argument("--data", dest="world", metavar="DIR", help="an EmojiCOCO folder (see --world-images)")
+        p.add_argument("--world-images", type=int, metavar="N",
+                       help="generate --data with N images when it does not exist")
+        p.add_argument("--images", help="image folder of a real dataset (e.g. COCO val2014)")
+        if task == "pope":
+            p.add_argument("--pope-dir", help="folder with the official coco_pope_{random,popular,adversarial}.json")
+            p.add_argument("--pope-hf", help="local copy of lmms-lab/POPE (parquet)")
+            p.add_argument("--splits", nargs="+", choices=SPLITS)
+            p.add_argument("--limit", type=int, help="at most N questions per split")
+            p.add_argument("--rule", choices=tuple(RULES), help="answer parsing rule")
+        else:
+            p.add_argument("--instances", nargs="+", help="COCO instances file(s); images are drawn from the first")
+            p.add_argument("--captions", nargs="+", help="COCO captions file(s)")
+            p.add_argument("--n-images", type=int, help="images drawn with --seed")
+            p.add_argument("--image-ids", help="JSON file of image ids to caption (e.g. a saved chair_image_ids.json)")
+        p.add_argument("--methods", nargs="+", help="method sets, e.g. none var gift var,gift var:general")
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--max-new-tokens", type=int)
+        p.add_argument("--prompt", help="the user's text" + (" ({question} is replaced)" if task == "pope" else ""))
+        p.add_argument("--seed", type=int)
+        p.add_argument("--out", help="output folder (JSONL per method set, results.md, results.json)")
+        p.set_defaults(func=cmd_eval)

@@ -1,0 +1,198 @@
+"""Attention debiasing for visual token pruning (arXiv 2508.17807; specs/pruning.md).
+
+A pruner-agnostic transform of image-token scores before ranking:
+
+1. **Position (recency) trend.** Language-to-vision attention grows with the raster index of the
+   image token. With x = i / (N - 1) over the N image tokens of an image, a trend f(x) is fitted to
+   mean score vectors (`fit_trend`) and divided out: score_hat_i = score_i / f(x_i). Families:
+   "exp" f = mu * exp(sigma * x) (the paper's; fitted by least squares in log space, then refined
+   by Gauss-Newton on the plain squared error) and "cubic" f = a + b x + c x^2 + d x^3 (linear
+   least squares). Fitted trends are data: configs/trends/<model>__<pruner>.yaml, matched on the
+   model's name. Without a fitted trend, the trend is fitted to the score vector being ranked
+   (a one-sample calibration; skipped below 4 scores).
+2. **Padding.** LLaVA-1.5's "pad" mode centres the image in a max(W, H) square (filled with the
+   mean colour) and resizes it; patches that are mostly padding get inflated attention. Their
+   padding fraction is computed from the original size and that geometry (`padding_fractions`);
+   a patch over `padding_threshold` gets score 0 and the keep budget drops to the number of
+   content patches when that is smaller. LLaVA-NeXT ("crop": its crops are cut from the
+   resized image and the model removes the unpadded area itself) and Qwen2-VL ("none": dynamic
+   resolution, no padding) have no padded patches.
+
+At run time the original aspect of a padded LLaVA-1.5 image is recovered from its pixel values:
+the padding is the processor's mean colour, so the content box is what differs from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import yaml
+
+FAMILIES = ("exp", "cubic")
+GEOMETRIES = ("pad", "crop", "none")
+
+
+@dataclass(frozen=True)
+class Trend:
+    """A fitted position trend: family "exp" with params (mu, sigma), or "cubic" with (a, b, c, d)."""
+
+    family: str
+    params: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        if self.family == "exp":
+            mu, sigma = self.params
+            return mu * torch.exp(sigma * x)
+        return sum(p * x**k for k, p in enumerate(self.params))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Trend":
+        family = data.get("family", "exp")
+        if family == "exp":
+            return cls("exp", (float(data["mu"]), float(data["sigma"])))
+        if family == "cubic":
+            return cls("cubic", tuple(float(data[k]) for k in "abcd"))
+        raise ValueError(f"unknown trend family {family!r}; use one of {FAMILIES}")
+
+
+def _x(n: int) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+
+
+def fit_trend(mean_scores: torch.Tensor | Sequence[float], family: str = "exp",
+              x: torch.Tensor | None = None) -> Trend:
+    """Least-squares fit of f(x) to scores at x (default x = i / (N - 1)).
+
+    exp: log-linear fit of log(score) (positive scores only) as the start, then Gauss-Newton
+    steps minimising sum (score - mu exp(sigma x))^2; cubic: ordinary least squares.
+    """
+    y = torch.as_tensor(mean_scores, dtype=torch.float64).flatten()
+    x = _x(len(y)) if x is None else torch.as_tensor(x, dtype=torch.float64).flatten()
+    if len(y) < 2:
+        raise ValueError("fitting a trend needs at least 2 scores")
+    if family == "cubic":
+        design = torch.stack([x**k for k in range(4)], 1)
+        coef = torch.linalg.lstsq(design, y[:, None]).solution.flatten()
+        return Trend("cubic", tuple(float(c) for c in coef))
+    if family != "exp":
+        raise ValueError(f"unknown trend family {family!r}; use one of {FAMILIES}")
+    pos = y > 0
+    if int(pos.sum()) < 2:
+        return Trend("exp", (max(float(y.mean()), 1e-12), 0.0))
+    design = torch.stack([torch.ones_like(x[pos]), x[pos]], 1)
+    log_mu, sigma = torch.linalg.lstsq(design, torch.log(y[pos])[:, None]).solution.flatten().tolist()
+    start = mu, sig = math.exp(log_mu), sigma
+    for _ in range(50):  # Gauss-Newton on the plain residual
+        e = torch.exp(sig * x)
+        jac = torch.stack([e, mu * x * e], 1)
+        step = torch.linalg.lstsq(jac, (y - mu * e)[:, None]).solution.flatten()
+        mu, sig = mu + float(step[0]), sig + float(step[1])
+        if not (math.isfinite(mu) and math.isfinite(sig)) or mu <= 0:
+            return Trend("exp", start)  # diverged: keep the log-linear fit
+        if float(step.abs().max()) < 1e-12:
+            break
+    return Trend("exp", (mu, sig))
+
+
+def padding_fractions(image_size: tuple[int, int], grid: tuple[int, int], geometry: str = "pad") -> torch.Tensor:
+    """(rows, cols) fraction of each patch covered by padding.
+
+    image_size: the original (W, H); geometry "pad": LLaVA-1.5's pad-to-square (the image pasted
+    at ((M - W) // 2, (M - H) // 2) of an M = max(W, H) square, then resized to the grid);
+    "crop" / "none": no padding (zeros).
+    """
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"unknown padding geometry {geometry!r}; use one of {GEOMETRIES}")
+    rows, cols = grid
+    if geometry != "pad":
+        return torch.zeros(rows, cols)
+    w, h = image_size
+    side = max(w, h)
+    left, top = (side - w) // 2, (side - h) // 2
+
+    def covered(lo: int, hi: int, n: int) -> torch.Tensor:  # overlap of each of n cells with [lo, hi)
+        edges = torch.arange(n + 1, dtype=torch.float64) * side / n
+        return (torch.minimum(edges[1:], torch.tensor(float(hi))) - torch.maximum(edges[:-1], torch.tensor(float(lo)))
+                ).clamp(min=0) / (side / n)
+
+    content = covered(top, top + h, rows)[:, None] * covered(left, left + w, cols)[None, :]
+    return (1.0 - content).clamp(0.0, 1.0).float()
+
+
+def content_size(pixel_values: torch.Tensor, background: torch.Tensor, tol: float = 0.02) -> tuple[int, int]:
+    """(W, H) of the content box of a padded image (C, H, W): rows/columns differing from `background`
+    (C,), the normalised padding colour, anywhere."""
+    differs = ((pixel_values.float() - background.view(-1, 1, 1)).abs() > tol).any(0)  # (H, W)
+    ys, xs = differs.any(1).nonzero().flatten(), differs.any(0).nonzero().flatten()
+    if not len(ys):
+        return pixel_values.shape[-1], pixel_values.shape[-2]
+    return int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)
+
+
+def load_trend(model_name: str, pruner: str) -> Trend | None:
+    """The fitted trend of configs/trends/*__<pruner>.yaml whose `match` strings occur in the model name."""
+    from ..presets import configs_dir
+
+    name = (model_name or "").lower()
+    for path in sorted((configs_dir() / "trends").glob(f"*__{pruner}.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        if any(m.lower() in name for m in data.get("match", [])):
+            return Trend.from_dict(data)
+    return None
+
+
+@dataclass
+class Debias:
+    """Score debiasing for pruners (paper: both fixes on, threshold 0.5).
+
+    - position: "exp" | "cubic" | None (no position fix);
+    - padding: zero the scores of padded patches and cap the budget at the content patches;
+    - padding_threshold: a patch is padding when its padding fraction exceeds this;
+    - trend: a `Trend`, or a dict {family, mu, sigma} / {family, a, b, c, d}; None = the preset of
+      configs/trends for (model, pruner), else fitted to the scores being ranked.
+    """
+
+    position: str | None = "exp"
+    padding: bool = True
+    padding_threshold: float = 0.5
+    trend: Trend | dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.position not in (*FAMILIES, None):
+            raise ValueError(f"Debias position must be one of {FAMILIES} or None, got {self.position!r}")
+        if not 0.0 <= self.padding_threshold <= 1.0:
+            raise ValueError(f"Debias padding_threshold must be in [0, 1], got {self.padding_threshold}")
+        if isinstance(self.trend, dict):
+            self.trend = Trend.from_dict(self.trend)
+
+    def resolve(self, model_name: str, pruner: str) -> Trend | None:
+        """The trend to divide by for this model and pruner (None: fit per call)."""
+        if self.position is None:
+            return None
+        if self.trend is not None:
+            return self.trend
+        preset = load_trend(model_name, pruner)
+        return preset if preset is not None and preset.family == self.position else None
+
+    def transform(self, scores: torch.Tensor, x: torch.Tensor, pad_frac: torch.Tensor | None = None,
+                  trend: Trend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(debiased scores, content mask) for scores at raster positions x in [0, 1]; `trend`
+        defaults to this config's own (else it is fitted to `scores`).
+
+        Padded patches (fraction > threshold) score 0 and are False in the content mask.
+        """
+        out = scores.double()
+        trend = trend if trend is not None else self.trend
+        if trend is None and self.position is not None and len(out) >= 4:
+            trend = fit_trend(out, self.position, x)
+        if trend is not None and self.position is not None:
+            out = out / trend(x).clamp_min(1e-12)
+        content = torch.ones(len(out), dtype=torch.bool)
+        if self.padding and pad_frac is not None:
+            content = pad_frac <= self.padding_threshold
+            out = torch.where(content, out, torch.zeros_like(out))
+        return out.float(), content

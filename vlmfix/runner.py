@@ -1,0 +1,387 @@
+"""A generic, model-agnostic evaluation runner (lm-evaluation-harness style).
+
+An evaluation is a `Task`: the items to answer (id, image, prompt, and fields copied into each
+record), a pure `score(records) -> metrics` function and a `report({method set: metrics}) ->
+markdown` function (POPE and CHAIR are defined in `vlmfix.cli_eval`). `evaluate()` runs a task
+for one model and several method sets (`prepare()` checks a run before the model is loaded):
+
+- a method set is a spec as on the command line: "none" (the plain model), "var", "gift",
+  "var,gift:mild", ... (`vlmfix.cli.parse_methods`; any method of `vlmfix.methods.REGISTRY`);
+  each is attached with `vlmfix.attach` for its part of the run and detached after;
+- generation is greedy and batched, with left padding;
+- records are appended to `<out>/<label>.jsonl` as they come (flush + fsync per batch);
+- a rerun resumes: items already in the method set's files are skipped, a last line cut by a
+  crash is dropped (and cut from the file that process writes), so no item is computed twice
+  and none is lost. `<out>/<label>.config.json` keeps what determines the outputs (model, dtype,
+  methods, max_new_tokens, prompt, data); a rerun with another such config is refused;
+- sharding with `accelerate`: process r of n takes the items i with i % n == r and appends to
+  its own `<label>.rank<r>.jsonl`; after `wait_for_everyone()` the main process merges the
+  shards into `<label>.jsonl` (item order), scores, and writes `results.md` and `results.json`
+  (metrics with raw counts, and the full config with library versions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from .data.errors import DataFormatError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from PIL import Image
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing to generate: a unique id, an image file, the user's text, and `fields` copied into
+    its record (labels, split, image id, ...)."""
+
+    id: str
+    image: Path
+    prompt: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    """An evaluation: items plus pure metric functions.
+
+    - `score(records)`: the records of one method set, in item order, each {"id", **fields,
+      "prompt", "output"} -> a JSON-able dict of metrics with their raw counts;
+    - `report(metrics)`: {method set spec: score output} -> markdown;
+    - `config`: the task's settings, recorded in results.json;
+    - `identity`: the part of them that determines each item's output (prompt, data); a resumed
+      run must have the same;
+    - `artifacts`: {file name: JSON-able} the main process writes to the output folder first
+      (e.g. CHAIR's image id list).
+    """
+
+    name: str
+    items: Sequence[Item]
+    score: Callable[[list[dict]], dict]
+    report: Callable[[Mapping[str, dict]], str]
+    config: dict = field(default_factory=dict)
+    identity: dict = field(default_factory=dict)
+    artifacts: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodSet:
+    """A method-set spec ("none", "var,gift:mild"), its file label and its method objects."""
+
+    spec: str
+    label: str
+    methods: tuple
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to generate: the model's name (as recorded), dtype, batch size, max_new_tokens, seed,
+    and the output folder."""
+
+    model: str
+    out: Path
+    dtype: str = "float32"
+    batch_size: int = 8
+    max_new_tokens: int = 8
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------- method sets
+
+
+def parse_method_sets(specs: Iterable[str]) -> list[MethodSet]:
+    """Method sets from their specs; unknown method names or presets raise ValueError."""
+    from .cli import parse_methods
+
+    sets: list[MethodSet] = []
+    for raw in specs:
+        spec = ",".join(part.strip() for part in str(raw).split(",") if part.strip()) or "none"
+        label = spec.replace(",", "+").replace(":", "@")
+        if any(s.label == label for s in sets):
+            raise ValueError(f"method set {spec!r} is given twice")
+        sets.append(MethodSet(spec, label, tuple(parse_methods(spec))))
+    if not sets:
+        raise ValueError("no method sets to evaluate (use 'none' for the plain model)")
+    return sets
+
+
+def method_params(methods: Iterable[Any]) -> list[dict]:
+    """[{"name", "class", "params"}] of method objects (params: their dataclass fields)."""
+    return [{"name": m.name, "class": type(m).__name__,
+             "params": json.loads(json.dumps(dataclasses.asdict(m), default=str))} for m in methods]
+
+
+# ------------------------------------------------------------------------------- result files
+
+
+def read_records(path: Path, repair: bool = False) -> list[dict]:
+    """The complete records of a results JSONL file ([] when it does not exist).
+
+    A last line without its newline is a write cut by a crash: it is ignored and, with
+    `repair`, cut from the file. Any other malformed line raises DataFormatError (file:line)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if repair and complete < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(complete)
+            f.flush()
+            os.fsync(f.fileno())
+    records = []
+    for lineno, line in enumerate(data[:complete].decode("utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg}); delete the line (or the file) "
+                                  "to recompute it") from None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            raise DataFormatError(f"{path}:{lineno}: a result record must be an object with a string 'id'")
+        records.append(record)
+    return records
+
+
+def append_records(path: Path, records: Sequence[dict]) -> None:
+    """Append records as JSON lines, flushed and fsync'ed."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def own_file(out: Path, label: str, rank: int, num_processes: int) -> Path:
+    """The file a process appends to: `<label>.jsonl` alone, `<label>.rank<r>.jsonl` in a group."""
+    return out / (f"{label}.jsonl" if num_processes == 1 else f"{label}.rank{rank}.jsonl")
+
+
+def result_files(out: Path, label: str) -> list[Path]:
+    """The merged file and every process shard of a method set (of this run or earlier ones)."""
+    return [out / f"{label}.jsonl", *sorted(out.glob(f"{label}.rank*.jsonl"))]
+
+
+def done_ids(out: Path, label: str) -> set[str]:
+    """Ids of the items already computed for a method set, over all its files."""
+    return {r["id"] for path in result_files(out, label) for r in read_records(path)}
+
+
+def merge(out: Path, label: str, items: Sequence[Item]) -> list[dict]:
+    """Merge a method set's files into `<label>.jsonl` (item order first, then records of items no
+    longer asked for), remove the shards, and return the records of `items` in their order.
+
+    Raises RuntimeError when an item has no record (a process failed before writing it)."""
+    files = result_files(out, label)
+    found: dict[str, dict] = {}
+    for path in files:
+        for record in read_records(path):
+            found.setdefault(record["id"], record)
+    order = [item.id for item in items]
+    missing = [i for i in order if i not in found]
+    if missing:
+        raise RuntimeError(f"{label}: {len(missing)} item(s) have no result (first {missing[0]!r}); rerun to "
+                           "compute them")
+    wanted = set(order)
+    merged = [found[i] for i in order] + [r for i, r in found.items() if i not in wanted]
+    write_atomic(out / f"{label}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    for path in files[1:]:
+        path.unlink()
+    return merged[:len(order)]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_identity(path: Path, identity: dict, write: bool) -> None:
+    """Refuse to resume results produced with another config; record it (`write`) when new."""
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in {*old, *identity} if old.get(k) != identity.get(k))
+        if changed:
+            raise ValueError(
+                f"{path.parent} holds results of {path.stem.removesuffix('.config')!r} made with another "
+                f"{', '.join(changed)} ({'; '.join(f'{k}: {old.get(k)!r} -> {identity.get(k)!r}' for k in changed)}); "
+                "choose another output folder or delete those files"
+            )
+    elif write:
+        write_atomic(path, json.dumps(identity, indent=2, default=str))
+
+
+# ------------------------------------------------------------------------------- processes
+
+
+@lru_cache(maxsize=None)
+def accelerator() -> "Accelerator":
+    """The process group's `accelerate.Accelerator`. Started as several processes on a machine
+    without CUDA (`accelerate launch --multi_gpu`, `torchrun`), it uses the CPU (gloo) backend."""
+    from accelerate import Accelerator
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    acc = Accelerator(cpu=launched > 1 and not torch.cuda.is_available())
+    if acc.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes but accelerate sees {acc.num_processes}; "
+                           "check the launcher's device settings")
+    return acc
+
+
+def versions() -> dict[str, str]:
+    """Python, platform and the versions of the libraries that shape the results."""
+    from . import __version__
+
+    found = {"python": sys.version.split()[0], "platform": platform.platform(), "vlmfix": __version__}
+    for name in ("torch", "transformers", "accelerate", "tokenizers", "pillow", "pycocotools"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+# ------------------------------------------------------------------------------- generation
+
+
+def open_image(path: Path) -> "Image.Image":
+    """An RGB PIL image; unreadable files raise DataFormatError naming them."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError as err:
+        raise DataFormatError(f"{path}: cannot read the image ({err})") from None
+
+
+@torch.no_grad()
+def generate_batch(model: Any, processor: Any, items: Sequence[Item], max_new_tokens: int) -> list[str]:
+    """Greedy answers of a batch (left padding), decoded without special tokens and stripped."""
+    from .loading import chat_prompt
+
+    texts = [chat_prompt(processor, item.prompt, True) for item in items]
+    inputs = processor(images=[open_image(item.image) for item in items], text=texts, return_tensors="pt",
+                       padding=True, padding_side="left").to(device=model.device, dtype=model.dtype)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, settings: Settings) -> dict:
+    """Generate this process's pending items of one method set; returns what attach resolved."""
+    from tqdm.auto import tqdm
+
+    from .attach import attach
+
+    acc = accelerator()
+    rank, n = acc.process_index, acc.num_processes
+    mine = own_file(settings.out, mset.label, rank, n)
+    read_records(mine, repair=True)
+    done = done_ids(settings.out, mset.label)
+    own = [item for i, item in enumerate(task.items) if i % n == rank]
+    pending = [item for item in own if item.id not in done]
+    where = f" [process {rank}/{n}]" if n > 1 else ""
+    print(f"{task.name} {mset.spec}{where}: {len(own) - len(pending)} of {len(own)} items done, "
+          f"{len(pending)} to generate", file=sys.stderr, flush=True)
+    # copies: attach resolves defaults in place (e.g. GIFT's layers), the spec's objects stay as parsed
+    methods = copy.deepcopy(list(mset.methods))
+    handle = attach(model, processor, methods) if methods else contextlib.nullcontext()
+    with handle as fixed:
+        resolved = {"methods": method_params(methods)}
+        if fixed is not None and fixed.tracks_sinks:
+            resolved.update(sink_dims=list(fixed.sink_dims), tau=fixed.tau, sink_dims_source=fixed.sink_source)
+        bar = tqdm(total=len(pending), desc=f"{task.name} {mset.spec}{where}", position=rank, unit="item",
+                   dynamic_ncols=True)
+        for start in range(0, len(pending), settings.batch_size):
+            batch = pending[start:start + settings.batch_size]
+            answers = generate_batch(model, processor, batch, settings.max_new_tokens)
+            append_records(mine, [{"id": item.id, **item.fields, "prompt": item.prompt, "output": answer}
+                                  for item, answer in zip(batch, answers)])
+            bar.update(len(batch))
+        bar.close()
+    return {"label": mset.label, **resolved}
+
+
+def prepare(task: Task, method_sets: Sequence[MethodSet], settings: Settings) -> None:
+    """Check a run before any model is loaded (items, settings, the output folder's configs) and
+    write the task's artifacts (main process). Every process checks, so all fail together."""
+    if not task.items:
+        raise ValueError(f"{task.name}: no items to evaluate")
+    seen: set[str] = set()
+    for item in task.items:
+        if item.id in seen:
+            raise ValueError(f"{task.name}: item id {item.id!r} occurs twice")
+        seen.add(item.id)
+    if settings.batch_size < 1 or settings.max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    acc = accelerator()
+    settings.out.mkdir(parents=True, exist_ok=True)
+    for mset in method_sets:
+        check_identity(settings.out / f"{mset.label}.config.json", _identity(task, mset, settings), acc.is_main_process)
+    if acc.is_main_process:
+        for name, content in task.artifacts.items():
+            write_atomic(settings.out / name, json.dumps(content, indent=2, default=str))
+
+
+def evaluate(task: Task, model: Any, processor: Any, method_sets: Sequence[MethodSet],
+             settings: Settings) -> dict | None:
+    """Run `task` for each method set (this process's shard), then, on the main process, merge,
+    score and write results.md / results.json. Returns the results on the main process, else None."""
+    from accelerate.utils import set_seed
+
+    prepare(task, method_sets, settings)
+    acc = accelerator()
+    out = settings.out
+    set_seed(settings.seed)
+    if not getattr(model, "hf_device_map", None):
+        model.to(acc.device)
+    model.eval()
+    resolved = {mset.spec: _run_method_set(model, processor, task, mset, settings) for mset in method_sets}
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return None
+
+    metrics = {mset.spec: task.score(merge(out, mset.label, task.items)) for mset in method_sets}
+    config = {"task": task.name, "model": settings.model, "dtype": settings.dtype,
+              "batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens,
+              "decoding": "greedy", "seed": settings.seed, "num_processes": acc.num_processes,
+              "items": len(task.items), **task.config, "method_sets": resolved, "versions": versions()}
+    results = {"config": config, "results": metrics}
+    write_atomic(out / RESULTS_JSON, json.dumps(results, indent=2, default=str))
+    write_atomic(out / RESULTS_MD, _markdown(task, config, metrics))
+    return results
+
+
+def _identity(task: Task, mset: MethodSet, settings: Settings) -> dict:
+    return {"task": task.name, "model": settings.model, "dtype": settings.dtype,
+            "methods": method_params(mset.methods), "max_new_tokens": settings.max_new_tokens, **task.identity}
+
+
+def _markdown(task: Task, config: dict, metrics: Mapping[str, dict]) -> str:
+    shown = {k: v for k, v in config.items() if k not in ("task", "method_sets", "versions")}
+    lines = [f"# {task.name.upper()} results", ""]
+    for key, value in shown.items():
+        text = str(value) if isinstance(value, (int, float)) else json.dumps(value, default=str)
+        lines.append(f"- {key}: {text if len(text) <= 300 else text[:300] + ' ... (in results.json)'}")
+    for spec, mset in config["method_sets"].items():
+        params = "; ".join(f"{m['class']} {json.dumps(m['params'], default=str)}" for m in mset["methods"])
+        lines.append(f"- method set `{spec}`: {params or 'plain model'}")
+    lines.append(f"- versions: {', '.join(f'{k} {v}' for k, v in config['versions'].items())}")
+    return "\n".join(lines) + "\n\n" + task.report(metrics)
