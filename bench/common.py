@@ -1,18 +1,17 @@
 """Shared benchmark helpers: the SmolLM2-based LLaVA test-bed, interleaved timing, peak memory.
 
-Every benchmark compares a plain model with an attached twin (a deep copy with the same weights)
-in the same process and prints ratios; absolute times on a shared 2-core machine mean little.
+Every benchmark compares the plain model with the same model attached, in the same process,
+and prints ratios; absolute times on a shared 2-core machine mean little.
 """
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import gc
 import statistics
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -31,21 +30,28 @@ def smol_llava_inputs(question: str = "Describe the image in detail.", image_siz
     return model, processor, inputs
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        fn()
-    return time.perf_counter() - start
+def timed(fn: Callable[[], object], methods: Sequence | None = None, model=None, processor=None) -> float:
+    """Seconds `fn` takes; with `methods`, `model` is attached to them around the call (not timed)."""
+    handle = vlmfix.attach(model, processor, methods) if methods is not None else None
+    try:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            fn()
+        return time.perf_counter() - start
+    finally:
+        if handle is not None:
+            handle.detach()
 
 
-def interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per variant, running the variants in turn `repeats` times (noise hits all alike)."""
-    for fn in variants.values():  # warm-up
-        timed(fn)
+def interleaved(variants: dict[str, tuple], repeats: int) -> dict[str, float]:
+    """Median seconds per variant (each a tuple of `timed`'s arguments), running the variants in
+    turn `repeats` times, so that machine noise hits all alike."""
+    for args in variants.values():  # warm-up
+        timed(*args)
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
-        for name, fn in variants.items():
-            samples[name].append(timed(fn))
+        for name, args in variants.items():
+            samples[name].append(timed(*args))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -99,19 +105,20 @@ def peak_bytes(fn: Callable[[], object], interval: float = 0.0005) -> int:
 
 
 def compare_generate(model, processor, inputs, methods, new_tokens: int, repeats: int, memory: bool = True) -> dict:
-    """Prefill time, decode time per token and peak memory of `generate`, plain vs attached twin.
+    """Prefill time, decode time per token and peak memory of `generate`, plain vs attached.
 
-    Decode per token = (t(1 + N new tokens) - t(1 new token)) / N, medians over interleaved repeats.
+    One model: the attached runs attach it before and detach it after each call (untimed), so both
+    sides read the same weights in the same memory. Decode per token = (t(1 + N new tokens) -
+    t(1 new token)) / N, medians over interleaved repeats.
     """
-    twin = copy.deepcopy(model)
-    vlmfix.attach(twin, processor, methods)
 
-    def gen(m, tokens):
-        return lambda: m.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    def gen(tokens):
+        return lambda: model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
     n = new_tokens
-    t = interleaved({"plain_1": gen(model, 1), "plain_n": gen(model, 1 + n), "fixed_1": gen(twin, 1),
-                     "fixed_n": gen(twin, 1 + n)}, repeats)
+    fixed = (methods, model, processor)
+    t = interleaved({"plain_1": (gen(1),), "plain_n": (gen(1 + n),), "fixed_1": (gen(1), *fixed),
+                     "fixed_n": (gen(1 + n), *fixed)}, repeats)
     out = {
         "prefill_plain_s": t["plain_1"], "prefill_fixed_s": t["fixed_1"],
         "decode_plain_ms": 1000 * (t["plain_n"] - t["plain_1"]) / n,
@@ -121,9 +128,10 @@ def compare_generate(model, processor, inputs, methods, new_tokens: int, repeats
     out["prefill_ratio"] = out["prefill_fixed_s"] / out["prefill_plain_s"]
     out["decode_ratio"] = out["decode_fixed_ms"] / out["decode_plain_ms"]
     out["generate_ratio"] = out["generate_fixed_s"] / out["generate_plain_s"]
-    if memory:  # the prefill and a few steps: where the peak is (profiling all N steps is very slow on CPU)
-        out["peak_plain_mb"] = peak_bytes(gen(model, 4)) / 2**20
-        out["peak_fixed_mb"] = peak_bytes(gen(twin, 4)) / 2**20
+    if memory:  # the prefill and a few steps: where the peak is
+        out["peak_plain_mb"] = peak_bytes(gen(4)) / 2**20
+        with vlmfix.attach(model, processor, methods):
+            out["peak_fixed_mb"] = peak_bytes(gen(4)) / 2**20
         out["peak_ratio"] = out["peak_fixed_mb"] / out["peak_plain_mb"]
     return out
 

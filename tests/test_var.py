@@ -21,13 +21,14 @@ class RecordingVAR(vlmfix.VAR):
     seen: dict = field(default_factory=dict, repr=False)
 
     def probs(self, state, layer, positions, probs):
+        before = probs.clone()  # VAR edits the rows in place
         out = super().probs(state, layer, positions, probs)
         step = 0 if state.phase == "prefill" else state.step + 1
         sinks = state.sink_mask(layer, self.tau)
         for b in range(out.shape[0]):
             for h in range(out.shape[1]):
                 for i, pos in enumerate(positions.tolist()):
-                    self.seen[(step, layer, b, h, pos)] = (probs[b, h, i].clone(), out[b, h, i].clone(),
+                    self.seen[(step, layer, b, h, pos)] = (before[b, h, i], out[b, h, i].clone(),
                                                           set(sinks[b].nonzero().flatten().tolist()))
         return out
 
@@ -161,8 +162,8 @@ def test_second_call_finds_its_own_sinks(small_smol_llava):
             state = fixed.last_state
             image = state.rows[0].image_positions
             found.append([int((image == p).nonzero()) for p in state.visual_sinks(10, 0)])
-            masks = state.records["var"]["masks"][10]
-            assert masks[1].sum() == len(planted)
+            masks, _ = state.records["var"]["masks"][10]
+            assert masks[..., 1].sum() == len(planted)  # the visual-sink mask VAR uses
     assert found == [[3], [40, 41, 90]]
 
 

@@ -103,14 +103,18 @@ def vlmfix_attention(
     if not wanted:
         return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
-    rows = torch.unique(torch.cat([torch.as_tensor(r, dtype=torch.long) for _, r in wanted])).to(query.device)
+    if len(wanted) == 1:
+        rows = torch.as_tensor(wanted[0][1], dtype=torch.long, device=query.device)
+    else:
+        rows = torch.unique(torch.cat([torch.as_tensor(r, dtype=torch.long) for _, r in wanted])).to(query.device)
     out = None
     if len(rows) < q_len:
         out, _ = fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     scores = grouped_scores(query[:, :, rows], key) * scaling
-    scores = scores + additive_mask_rows(attention_mask, rows, q_start, kv_len, query.shape[0])
+    if attention_mask is not None or q_len > 1:  # a lone decoding row with no mask sees every key
+        scores = scores + additive_mask_rows(attention_mask, rows, q_start, kv_len, query.shape[0])
     positions = rows + q_start
     for method, _ in wanted:
         scores = method.scores(state, layer, positions, scores)

@@ -184,8 +184,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     pixel = inputs["pixel_values"][0]
     view = (model_view(pixel, processor) if pixel.ndim == 3 else None) or image
-    if "var" in state.records and state.records["var"]["gain"]:
-        print(f"heat map (attention moved by VAR): {moved_heatmap(state, out / 'var_moved.png', view)}")
+    if "var" in state.records:
+        from .methods import VAR
+
+        if sum(sum(v["moved"]) for v in VAR.summary(state).values()) > 0:
+            print(f"heat map (attention moved by VAR): {moved_heatmap(state, out / 'var_moved.png', view)}")
+        else:
+            print("VAR: no image-centric head in this call, attention unchanged")
     if "gift" in state.records:
         info = state.records["gift"]["rows"][0]
         if info.get("saliency") is not None:

@@ -110,11 +110,11 @@ def moved_heatmap(
     """PNG of the attention VAR gave to each image patch (summed over heads, rows, steps and, without
     `layer`, over layers); the visual sinks it took attention from are outlined."""
     rec = state.records.get("var")
-    if not rec or not rec["gain"]:
+    layers = [layer] if layer is not None else sorted(rec["gain"]) if rec else []
+    gain = sum(rec["gain"][k].cpu() for k in layers if k in rec["gain"]) if layers else 0
+    if not isinstance(gain, torch.Tensor) or not float(gain.sum()) > 0:
         raise ValueError("VAR moved no attention in this call (no image-centric heads, or VAR not attached)")
-    layers = [layer] if layer is not None else sorted(rec["gain"])
-    gain = sum(rec["gain"][k] for k in layers if k in rec["gain"])
-    visual = sum(rec["masks"][k][1].cpu().long() for k in layers if k in rec["masks"]) > 0
+    visual = sum(rec["masks"][k][0][..., 1].cpu() for k in layers if k in rec["masks"]) > 0
     values = on_grid(state, gain, row, segment)
     where = f"layer {layer}" if layer is not None else f"layers {layers[0]}-{layers[-1]}"
     title = f"attention moved by VAR, {where} (total {float(values.sum()):.2f}; sinks outlined)"

@@ -188,34 +188,52 @@ class GIFT(Method):
 
     # -- boost ------------------------------------------------------------------------------
     def _boost_rows(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """The boost on the rows at the last prompt position (prefill) or every row (decode), all
+        batch rows at once; rows without a map are left as they are."""
         rec = state.records[self.name]
-        last = state.prompt_len - 1
-        targets = [k for k, p in enumerate(positions.tolist()) if state.phase == "decode" or p == last]
-        if not targets:
-            return probs
-        out = probs.clone()
+        if state.phase == "decode":
+            k = slice(None)
+        else:
+            hit = (positions == state.prompt_len - 1).nonzero().flatten()
+            if not len(hit):
+                return probs
+            k = slice(int(hit[0]), int(hit[0]) + 1)
+        image, span, m, has_map = self._boost_masks(state, probs.device)  # (B, 1, 1, P) x 3, (B,)
+        prompt = image.shape[-1]
+        a = probs[:, :, k, :prompt]  # (B, H, R, P)
         heads = probs.shape[1]
-        for row, m in zip(state.rows, rec["M"]):
-            if m is None:
-                continue
-            image = row.image_positions.to(probs.device)
-            m = m.to(probs.device)
-            start, end = rec["rows"][row.index]["span"]
-            for k in targets:
-                a = probs[row.index, :, k]  # (H, K)
-                vis = a[:, image].sum(-1).topk(half(heads)).indices
-                qry = a[:, start:end].sum(-1).topk(half(heads)).indices
-                new = a.clone()
-                boosted = a[vis][:, image] * m
-                before = a[vis][:, image].sum()
-                ratio = boosted.sum() / before if before > 0 else torch.ones(())
-                new[vis[:, None], image[None, :]] = boosted
-                new[qry, start:end] = new[qry, start:end] * (self.beta * ratio)
-                touched = torch.unique(torch.cat([vis, qry]))
-                new[touched] = new[touched] / new[touched].sum(-1, keepdim=True)
-                out[row.index, :, k] = new
-                rec["r"].setdefault(layer, []).append((row.index, float(ratio)))
-        return out
+        top = half(heads)
+        vis = torch.zeros(a.shape[:-1], dtype=torch.bool, device=a.device)  # (B, H, R)
+        vis.scatter_(1, (a * image).sum(-1).topk(top, dim=1).indices, True)
+        qry = torch.zeros_like(vis)
+        qry.scatter_(1, (a * span).sum(-1).topk(top, dim=1).indices, True)
+        boosted = torch.where(vis[..., None], a * m, a)
+        on_image = (vis[..., None] * image)
+        ratio = (boosted * on_image).sum((1, 3)) / (a * on_image).sum((1, 3)).clamp_min(1e-30)  # (B, R)
+        scaled = torch.where((qry[..., None] * span) > 0, boosted * (self.beta * ratio)[:, None, :, None], boosted)
+        touched = (vis | qry) & has_map[:, None, None]
+        rest = probs[:, :, k, prompt:]
+        total = scaled.sum(-1, keepdim=True) + rest.sum(-1, keepdim=True)
+        probs[:, :, k, :prompt] = torch.where(touched[..., None], scaled / total, a)
+        probs[:, :, k, prompt:] = torch.where(touched[..., None], rest / total, rest)
+        rec["r"].setdefault(layer, []).append(ratio.cpu())
+        return probs
+
+    def _boost_masks(self, state: CallState, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(B, 1, 1, P) image and query-span masks and M (1 outside the image); (B,) rows with a map."""
+        rec = state.records[self.name]
+        if "masks" not in rec:
+            image = state.image_mask(device).float()
+            span = torch.zeros_like(image)
+            m = torch.ones_like(image)
+            for row, mb in zip(state.rows, rec["M"]):
+                if mb is not None:
+                    m[row.index, row.image_positions] = mb.to(device)
+                    start, end = rec["rows"][row.index]["span"]
+                    span[row.index, start:end] = 1.0
+            has_map = torch.tensor([mb is not None for mb in rec["M"]], device=device)
+            rec["masks"] = (image[:, None, None], span[:, None, None], m[:, None, None], has_map)
+        return rec["masks"]
 
     @staticmethod
     def saliency(state: CallState, row: int = 0) -> torch.Tensor | None:

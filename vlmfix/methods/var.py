@@ -86,46 +86,47 @@ class VAR(Method):
         first = max(min(starts) - q_start, 0)
         return torch.arange(first, q_len) if first < q_len else None
 
-    def _masks(self, state: CallState, layer: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(B, P) masks over prompt positions: image, visual sinks, sources, visual non-sinks."""
+    def _masks(self, state: CallState, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For `layer`: (B, P, 4) float masks over prompt positions [image, visual sinks, sources,
+        visual non-sinks], and (B,) whether the row has a visual sink. Built once per call and layer."""
         rec = state.records[self.name]["masks"]
         if layer not in rec:
             sinks = state.sink_mask(layer, self.tau).to(device)
             image = state.image_mask(device)
             visual = sinks & image
             source = sinks if self.sources == "all" else visual
-            rec[layer] = (image, visual, source, image & ~visual)
+            stack = torch.stack([image, visual, source, image & ~visual], dim=-1).float()
+            rec[layer] = (stack, visual.any(-1))
         return rec[layer]
 
-    def probs(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        b, h, r, k = probs.shape
-        prompt = min(k, state.prompt_len)
-        image, visual, source, non = (m[:, None, None, :prompt].float() for m in self._masks(state, layer, probs.device))
-        a = probs[..., :prompt]
-        a_img = (a * image).sum(-1)
-        a_vis = (a * visual).sum(-1)
-        a_src = (a * source).sum(-1)
-        a_non = (a * non).sum(-1)
-        ratio = 1.0 - a_vis / (a_img + 1e-6)
-        after = torch.tensor([r_.after_image if r_.has_image else state.prompt_len + 10**9 for r_ in state.rows],
-                             device=probs.device)
-        row_ok = positions.to(probs.device)[None, :] >= after[:, None]  # (B, R)
-        has_visual = visual.flatten(1).any(-1)  # (B,)
-        chosen = (ratio >= self.rho) & (a_img >= self.m_min) & (a_non > 0) & row_ok[:, None, :] & has_visual[:, None, None]
-        if not bool(chosen.any()):
-            return probs
-        omega = self.p * a_src
-        gain = torch.where(a_non > 0, omega / a_non.clamp_min(1e-30), torch.zeros_like(omega))
-        new = a * (1.0 - self.p * source) + (gain[..., None] * a) * non
-        out = probs.clone()
-        out[..., :prompt] = torch.where(chosen[..., None], new, a)
+    def _after_image(self, state: CallState, device: torch.device) -> torch.Tensor:
+        """(B,) first position after each row's image (beyond any position for a text-only row)."""
         rec = state.records[self.name]
-        moved = (omega * chosen).sum((1, 2)).cpu()  # (B,) attention mass moved, summed over heads and rows
-        rec["moved"][layer] = rec["moved"].get(layer, 0) + moved
-        rec["heads"][layer] = rec["heads"].get(layer, 0) + chosen.sum((1, 2)).cpu()
-        received = ((new - a) * chosen[..., None]).clamp_min(0).sum((1, 2)).cpu()  # (B, P)
-        rec["gain"][layer] = rec["gain"].get(layer, 0) + received
-        return out
+        if "after" not in rec:
+            far = state.prompt_len + 10**9
+            rec["after"] = torch.tensor([r.after_image if r.has_image else far for r in state.rows], device=device)
+        return rec["after"]
+
+    def probs(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        prompt = min(probs.shape[-1], state.prompt_len)
+        masks, has_visual = self._masks(state, layer, probs.device)
+        a = probs[..., :prompt]
+        sums = torch.matmul(a, masks[:, None, :prompt])  # (B, H, R, 4): mass on image, visual, sources, non
+        a_img, a_vis, a_src, a_non = sums.unbind(-1)
+        ratio = 1.0 - a_vis / (a_img + 1e-6)
+        row_ok = positions.to(probs.device)[None, :] >= self._after_image(state, probs.device)[:, None]  # (B, R)
+        chosen = (ratio >= self.rho) & (a_img >= self.m_min) & (a_non > 0) & row_ok[:, None, :] & has_visual[:, None, None]
+        omega = self.p * a_src * chosen
+        gain = omega / a_non.clamp_min(1e-30)
+        # chosen rows: sources x (1 - p), non-sinks x (1 + Omega / sum_N A); others unchanged
+        source, non = masks[:, None, None, :prompt, 2], masks[:, None, None, :prompt, 3]
+        delta = a * (gain[..., None] * non - (self.p * chosen)[..., None] * source)
+        probs[..., :prompt] += delta
+        rec = state.records[self.name]
+        rec["moved"][layer] = rec["moved"].get(layer, 0) + omega.sum((1, 2))  # (B,) mass moved
+        rec["heads"][layer] = rec["heads"].get(layer, 0) + chosen.sum((1, 2))  # (B,) image-centric pairs
+        rec["gain"][layer] = rec["gain"].get(layer, 0) + delta.clamp_min(0).sum((1, 2))  # (B, P) received
+        return probs
 
     @staticmethod
     def summary(state: CallState) -> dict[int, dict[str, list]]:
@@ -134,11 +135,12 @@ class VAR(Method):
         if rec is None:
             return {}
         out = {}
+        zeros = torch.zeros(state.batch_size)
         for layer in sorted(rec["masks"]):
-            visual = rec["masks"][layer][1]
+            visual = rec["masks"][layer][0][..., 1]
             out[layer] = {
-                "visual_sinks": visual.sum(-1).tolist(),
-                "moved": rec["moved"].get(layer, torch.zeros(state.batch_size)).tolist(),
-                "image_centric": torch.as_tensor(rec["heads"].get(layer, torch.zeros(state.batch_size))).tolist(),
+                "visual_sinks": visual.sum(-1).long().tolist(),
+                "moved": torch.as_tensor(rec["moved"].get(layer, zeros)).cpu().tolist(),
+                "image_centric": torch.as_tensor(rec["heads"].get(layer, zeros)).long().cpu().tolist(),
             }
         return out
