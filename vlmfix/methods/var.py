@@ -78,13 +78,21 @@ class VAR(Method):
         state.records[self.name] = {"masks": {}, "moved": {}, "heads": {}, "gain": {}}
 
     def eager_rows(self, state: CallState, layer: int, q_start: int, q_len: int) -> torch.Tensor | None:
-        if self.p == 0 or layer not in self._layers or state.phase == "prepass":
-            return None
+        if self.p == 0 or layer not in self._layers or state.phase == "prepass" or not self._has_visual(state, layer):
+            return None  # nothing VAR could move here: the fast path, exactly
         starts = [r.after_image for r in state.rows if r.has_image]
         if not starts:
             return None
         first = max(min(starts) - q_start, 0)
         return torch.arange(first, q_len) if first < q_len else None
+
+    def _has_visual(self, state: CallState, layer: int) -> bool:
+        """Whether any row has a visual sink at `layer` (VAR selects no head where none has)."""
+        active = state.records[self.name].setdefault("active", {})
+        if layer not in active:
+            sinks = state.sink_mask(layer, self.tau)
+            active[layer] = sinks is not None and bool((sinks & state.image_mask()).any())
+        return active[layer]
 
     def _masks(self, state: CallState, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """For `layer`: (B, P, 4) float masks over prompt positions [image, visual sinks, sources,
