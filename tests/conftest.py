@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny import FAMILIES, make_model  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -36,3 +37,15 @@ def small_smol_llava(smollm2):
 
     lm, tok = smollm2
     return build_llava(lm, tok, image_size=168)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    """Each supported family in turn."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(family):
+    """A tiny random model of `family`, shared by the tests of one module."""
+    return make_model(family)

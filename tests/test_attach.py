@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from probes import EveryRow, LastRow
-from tiny import FAMILIES, IMAGE, PAD, make_batch, make_model, prompts_two
+from tiny import IMAGE, PAD, make_batch, make_model, prompts_two
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vlmfix
@@ -22,16 +22,6 @@ def run(model, batch, **kw):
 def assert_same(a, b, atol=1e-5):
     assert torch.equal(a[0], b[0]), "greedy tokens differ"
     assert torch.allclose(a[1], b[1], atol=atol, rtol=0), f"logits differ by {(a[1] - b[1]).abs().max()}"
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(family):
-    return make_model(family)
 
 
 @pytest.mark.parametrize("which", ["batch", "single"])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny import FAMILIES, PAD, make_batch, make_model, prompts_two
+from tiny import PAD, make_batch, make_model, prompts_two
 
 import vlmfix
 from vlmfix.methods import REGISTRY, build
@@ -36,16 +36,6 @@ def assert_forms_agree(model, batch, make):
     assert torch.equal(a[0], b[0]), "greedy tokens differ"
     assert torch.allclose(a[1], b[1], atol=1e-4, rtol=0), f"logits differ by {(a[1] - b[1]).abs().max()}"
     return a, b
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(family):
-    return make_model(family)
 
 
 @pytest.mark.parametrize("debias", [None, "both"])

@@ -124,7 +124,6 @@ def vlmfix_attention(
     rows_out = grouped_values(probs.to(value.dtype), value).transpose(1, 2)  # (B, R, H, D)
     if out is None:
         return rows_out.contiguous(), None
-    out = out.clone() if not out.is_contiguous() else out
     out[:, rows] = rows_out.to(out.dtype)
     return out, None
 
