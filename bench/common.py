@@ -30,13 +30,18 @@ def smol_llava_inputs(question: str = "Describe the image in detail.", image_siz
     return model, processor, inputs
 
 
-def timed(fn: Callable[[], object], methods: Sequence | None = None, model=None, processor=None) -> float:
+def timed(fn: Callable[[], object], methods: Sequence | None = None, model=None, processor=None,
+          attach_kwargs: dict | None = None) -> float:
     """Seconds `fn` takes; with `methods`, `model` is attached to them around the call (not timed)."""
-    handle = vlmfix.attach(model, processor, methods) if methods is not None else None
+    handle = vlmfix.attach(model, processor, methods, **(attach_kwargs or {})) if methods is not None else None
     try:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.inference_mode():
             fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         return time.perf_counter() - start
     finally:
         if handle is not None:
@@ -104,7 +109,8 @@ def peak_bytes(fn: Callable[[], object], interval: float = 0.0005) -> int:
     return max(peak[0], _heap_in_use()) - start
 
 
-def compare_generate(model, processor, inputs, methods, new_tokens: int, repeats: int, memory: bool = True) -> dict:
+def compare_generate(model, processor, inputs, methods, new_tokens: int, repeats: int, memory: bool = True,
+                     attach_kwargs: dict | None = None) -> dict:
     """Prefill time, decode time per token and peak memory of `generate`, plain vs attached.
 
     One model: the attached runs attach it before and detach it after each call (untimed), so both
@@ -116,7 +122,7 @@ def compare_generate(model, processor, inputs, methods, new_tokens: int, repeats
         return lambda: model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
     n = new_tokens
-    fixed = (methods, model, processor)
+    fixed = (methods, model, processor, attach_kwargs)
     t = interleaved({"plain_1": (gen(1),), "plain_n": (gen(1 + n),), "fixed_1": (gen(1), *fixed),
                      "fixed_n": (gen(1 + n), *fixed)}, repeats)
     out = {
@@ -130,7 +136,7 @@ def compare_generate(model, processor, inputs, methods, new_tokens: int, repeats
     out["generate_ratio"] = out["generate_fixed_s"] / out["generate_plain_s"]
     if memory:  # the prefill and a few steps: where the peak is
         out["peak_plain_mb"] = peak_bytes(gen(4)) / 2**20
-        with vlmfix.attach(model, processor, methods):
+        with vlmfix.attach(model, processor, methods, **(attach_kwargs or {})):
             out["peak_fixed_mb"] = peak_bytes(gen(4)) / 2**20
         out["peak_ratio"] = out["peak_fixed_mb"] / out["peak_plain_mb"]
     return out

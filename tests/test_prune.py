@@ -115,10 +115,8 @@ def test_bad_staged_configs(kwargs, message):
         vlmfix.attach(make_model("llava"), None, vlmfix.StagedPrune(**kwargs))
 
 
-def test_not_combined_with_var_or_gift():
+def test_one_pruner_at_a_time():
     model = make_model("llava")
-    with pytest.raises(ValueError, match="cannot be combined with VAR"):
-        vlmfix.attach(model, None, [vlmfix.FastVPrune(), vlmfix.VAR()], sink_dims=[0])
     with pytest.raises(ValueError, match="at most one pruner"):
         vlmfix.attach(model, None, [vlmfix.FastVPrune(), vlmfix.StagedPrune(layers=(1,), keep_ratios=(0.5,))])
     assert not model.config.text_config._attn_implementation == "vlmfix"

@@ -33,6 +33,7 @@ _PUBLIC = {
     "find_sink_dims": "sinks",
     "scaled_tau": "sinks",
     "sink_scores": "sinks",
+    "load_demo": "demo.load",
 }
 
 __all__ = sorted(_PUBLIC)

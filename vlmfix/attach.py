@@ -10,7 +10,7 @@ puts back the exact attention implementation of every sub-config and removes the
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from .adapters import Adapter, get_adapter
 from .methods.base import Method
 from .sinks import check_tau, find_sink_dims, scaled_tau, sink_scores
 from .state import CallState
+
+if TYPE_CHECKING:
+    from .slots import SlotView
 
 AttentionInterface.register(attention.NAME, attention.vlmfix_attention)
 AttentionMaskInterface.register(attention.NAME, attention.vlmfix_mask)
@@ -69,15 +72,19 @@ class Attached:
         self.model = model
         self.processor = processor
         self.adapter: Adapter = get_adapter(model, processor)
-        self.methods: tuple[Method, ...] = tuple(methods)
-        for m in self.methods:
+        for m in methods:
             if not isinstance(m, Method):
                 raise TypeError(f"attach expects vlmfix methods (VAR(), GIFT(), ...), got {type(m).__name__}")
+        #: in ascending `order` (pruners first: they score the raw attention), else as given
+        self.methods: tuple[Method, ...] = tuple(sorted(methods, key=lambda m: m.order))
+        for m in self.methods:
             m.validate(self.adapter)
         for m in self.methods:
             m.check_combination(self.methods)
         #: methods that may replace the attention mask (asked in every attached layer call)
         self.maskers = tuple(m for m in self.methods if type(m).mask is not Method.mask)
+        #: methods that may move a layer's tokens (in-place pruning; see vlmfix/slots.py)
+        self.viewers = tuple(m for m in self.methods if type(m).view is not Method.view)
         self.state: CallState | None = None
         self.last_state: CallState | None = None
         self.tracks_sinks = any(m.uses_sinks for m in self.methods) or sink_dims is not None
@@ -137,16 +144,17 @@ class Attached:
             attention._ROUTES[cid] = ref
         self._hooks.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._post_forward))
+        layers = self.adapter.decoder_layers
+        # method hooks first: in-place pruning gathers a layer's kept tokens before its sinks are read
+        for idx in sorted({i for m in self.methods for i in m.hooked_layers()}):
+            self._hooks.append(layers[idx].register_forward_pre_hook(self._method_layer_hook(idx), with_kwargs=True))
         if self.tracks_sinks:
-            for idx, layer in enumerate(self.adapter.decoder_layers):
+            for idx, layer in enumerate(layers):
                 if idx >= 2:
                     self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
         tower = getattr(getattr(self.model, "model", self.model), "vision_tower", None)
         if tower is not None and any(type(m).on_inputs is not Method.on_inputs for m in self.methods):
             self._hooks.append(tower.register_forward_pre_hook(self._keep_pixels, with_kwargs=True))
-        layers = self.adapter.decoder_layers
-        for idx in sorted({i for m in self.methods for i in m.hooked_layers()}):
-            self._hooks.append(layers[idx].register_forward_pre_hook(self._method_layer_hook(idx), with_kwargs=True))
         self._attached = True
 
     def detach(self) -> nn.Module:
@@ -182,6 +190,14 @@ class Attached:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    def slot_view(self, state: CallState, layer: int, q_len: int, kv_len: int) -> "SlotView | None":
+        """The `SlotView` of this layer call when a method moved its tokens (in-place pruning), else None."""
+        for m in self.viewers:
+            view = m.view(state, layer, q_len, kv_len)
+            if view is not None:
+                return view
+        return None
 
     def fallback_attention(self, module: nn.Module) -> Any:
         """The attention function the text decoder used before attach (per attention class)."""
@@ -252,7 +268,7 @@ class Attached:
             if state is None or state.phase != "prefill":
                 return
             hidden = args[0] if args else kwargs["hidden_states"]
-            state.phi[layer] = sink_scores(hidden, self.sink_dims).cpu()
+            state.phi[layer] = state.to_prompt(layer, sink_scores(hidden, self.sink_dims).cpu())
 
         return hook
 

@@ -9,14 +9,16 @@ define it are asked, and they answer None (no work) until they prune.
 
 Otherwise the rows the methods asked for are computed in eager form with an fp32 softmax,
 handed to the methods (`scores` before the softmax, `probs` after it), multiplied with V and
-written into the output; rows nobody asked for still come from the fast path.
+written into the output; rows nobody asked for still come from the fast path. After in-place
+pruning a `SlotView` (slots.py) translates rows and key columns, so methods see prompt positions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -68,6 +70,46 @@ def additive_mask_rows(
     return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, low)
 
 
+def mask_scores_(
+    scores: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None, q_start: int
+) -> torch.Tensor:
+    """Mask fp32 scores (B, H, R, K) of block rows `rows` (None: the whole block) in place, as
+    `scores + additive_mask_rows(...)` would: a 4-D bool mask sets the entries it forbids to the fp32
+    minimum directly (no additive mask built); other masks go through `additive_mask_rows`."""
+    kv_len = scores.shape[-1]
+    if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
+        allowed = mask[..., :kv_len] if rows is None else mask[:, :, rows, :kv_len]
+        return scores.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    if rows is None:
+        rows = torch.arange(scores.shape[2], device=scores.device)
+    return scores.add_(additive_mask_rows(mask, rows, q_start, kv_len, scores.shape[0]))
+
+
+#: Eager rows of at most this many multiply-adds run on the calling thread alone (`serial_if_small`).
+SERIAL_WORK = 1 << 21
+
+
+@contextlib.contextmanager
+def serial_if_small(work: int) -> Iterator[None]:
+    """Run the block on the calling thread alone when it is `work` <= SERIAL_WORK multiply-adds.
+
+    The eager rows of a decoding step are a handful of small products (q.k^T, the methods' sums,
+    probs.V) of a few hundred thousand multiply-adds each: a parallel region per product costs
+    more in synchronisation than it saves, and on a machine shared with other jobs each region can
+    wait a whole scheduler slice for a descheduled worker thread. The thread count is the calling
+    thread's own (OpenMP, MKL) and is restored on exit.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or work > SERIAL_WORK:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def vlmfix_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -92,12 +134,14 @@ def vlmfix_attention(
     q_len, kv_len = query.shape[2], key.shape[2]
     q_start = kv_len - q_len
     for method in handle.maskers:
-        replaced = method.mask(state, layer, q_start, q_len, kv_len, attention_mask)
+        replaced = method.mask(state, layer, q_start, q_len, kv_len, attention_mask, query.device)
         if replaced is not None:
             attention_mask = replaced
+    view = handle.slot_view(state, layer, q_len, kv_len)  # in-place pruning moved the tokens: vlmfix/slots.py
+    start, length = (q_start, q_len) if view is None else (view.q_start, view.q_len)  # in prompt positions
     wanted = []
     for method in handle.methods:
-        rows = method.eager_rows(state, layer, q_start, q_len)
+        rows = method.eager_rows(state, layer, start, length)
         if rows is not None and len(rows):
             wanted.append((method, rows))
     if not wanted:
@@ -108,20 +152,30 @@ def vlmfix_attention(
     else:
         rows = torch.unique(torch.cat([torch.as_tensor(r, dtype=torch.long) for _, r in wanted])).to(query.device)
     out = None
-    if len(rows) < q_len:
+    if len(rows) < q_len or view is not None:
         out, _ = fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    scores = grouped_scores(query[:, :, rows], key) * scaling
-    if attention_mask is not None or q_len > 1:  # a lone decoding row with no mask sees every key
-        scores = scores + additive_mask_rows(attention_mask, rows, q_start, kv_len, query.shape[0])
-    positions = rows + q_start
-    for method, _ in wanted:
-        scores = method.scores(state, layer, positions, scores)
-    probs = torch.softmax(scores, dim=-1)
-    for method, _ in wanted:
-        probs = method.probs(state, layer, positions, probs)
-    rows_out = grouped_values(probs.to(value.dtype), value).transpose(1, 2)  # (B, R, H, D)
+    b, h, _, d = query.shape
+    with serial_if_small(b * h * len(rows) * kv_len * d):  # multiply-adds of q.k^T (and of probs.V)
+        if view is not None:
+            slots = view.query_slots(rows)  # (B, R) slot of each row's token, and whether it is still present
+            scores = view.scores(query, key, attention_mask, slots[0], scaling)
+        else:
+            whole = len(rows) == q_len  # rows are distinct block indices: the whole block (a decoding step)
+            scores = grouped_scores(query if whole else query[:, :, rows], key).mul_(scaling)
+            if attention_mask is not None or q_len > 1:  # a lone decoding row with no mask sees every key
+                mask_scores_(scores, attention_mask, None if whole else rows, q_start)
+        positions = rows + start
+        for method, _ in wanted:
+            scores = method.scores(state, layer, positions, scores)
+        probs = torch.softmax(scores, dim=-1)
+        for method, _ in wanted:
+            probs = method.probs(state, layer, positions, probs)
+        if view is not None:
+            rows_out = grouped_values(view.compress(probs).to(value.dtype), value).transpose(1, 2)
+            return view.write(out, rows_out, *slots), None
+        rows_out = grouped_values(probs.to(value.dtype), value).transpose(1, 2)  # (B, R, H, D)
     if out is None:
         return rows_out.contiguous(), None
     out[:, rows] = rows_out.to(out.dtype)
@@ -135,16 +189,16 @@ def grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     key head on the native dtype without copying K, then is cast to fp32 (as eager attention does).
     """
     b, h, r, d = query.shape
-    kv = key.shape[1]
-    grouped = query.reshape(b, kv, (h // kv) * r, d)
-    return torch.matmul(grouped, key.transpose(-1, -2)).float().reshape(b, h, r, key.shape[2])
+    kv, k = key.shape[1], key.shape[2]
+    grouped = query.reshape(b * kv, (h // kv) * r, d)
+    return torch.bmm(grouped, key.reshape(b * kv, k, d).transpose(1, 2)).float().view(b, h, r, k)
 
 
 def grouped_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """probs (B, H, R, K) times grouped value heads (B, KV, K, D) -> (B, H, R, D), without copying V."""
     b, h, r, k = probs.shape
-    kv = value.shape[1]
-    return torch.matmul(probs.reshape(b, kv, (h // kv) * r, k), value).reshape(b, h, r, value.shape[-1])
+    kv, d = value.shape[1], value.shape[-1]
+    return torch.bmm(probs.reshape(b * kv, (h // kv) * r, k), value.reshape(b * kv, k, d)).view(b, h, r, d)
 
 
 def vlmfix_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:

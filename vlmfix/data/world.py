@@ -122,18 +122,26 @@ def main(out: str | Path, images: int, seed: int) -> dict[str, Any]:
     return summary
 
 
-def _make_image(folder: Path, seed: int, max_side: int, captions_per_image: int,
-                image_id: int) -> tuple[dict[str, Any], list[Placed], list[str]]:
-    """Draw and save image `image_id`: its COCO image entry, objects and captions."""
+def draw_image(seed: int, image_id: int, max_side: int = 336,
+               captions_per_image: int = 5) -> tuple[Image.Image, Scene, list[Placed], list[str]]:
+    """Image `image_id` of the world with this seed, in memory: (picture, scene, objects, captions).
+    Exactly what `generate_world` writes for that id."""
     rng = random.Random(f"emojicoco/{seed}/{image_id}")
     scene = rng.choices(SCENES, [s.weight for s in SCENES])[0]
     picture, objects = _render(rng, scene, max_side)
+    names = [name for name, _, _ in sorted(objects, key=lambda o: -o[2])]
+    return picture, scene, objects, make_captions(names, scene.phrase, rng, captions_per_image)
+
+
+def _make_image(folder: Path, seed: int, max_side: int, captions_per_image: int,
+                image_id: int) -> tuple[dict[str, Any], list[Placed], list[str]]:
+    """Draw and save image `image_id`: its COCO image entry, objects and captions."""
+    picture, scene, objects, captions = draw_image(seed, image_id, max_side, captions_per_image)
     file_name = f"{image_id:06d}.png"
     picture.save(folder / file_name, format="PNG", compress_level=1)
     image = {"id": image_id, "file_name": file_name, "width": picture.width, "height": picture.height,
              "license": LICENSE["id"], "scene": scene.name}
-    names = [name for name, _, _ in sorted(objects, key=lambda o: -o[2])]
-    return image, objects, make_captions(names, scene.phrase, rng, captions_per_image)
+    return image, objects, captions
 
 
 def _render(rng: random.Random, scene: Scene, max_side: int) -> tuple[Image.Image, list[Placed]]:

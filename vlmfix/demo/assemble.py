@@ -12,6 +12,7 @@ import copy
 import torch
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 IMAGE_TOKEN = "<image>"
 
@@ -39,11 +40,14 @@ def build_llava(
     vision_hidden: int = 64,
     vision_layers: int = 2,
     seed: int = 0,
+    pad_to_square: bool = False,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A LLaVA-1.5-style model on `lm` with a fresh (random, seeded) CLIP tower and projector.
 
     (image_size / patch_size)^2 image tokens per image: 576 with the defaults, as LLaVA-1.5.
-    The tokenizer gets an "<image>" token; the embedding grows to hold it.
+    The tokenizer gets an "<image>" token; the embedding grows to hold it. pad_to_square: the
+    processor pads images to a square of the mean colour before resizing (LLaVA-1.5's "pad" mode,
+    the demo VLM); otherwise it resizes the short side and centre-crops (the llava-hf default).
     """
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
@@ -77,8 +81,10 @@ def build_llava(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     # the added rows (image token, padding to a multiple of 64) are never to be generated
     model.generation_config.suppress_tokens = list(range(old_vocab, text_config.vocab_size))
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    processor_class = LlavaImageProcessorPil if pad_to_square else CLIPImageProcessorPil
+    extra = {"do_pad": True} if pad_to_square else {}
+    image_processor = processor_class(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}, **extra
     )
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,

@@ -13,13 +13,17 @@ the defaults do nothing, so a method overrides only what it needs:
   at absolute `positions`;
 - `probs(state, layer, positions, probs)`: edit post-softmax fp32 rows (B, H, R, K);
 - `on_inputs(state, inputs)`: the prefill's model inputs (pixel values, ...), after `on_prefill`;
-- `mask(state, layer, q_start, q_len, key_len, attention_mask)`: a replacement attention mask
+- `mask(state, layer, q_start, q_len, key_len, attention_mask, device)`: a replacement attention mask
+  (on `device`, the device of the layer's queries)
   for the current block of `layer` (pruning), or None to keep the model's;
 - `hooked_layers()` / `before_layer(state, layer, args, kwargs)`: decoder layers whose prefill
   inputs the method rewrites (in-place pruning); return (args, kwargs) or None;
+- `view(state, layer, q_len, kv_len)`: a `vlmfix.slots.SlotView` when the method moved this layer's
+  tokens (in-place pruning), so that every method's rows and keys stay in prompt positions;
 - `check_combination(methods)`: raise ValueError when it cannot run beside the other methods.
 
-`uses_sinks` asks attach to track the sink scores phi of the prefill residual stream.
+`uses_sinks` asks attach to track the sink scores phi of the prefill residual stream. Methods
+run in ascending `order` (equal orders keep the order given to attach).
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ from ..state import CallState
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
+    from ..slots import SlotView
 
 
 class Method:
     name: ClassVar[str] = "method"
     uses_sinks: ClassVar[bool] = False
+    order: ClassVar[int] = 0
 
     def validate(self, adapter: "Adapter") -> None:
         """Raise ValueError when the configuration cannot apply to this model (`adapter` gives
@@ -63,13 +69,16 @@ class Method:
         """The inputs of the prefill forward."""
 
     def mask(self, state: CallState, layer: int, q_start: int, q_len: int, key_len: int,
-             attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+             attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
         return None
 
     def hooked_layers(self) -> tuple[int, ...]:
         return ()
 
     def before_layer(self, state: CallState, layer: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        return None
+
+    def view(self, state: CallState, layer: int, q_len: int, kv_len: int) -> "SlotView | None":
         return None
 
     def check_combination(self, methods: Sequence["Method"]) -> None:

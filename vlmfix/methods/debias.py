@@ -7,9 +7,10 @@ A pruner-agnostic transform of image-token scores before ranking:
    mean score vectors (`fit_trend`) and divided out: score_hat_i = score_i / f(x_i). Families:
    "exp" f = mu * exp(sigma * x) (the paper's; fitted by least squares in log space, then refined
    by Gauss-Newton on the plain squared error) and "cubic" f = a + b x + c x^2 + d x^3 (linear
-   least squares). Fitted trends are data: configs/trends/<model>__<pruner>.yaml, matched on the
-   model's name. Without a fitted trend, the trend is fitted to the score vector being ranked
-   (a one-sample calibration; skipped below 4 scores).
+   least squares). Fitted trends are data: <model>__<pruner>.yaml files (written by `vlmfix
+   calibrate-trend`), matched on the model's name, searched in the folders of $VLMFIX_TRENDS and
+   then in configs/trends; `Debias(trend=PATH)` names one file. Without a fitted trend, the trend
+   is fitted to the score vector being ranked (a one-sample calibration; skipped below 4 scores).
 2. **Padding.** LLaVA-1.5's "pad" mode centres the image in a max(W, H) square (filled with the
    mean colour) and resizes it; patches that are mostly padding get inflated attention. Their
    padding fraction is computed from the original size and that geometry (`padding_fractions`);
@@ -25,7 +26,9 @@ the padding is the processor's mean colour, so the content box is what differs f
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -33,6 +36,7 @@ import yaml
 
 FAMILIES = ("exp", "cubic")
 GEOMETRIES = ("pad", "crop", "none")
+TRENDS_ENV = "VLMFIX_TRENDS"  # folders (os.pathsep-separated) searched for trend presets before configs/trends
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,18 @@ class Trend:
         if family == "cubic":
             return cls("cubic", tuple(float(data[k]) for k in "abcd"))
         raise ValueError(f"unknown trend family {family!r}; use one of {FAMILIES}")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Trend":
+        """The trend of one preset YAML file (as `vlmfix calibrate-trend` writes it)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"trend file {path} does not exist; write one with `vlmfix calibrate-trend`")
+        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            return cls.from_dict(data)
+        except KeyError as err:
+            raise ValueError(f"{path}: trend preset lacks the key {err}") from None
 
 
 def _x(n: int) -> torch.Tensor:
@@ -133,15 +149,23 @@ def content_size(pixel_values: torch.Tensor, background: torch.Tensor, tol: floa
     return int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)
 
 
-def load_trend(model_name: str, pruner: str) -> Trend | None:
-    """The fitted trend of configs/trends/*__<pruner>.yaml whose `match` strings occur in the model name."""
+def trend_dirs() -> list[Path]:
+    """Folders searched for trend presets: those of $VLMFIX_TRENDS (in order), then configs/trends."""
     from ..presets import configs_dir
 
+    user = [Path(p).expanduser() for p in os.environ.get(TRENDS_ENV, "").split(os.pathsep) if p]
+    return [*user, configs_dir() / "trends"]
+
+
+def load_trend(model_name: str, pruner: str) -> Trend | None:
+    """The fitted trend of the first <name>__<pruner>.yaml (in `trend_dirs()` order, files sorted)
+    whose `match` strings occur in the model name (case-insensitive)."""
     name = (model_name or "").lower()
-    for path in sorted((configs_dir() / "trends").glob(f"*__{pruner}.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        if any(m.lower() in name for m in data.get("match", [])):
-            return Trend.from_dict(data)
+    for folder in trend_dirs():
+        for path in sorted(folder.glob(f"*__{pruner}.yaml")):
+            data = yaml.safe_load(path.read_text()) or {}
+            if any(m.lower() in name for m in data.get("match", [])):
+                return Trend.from_dict(data)
     return None
 
 
@@ -152,14 +176,15 @@ class Debias:
     - position: "exp" | "cubic" | None (no position fix);
     - padding: zero the scores of padded patches and cap the budget at the content patches;
     - padding_threshold: a patch is padding when its padding fraction exceeds this;
-    - trend: a `Trend`, or a dict {family, mu, sigma} / {family, a, b, c, d}; None = the preset of
-      configs/trends for (model, pruner), else fitted to the scores being ranked.
+    - trend: a `Trend`, a dict {family, mu, sigma} / {family, a, b, c, d}, or the path of a preset
+      YAML file; None = the preset for (model, pruner) in $VLMFIX_TRENDS or configs/trends, else
+      fitted to the scores being ranked.
     """
 
     position: str | None = "exp"
     padding: bool = True
     padding_threshold: float = 0.5
-    trend: Trend | dict | None = None
+    trend: Trend | dict | str | Path | None = None
 
     def __post_init__(self) -> None:
         if self.position not in (*FAMILIES, None):
@@ -168,6 +193,8 @@ class Debias:
             raise ValueError(f"Debias padding_threshold must be in [0, 1], got {self.padding_threshold}")
         if isinstance(self.trend, dict):
             self.trend = Trend.from_dict(self.trend)
+        elif isinstance(self.trend, (str, Path)):
+            self.trend = Trend.from_file(self.trend)
 
     def resolve(self, model_name: str, pruner: str) -> Trend | None:
         """The trend to divide by for this model and pruner (None: fit per call)."""

@@ -3,7 +3,8 @@ Cross-Modal Fusion Enhancement for VLM Hallucination Mitigation", arXiv 2510.220
 
 Saliency, once per sample from the prompt, at the saliency layer(s) l, over the user-query rows i
 (informative words only) and the image columns j:
-  dA[l,h,i,j] = max(A[l,h,i,j] - A[l,h,i-1,j], 0)   (a "gaze shift": attention that rises on j)
+  dA[l,h,i,j] = max(A[l,h,i,j] - A[l,h,i-1,j], 0)   (a "gaze shift": attention that rises on j;
+  after token pruning, i-1 is the nearest earlier token still present)
   per layer keep the top floor(H/2) heads by sum_{i,j} dA; S_j = mean over layers, kept heads and
   kept rows of dA[., ., ., j]; clamp S to mean +- 3 std (population), min-max to [0, 1] -> S_hat
   (0 when flat), M_j = exp(alpha * S_hat_j) in [1, e^alpha].
@@ -125,7 +126,9 @@ class GIFT(Method):
         rows = []
         if layer in self._sal and state.phase in ("prefill", "prepass") and state.records[self.name]["M"] is None:
             spans = self._spans(state)
-            lo = max(min(s[0] for s in spans) - 1 - q_start, 0)  # from the token before the first span token
+            before = [state.previous_token(layer, b, info["span"][0]) for b, info in enumerate(rec["rows"])
+                      if info["informative"] is not None and bool(info["informative"].any())]
+            lo = max(min(before) - q_start, 0)  # from the token before the first span token
             hi = min(max(s[1] for s in spans) - q_start, q_len)
             rows.append(torch.arange(lo, hi))
         if layer in self._boost and state.phase != "prepass":
@@ -155,7 +158,8 @@ class GIFT(Method):
             start, end = info["span"]
             kept = [i for i, f in zip(range(start, end), flags.tolist()) if f]
             cur = torch.tensor([where[i] for i in kept])
-            prev = torch.tensor([where[i - 1] for i in kept])
+            before = state.previous_token(layer, row.index, start)  # pruning may have removed start - 1
+            prev = torch.tensor([where[i - 1 if i > start else before] for i in kept])
             image = row.image_positions.to(probs.device)
             a = probs[row.index][:, :, image]  # (H, R, N_img)
             shift = (a[:, cur] - a[:, prev]).clamp_min(0)  # (H, kept rows, N_img)

@@ -13,11 +13,22 @@ Forms:
   Batch rows may keep different numbers of tokens: shorter rows are filled with dropped tokens
   that stay masked as keys.
 - "mask": nothing is removed; dropped tokens are masked out as keys from layer L on (reference).
+Each stage is recorded as a `SlotMap` in `CallState.slot_maps` (slot -> original position, and
+the positions still present).
+
+Composition with VAR and GIFT: methods name tokens by prompt position. In the mask form nothing
+moves; in the in-place form a `SlotView` (vlmfix/slots.py) hands every method its rows and keys in
+prompt positions (the kept slots' scores scattered to their positions, the pruned ones at
+probability 0), so VAR's sink / non-sink masks and GIFT's saliency and boost maps apply unchanged
+and both forms give the same result. A pruned token is no longer a sink (its phi is 0 from layer L
+on) and gets no attention; GIFT takes the gaze shift of a query token whose predecessor was
+pruned against the nearest earlier present token. The pruner scores the raw attention rows: in a
+layer it runs before VAR and GIFT, whatever the order given to attach. A GIFT pre-pass (a boost
+layer at or before a saliency layer) does not prune: saliency read there is the full prompt's.
 
 A query row left with no key it may attend to (left padding) attends to itself, so it cannot give
 NaN. While a pruner is attached, a plain forward over a prompt returns logits for the kept slots
-only (generate only reads the last one). Pruning cannot yet be combined with VAR or GIFT (their
-indices would have to follow the kept tokens).
+only (generate only reads the last one).
 """
 
 from __future__ import annotations
@@ -28,7 +39,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
-from ..state import CallState
+from ..slots import SlotView
+from ..state import CallState, SlotMap
 from .base import Method
 from .debias import Debias, Trend, content_size, padding_fractions
 
@@ -36,19 +48,6 @@ if TYPE_CHECKING:
     from ..adapters import Adapter
 
 FORMS = ("inplace", "mask")
-
-
-@dataclass
-class _Map:
-    """After a stage: for each batch row, the original position of every slot (pos), whether that
-    slot may be attended as a key (valid), the gather index into the previous stage's slots (index),
-    and which original positions are still present (alive, (B, prompt_len))."""
-
-    layer: int
-    pos: torch.Tensor
-    valid: torch.Tensor
-    index: torch.Tensor | None
-    alive: torch.Tensor
 
 
 def _take(t: torch.Tensor, pos: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -74,6 +73,7 @@ class _Pruner(Method):
     """Shared machinery of FastVPrune and StagedPrune (see the module docstring)."""
 
     name: ClassVar[str] = "prune"
+    order: ClassVar[int] = -1  # scores the raw attention rows, before VAR / GIFT edit them
     scoring: ClassVar[str] = "last"  # "last": last prompt token; "text": text rows after the image
 
     debias: Debias | None
@@ -119,15 +119,8 @@ class _Pruner(Method):
         return "fastv" if self.scoring == "last" else "staged"
 
     def check_combination(self, methods: Sequence[Method]) -> None:
-        others = [m for m in methods if m is not self]
-        if any(isinstance(m, _Pruner) for m in others):
+        if any(isinstance(m, _Pruner) for m in methods if m is not self):
             raise ValueError("attach at most one pruner (FastVPrune or StagedPrune)")
-        clash = [type(m).__name__ for m in others if m.name in ("var", "gift")]
-        if clash:
-            raise ValueError(
-                f"{type(self).__name__} cannot be combined with {', '.join(clash)} yet: their token indices do not "
-                "follow the pruned tokens. Attach them separately."
-            )
 
     # -- per call ---------------------------------------------------------------------------------
     def _rec(self, state: CallState) -> dict[str, Any]:
@@ -136,6 +129,7 @@ class _Pruner(Method):
     def on_prefill(self, state: CallState) -> None:
         b, p = state.batch_size, state.prompt_len
         budgets = [[self._budget(s, len(r.image_positions)) for r in state.rows] for s in range(len(self._layers))]
+        everything = torch.ones(b, p, dtype=torch.bool)
         state.records[self.name] = {
             "form": self.form,
             "layers": self._layers,
@@ -143,10 +137,9 @@ class _Pruner(Method):
             "budgets": budgets,
             "pad_frac": [None] * b,
             "active": any(bud < len(r.image_positions) for stage in budgets for bud, r in zip(stage, state.rows)),
-            "maps": [],
             "masks": {},
-            "start": _Map(0, torch.arange(p).expand(b, p), torch.ones(b, p, dtype=torch.bool), None,
-                          torch.ones(b, p, dtype=torch.bool)),
+            "views": {},
+            "start": SlotMap(0, torch.arange(p).expand(b, p), everything, None, everything),
         }
 
     def on_inputs(self, state: CallState, inputs: dict[str, Any]) -> None:
@@ -172,50 +165,37 @@ class _Pruner(Method):
             if bool((frac > self.debias.padding_threshold).any()):
                 rec["active"] = True
 
-    def _current(self, state: CallState, layer: int) -> _Map | None:
-        """The slot map that applies at `layer` (None before the first stage or when inactive)."""
-        rec = self._rec(state)
-        if not rec["active"]:
-            return None
-        current = None
-        for m in rec["maps"]:
-            if m.layer <= layer:
-                current = m
-        return current
-
-    # -- scoring (layer L - 1) --------------------------------------------------------------------
+    # -- scoring (layer L - 1), in prompt positions (see `view`) -----------------------------------
     def eager_rows(self, state: CallState, layer: int, q_start: int, q_len: int) -> torch.Tensor | None:
         rec = self._rec(state)
         if state.phase != "prefill" or not rec["active"] or layer + 1 not in self._layers:
             return None
         if self.scoring == "last":
             return torch.tensor([q_len - 1])
-        pos = (self._current(state, layer) or rec["start"]).pos
-        after = [r.after_image for r in state.rows if r.has_image]
-        rows = (pos >= min(after)).any(0).nonzero().flatten()
-        return rows if len(rows) else None
+        first = min(r.after_image for r in state.rows if r.has_image) - q_start
+        return torch.arange(first, q_len) if first < q_len else None
 
     def probs(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Score image positions: mean over heads, then over the scoring rows of each batch row (the
+        last prompt token, or the text after that row's image; other methods' rows are ignored);
+        reads `probs`, changes nothing."""
         rec = self._rec(state)
         if state.phase != "prefill" or layer + 1 not in self._layers:
             return probs
         stage = self._layers.index(layer + 1)
-        prev = self._current(state, layer) or rec["start"]
-        b = probs.shape[0]
+        prev = state.slot_map(layer) or rec["start"]
+        p = state.prompt_len
         if self.scoring == "last":
-            weights = torch.ones(b, len(positions))
+            start = torch.full((state.batch_size,), p - 1)
         else:
-            after = torch.tensor([r.after_image if r.has_image else state.prompt_len for r in state.rows])
-            weights = (prev.pos[:, positions.cpu()] >= after[:, None]).float()
-        per_head = probs.mean(1).cpu()  # (B, R, K)
-        slot_scores = (per_head * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
-        scores = torch.zeros(b, state.prompt_len)
-        keys = slot_scores.shape[1]
-        scores.scatter_(1, prev.pos[:, :keys], slot_scores * prev.valid[:, :keys])
-        self._select(state, stage, scores, prev)
+            start = torch.tensor([r.after_image if r.has_image else p for r in state.rows])
+        weights = (positions.cpu()[None, :] >= start[:, None]).float()  # (B, R)
+        per_head = probs[..., :p].mean(1).cpu()  # (B, R, P)
+        scores = (per_head * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
+        self._select(state, stage, scores * prev.alive, prev)
         return probs
 
-    def _select(self, state: CallState, stage: int, scores: torch.Tensor, prev: _Map) -> None:
+    def _select(self, state: CallState, stage: int, scores: torch.Tensor, prev: SlotMap) -> None:
         rec = self._rec(state)
         alive = prev.alive.clone()
         kept_rows, budgets = [], []
@@ -244,7 +224,7 @@ class _Pruner(Method):
                               "scores": [scores[r.index, r.image_positions] for r in state.rows]})
         layer = self._layers[stage]
         if self.form == "mask":
-            rec["maps"].append(_Map(layer, prev.pos, alive, None, alive))
+            state.slot_maps.append(SlotMap(layer, prev.pos, alive, None, alive))
             return
         keep = prev.valid & alive.gather(1, prev.pos)  # (B, S_prev): slots that stay real
         width = int(keep.sum(1).max())
@@ -253,14 +233,27 @@ class _Pruner(Method):
             real = keep[b].nonzero().flatten()
             filler = (~keep[b]).nonzero().flatten()[: width - len(real)]
             index[b] = torch.cat([real, filler]).sort().values
-        rec["maps"].append(_Map(layer, prev.pos.gather(1, index), keep.gather(1, index), index, alive))
+        state.slot_maps.append(SlotMap(layer, prev.pos.gather(1, index), keep.gather(1, index), index, alive))
 
-    # -- in-place: slicing the prefill inputs of layers >= L ---------------------------------------
+    # -- in-place: the view in prompt positions, and slicing the prefill inputs of layers >= L ------
+    def view(self, state: CallState, layer: int, q_len: int, kv_len: int) -> SlotView | None:
+        if self.form != "inplace":
+            return None
+        m = state.slot_map(layer)
+        if m is None:
+            return None
+        cache = self._rec(state)["views"]
+        key = (m.layer, state.phase, state.step, q_len, kv_len)
+        if key not in cache:
+            cache.clear()
+            cache[key] = SlotView(m, state.prompt_len, state.phase, q_len, kv_len)
+        return cache[key]
+
     def hooked_layers(self) -> tuple[int, ...]:
         return tuple(range(self._first, self._num_layers)) if self.form == "inplace" else ()
 
     def before_layer(self, state: CallState, layer: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        m = self._current(state, layer)
+        m = state.slot_map(layer)
         if m is None:
             return None
         kwargs = dict(kwargs)
@@ -283,21 +276,20 @@ class _Pruner(Method):
 
     # -- masks of layers >= L ---------------------------------------------------------------------
     def mask(self, state: CallState, layer: int, q_start: int, q_len: int, key_len: int,
-             attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        m = self._current(state, layer)
+             attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        m = state.slot_map(layer)
         if m is None:
             return None
         cache = self._rec(state)["masks"]
         key = (m.layer, state.phase, state.step, q_len, key_len, id(attention_mask))
         if key not in cache:
             cache.clear()
-            cache[key] = self._build_mask(state, m, q_start, q_len, key_len, attention_mask)
+            cache[key] = self._build_mask(state, m, q_start, q_len, key_len, attention_mask, device)
         return cache[key]
 
-    def _build_mask(self, state: CallState, m: _Map, q_start: int, q_len: int, key_len: int,
-                    attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _build_mask(self, state: CallState, m: SlotMap, q_start: int, q_len: int, key_len: int,
+                    attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         b, p = state.batch_size, state.prompt_len
-        device = attention_mask.device if attention_mask is not None else torch.device("cpu")
         slots = m.pos.shape[1]
         extra = key_len - slots  # generated tokens in the cache (in-place) / beyond the prompt (mask form)
         tail = torch.arange(p, p + extra).expand(b, extra)
@@ -308,7 +300,7 @@ class _Pruner(Method):
         else:
             qmap, orig_q, orig_k = torch.arange(q_len).expand(b, q_len), q_len, p + extra
         allowed = _allowed(attention_mask, orig_q, orig_k, device).expand(b, -1, -1, -1)
-        rows = torch.arange(b)[:, None, None]
+        rows = torch.arange(b, device=device)[:, None, None]
         new = allowed[rows, 0, qmap[:, :, None].to(device), kmap[:, None, :].to(device)]  # (B, Q, K)
         new = new & kvalid[:, None, :].to(device)
         empty = ~new.any(-1)  # (B, Q): let such rows attend to themselves

@@ -75,36 +75,56 @@ class VAR(Method):
             self._layers = frozenset(self.layers)
 
     def on_prefill(self, state: CallState) -> None:
-        state.records[self.name] = {"masks": {}, "moved": {}, "heads": {}, "gain": {}}
+        starts = [r.after_image for r in state.rows if r.has_image]
+        # first: the first position after any row's image (None: no image), once per call
+        state.records[self.name] = {"masks": {}, "heads": {}, "gain": {}, "active": {}, "rows": {}, "limits": {},
+                                    "first": min(starts) if starts else None}
 
     def eager_rows(self, state: CallState, layer: int, q_start: int, q_len: int) -> torch.Tensor | None:
-        if self.p == 0 or layer not in self._layers or state.phase == "prepass" or not self._has_visual(state, layer):
+        first = state.records[self.name]["first"]
+        if (self.p == 0 or first is None or layer not in self._layers or state.phase == "prepass"
+                or not self._has_visual(state, layer)):
             return None  # nothing VAR could move here: the fast path, exactly
-        starts = [r.after_image for r in state.rows if r.has_image]
-        if not starts:
+        first = max(first - q_start, 0)
+        if first >= q_len:
             return None
-        first = max(min(starts) - q_start, 0)
-        return torch.arange(first, q_len) if first < q_len else None
+        cached = state.records[self.name]["rows"]  # one tensor per block shape: every decoding step reuses one
+        if (first, q_len) not in cached:
+            cached[first, q_len] = torch.arange(first, q_len)
+        return cached[first, q_len]
 
     def _has_visual(self, state: CallState, layer: int) -> bool:
         """Whether any row has a visual sink at `layer` (VAR selects no head where none has)."""
-        active = state.records[self.name].setdefault("active", {})
+        active = state.records[self.name]["active"]
         if layer not in active:
             sinks = state.sink_mask(layer, self.tau)
             active[layer] = sinks is not None and bool((sinks & state.image_mask()).any())
         return active[layer]
 
     def _masks(self, state: CallState, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """For `layer`: (B, P, 4) float masks over prompt positions [image, visual sinks, sources,
-        visual non-sinks], and (B,) whether the row has a visual sink. Built once per call and layer."""
+        """For `layer`, built once per call: masks over the prompt positions that reduce `probs` to
+        two products with the rows A.
+
+        - (B, P, 5) float columns [T, visual sinks V_l, image I, visual non-sinks N_l, sources] with
+          T = (1 - rho) [j in I] - [j in V_l]: A @ them gives per (head, row) t, sum_V A, m, sum_N A
+          and sum_sources A, where t = (1 - rho) m - sum_V A, so that
+          r = 1 - sum_V A / (m + 1e-6) >= rho  <=>  t >= -(1 - rho) 1e-6;
+        - (B, 2, P) rows [-p [j in sources], p [j in N_l]]: [1, sum_sources A / sum_N A] @ them is
+          the relative change of each entry of an image-centric row.
+
+        N_l is left empty in a batch row without visual sinks: sum_N A = 0 there, which leaves all
+        its heads unselected, as V_l = {} does.
+        """
         rec = state.records[self.name]["masks"]
         if layer not in rec:
             sinks = state.sink_mask(layer, self.tau).to(device)
             image = state.image_mask(device)
             visual = sinks & image
-            source = sinks if self.sources == "all" else visual
-            stack = torch.stack([image, visual, source, image & ~visual], dim=-1).float()
-            rec[layer] = (stack, visual.any(-1))
+            source = (sinks if self.sources == "all" else visual).float()
+            non = (image & ~visual & visual.any(-1, keepdim=True)).float()
+            image, visual = image.float(), visual.float()
+            columns = torch.stack([(1 - self.rho) * image - visual, visual, image, non, source], dim=-1)
+            rec[layer] = (columns, torch.stack([-self.p * source, self.p * non], dim=1))
         return rec[layer]
 
     def _after_image(self, state: CallState, device: torch.device) -> torch.Tensor:
@@ -116,29 +136,47 @@ class VAR(Method):
         return rec["after"]
 
     def probs(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        prompt = min(probs.shape[-1], state.prompt_len)
-        masks, has_visual = self._masks(state, layer, probs.device)
+        """Selection and redistribution of the rows (B, H, R, K), in place, all (head, row) pairs at once.
+
+        One product gives each pair's t, sum_V A, m, sum_N A, sum_sources A (see `_masks`); the pair
+        is chosen iff t >= -(1 - rho) 1e-6, m >= m_min and sum_N A > 0 (and, at the prefill, its row
+        comes after the batch row's image). A chosen pair's prompt entries become
+        A'_j = A_j * (1 - p [j in sources] + p [j in N_l] sum_sources A / sum_N A),
+        the bracket minus 1 being a second product; other pairs are left exactly as they are.
+        Records per layer: image-centric pairs (B,) and attention received per position (B, P).
+        """
+        b, h, r, k = probs.shape
+        prompt = min(k, state.prompt_len)
+        columns, update = self._masks(state, layer, probs.device)
+        if prompt < state.prompt_len:
+            columns, update = columns[:, :prompt], update[..., :prompt]
         a = probs[..., :prompt]
-        sums = torch.matmul(a, masks[:, None, :prompt])  # (B, H, R, 4): mass on image, visual, sources, non
-        a_img, a_vis, a_src, a_non = sums.unbind(-1)
-        ratio = 1.0 - a_vis / (a_img + 1e-6)
-        row_ok = positions.to(probs.device)[None, :] >= self._after_image(state, probs.device)[:, None]  # (B, R)
-        chosen = (ratio >= self.rho) & (a_img >= self.m_min) & (a_non > 0) & row_ok[:, None, :] & has_visual[:, None, None]
-        omega = self.p * a_src * chosen
-        gain = omega / a_non.clamp_min(1e-30)
-        # chosen rows: sources x (1 - p), non-sinks x (1 + Omega / sum_N A); others unchanged
-        source, non = masks[:, None, None, :prompt, 2], masks[:, None, None, :prompt, 3]
-        delta = a * (gain[..., None] * non - (self.p * chosen)[..., None] * source)
-        probs[..., :prompt] += delta
+        flat = a.reshape(b, h * r, prompt)
+        sums = torch.bmm(flat, columns)  # (B, H * R, 5): t, sum_V A, m, sum_N A, sum_sources A
         rec = state.records[self.name]
-        rec["moved"][layer] = rec["moved"].get(layer, 0) + omega.sum((1, 2))  # (B,) mass moved
-        rec["heads"][layer] = rec["heads"].get(layer, 0) + chosen.sum((1, 2))  # (B,) image-centric pairs
-        rec["gain"][layer] = rec["gain"].get(layer, 0) + delta.clamp_min(0).sum((1, 2))  # (B, P) received
+        limits = rec["limits"].get(probs.device)  # lower bounds of t, sum_V A (none), m
+        if limits is None:
+            limits = rec["limits"][probs.device] = torch.tensor([-(1 - self.rho) * 1e-6, -torch.inf, self.m_min],
+                                                                 device=probs.device)
+        chosen = (sums[..., :3] >= limits).all(-1) & (sums[..., 3] > 0)
+        if state.phase == "prefill":  # prompt rows before a batch row's image end stay as they are
+            row_ok = positions.to(probs.device)[None, :] >= self._after_image(state, probs.device)[:, None]
+            chosen = (chosen.view(b, h, r) & row_ok[:, None]).view(b, h * r)
+        # [1, sum_sources A / sum_N A] for chosen pairs, 0 for the others (whose NaN when sum_N A = 0 is dropped)
+        coef = torch.where(chosen[..., None], sums[..., 3:] / sums[..., 3:4], 0.0)
+        if layer not in rec["heads"]:
+            rec["heads"][layer] = torch.zeros(b, dtype=torch.long, device=probs.device)
+            rec["gain"][layer] = torch.zeros(b, state.prompt_len, device=probs.device)
+        rec["heads"][layer] += chosen.sum(-1)
+        received = rec["gain"][layer][:, None, :prompt]  # += sum over pairs of A_j * gain, j in N_l
+        received.addcmul_(torch.bmm(coef[..., 1:].transpose(1, 2), flat), update[:, 1:])
+        a.addcmul_(a, torch.bmm(coef, update).view(b, h, r, prompt))
         return probs
 
     @staticmethod
     def summary(state: CallState) -> dict[int, dict[str, list]]:
-        """Per layer: visual sinks per row, attention mass moved per row, image-centric (head, row) pairs."""
+        """Per layer: visual sinks per row, attention mass moved per row (= received by the visual
+        non-sinks), image-centric (head, row) pairs."""
         rec = state.records.get(VAR.name)
         if rec is None:
             return {}
@@ -148,7 +186,7 @@ class VAR(Method):
             visual = rec["masks"][layer][0][..., 1]
             out[layer] = {
                 "visual_sinks": visual.sum(-1).long().tolist(),
-                "moved": torch.as_tensor(rec["moved"].get(layer, zeros)).cpu().tolist(),
+                "moved": rec["gain"][layer].sum(-1).cpu().tolist() if layer in rec["gain"] else zeros.tolist(),
                 "image_centric": torch.as_tensor(rec["heads"].get(layer, zeros)).long().cpu().tolist(),
             }
         return out

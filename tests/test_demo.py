@@ -1,0 +1,111 @@
+"""The demo VLM: the committed weights load into a plain LLaVA, answer POPE questions about held-out
+EmojiCOCO images above chance, and every method attaches, generates and detaches on it. Plus the
+recipe's pieces that the committed model depends on (token layout, LoRA merge)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmfix import attach
+from vlmfix.cli import parse_methods
+from vlmfix.demo.assemble import prompt_for
+from vlmfix.demo.check import check_model
+from vlmfix.demo.lora import LoRALinear, add_lora, lora_state, merge_lora
+from vlmfix.demo.train import POPE_SUFFIX, conversation, encode, yes_no_question
+
+METHOD_SPECS = ["var", "gift", "fastv:quarter-debiased", "var,gift,fastv:quarter-debiased"]
+SETTINGS = dict(max_new_tokens=4, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from vlmfix import load_demo
+
+    return load_demo()
+
+
+def test_demo_is_a_plain_llava_with_144_padded_image_tokens(demo):
+    from transformers import LlavaForConditionalGeneration
+
+    model, processor = demo
+    assert type(model) is LlavaForConditionalGeneration
+    assert processor.image_processor.do_pad
+    inputs = processor(images=Image.new("RGB", (300, 120)), text=prompt_for("Describe."), return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 144
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_demo_answers_pope_questions_above_chance(demo):
+    # 20 held-out images (world seed 0, training used seed 1): one present and one absent object each
+    result = check_model(*demo, seed=0, n_images=20, n_captions=0)
+    assert result["other_answers"] == 0.0
+    assert result["yes_no_accuracy"] >= 0.65, result
+    assert 0.15 <= result["yes_ratio"] <= 0.85, result
+
+
+@pytest.fixture(scope="module")
+def showcase(demo):
+    from vlmfix.data.world import draw_image
+
+    model, processor = demo
+    inputs = processor(images=draw_image(0, 3)[0], text=prompt_for("Please describe this image in detail."),
+                       return_tensors="pt")
+    with torch.no_grad():
+        return inputs, model.generate(**inputs, **SETTINGS)
+
+
+@pytest.mark.parametrize("spec", METHOD_SPECS)
+def test_each_method_attaches_generates_and_detaches(demo, showcase, spec):
+    model, processor = demo
+    inputs, plain = showcase
+    with torch.no_grad():
+        with attach(model, processor, parse_methods(spec)) as fixed:
+            out = fixed.generate(**inputs, **SETTINGS)
+            assert fixed.last_state is not None
+        after = model.generate(**inputs, **SETTINGS)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    assert torch.equal(plain, after)
+
+
+def test_training_conversation_matches_the_processor_prompt(demo):
+    _, processor = demo
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    question = yes_no_question("dining table")
+    assert question == f"Is there a dining table in the image?{POPE_SUFFIX}"
+    ids, labels = encode(tokenizer, [(question, "Yes")], image_id, 144)
+    reference = processor(images=Image.new("RGB", (50, 40)), text=prompt_for(question) + "Yes<|im_end|>\n",
+                          return_tensors="pt")["input_ids"][0].tolist()
+    assert ids == reference
+    learned = [t for t, lab in zip(ids, labels) if lab != -100]
+    assert tokenizer.decode(learned) == "Yes<|im_end|>"
+
+
+def test_conversation_balances_present_and_absent_questions():
+    import random
+
+    turns = conversation(random.Random(0), ["cat", "dog", "cup"], ["A cat, a dog and a cup."], 4)
+    answers = [a for _, a in turns]
+    assert answers.count("Yes") == 2 and answers.count("No") == 2 and len(turns) == 5
+    asked = [q.split(" in the image")[0] for q, a in turns if a == "No"]
+    assert not any(name in q for q in asked for name in ("cat", "dog", "cup"))
+
+
+def test_merged_lora_equals_the_wrapped_forward():
+    torch.manual_seed(0)
+    base = torch.nn.Sequential()
+    base.add_module("q_proj", torch.nn.Linear(12, 8))
+    reference = torch.nn.Sequential()
+    reference.add_module("q_proj", torch.nn.Linear(12, 8))
+    reference.load_state_dict(base.state_dict())
+    add_lora(base, rank=4, alpha=8.0)
+    assert isinstance(base.q_proj, LoRALinear)
+    with torch.no_grad():
+        base.q_proj.lora_b.normal_()
+    x = torch.randn(5, 12)
+    wrapped = base(x)
+    merge_lora(reference, lora_state(base), alpha=8.0)
+    assert torch.allclose(reference(x), wrapped, atol=1e-5)
+    assert not torch.allclose(reference(x), base.q_proj.base(x), atol=1e-3)
