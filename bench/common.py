@@ -21,10 +21,12 @@ from vlmfix.demo import build_llava, load_smollm2
 from vlmfix.demo.assemble import prompt_for
 
 
-def smol_llava_inputs(question: str = "Describe the image in detail.", image_size: int = 336):
-    """(model, processor, inputs): SmolLM2-135M + a random CLIP tower, (image_size / 14)^2 image tokens."""
+def smol_llava_inputs(question: str = "Describe the image in detail.", image_size: int = 336,
+                      pad_to_square: bool = False):
+    """(model, processor, inputs): SmolLM2-135M + a random CLIP tower, (image_size / 14)^2 image tokens
+    (pad_to_square: LLaVA-1.5's padding of the 4:3 picture, so a quarter of the patches are padding)."""
     lm, tok = load_smollm2()
-    model, processor = build_llava(lm, tok, image_size=image_size)
+    model, processor = build_llava(lm, tok, image_size=image_size, pad_to_square=pad_to_square)
     img = Image.new("RGB", (400, 300), (90, 150, 210))
     inputs = processor(images=img, text=prompt_for(question), return_tensors="pt")
     return model, processor, inputs
