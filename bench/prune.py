@@ -6,7 +6,7 @@ On the SmolLM2-135M LLaVA test-bed with 576 image tokens, a 4:3 picture padded t
 below this machine's noise).
 Targets: prefill <= 0.50, decode <= 0.85.
 
-    python bench/prune.py [--new-tokens 32] [--repeats 3] [--keep 128]
+    python bench/prune.py [--new-tokens 32] [--repeats 3] [--keep 128] [--batch 1]
 """
 
 from __future__ import annotations
@@ -67,15 +67,17 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together")
     args = ap.parse_args()
     model, processor, inputs = smol_llava_inputs(pad_to_square=True)
+    inputs = {k: v.repeat(args.batch, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
     plain_kv = cache_bytes(model, inputs)
     for label, debias in (("no debias", None), ("debiased", vlmfix.Debias())):
         method = vlmfix.FastVPrune(layer=2, keep=args.keep, debias=debias)
         res = compare_generate(model, processor, inputs, [method], args.new_tokens, args.repeats, memory=False)
         with vlmfix.attach(model, processor, vlmfix.FastVPrune(layer=2, keep=args.keep, debias=debias)):
             res["kv_ratio"] = cache_bytes(model, inputs) / plain_kv
-        report(f"FastV keep {args.keep} of 576 ({label}), {args.new_tokens} new tokens", res,
+        report(f"FastV keep {args.keep} of 576 ({label}), batch {args.batch}, {args.new_tokens} new tokens", res,
                {"prefill_ratio": 0.50, "decode_ratio": 0.85, "kv_ratio": 1.0})
     share = debias_share(model, processor, inputs, args.keep)
     print(f"Debias work inside the debiased prefill: {100 * share:.2f} % of its time (target < 2 %)")
