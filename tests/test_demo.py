@@ -109,3 +109,30 @@ def test_merged_lora_equals_the_wrapped_forward():
     merge_lora(reference, lora_state(base), alpha=8.0)
     assert torch.allclose(reference(x), wrapped, atol=1e-5)
     assert not torch.allclose(reference(x), base.q_proj.base(x), atol=1e-3)
+
+
+def test_results_report_and_sink_profile(demo, tmp_path):
+    from vlmfix.data.world import generate_world
+    from vlmfix.demo.results import LABELS, METHOD_SETS, report, sink_plot, sink_profile
+
+    world = tmp_path / "world"
+    generate_world(world, 4, seed=0)
+    sinks = sink_profile(*demo, world, n_images=2)
+    layers = sorted(sinks)
+    assert layers[0] == 2 and layers[-1] == demo[0].config.text_config.num_hidden_layers - 1
+    assert all(0.0 <= v["share"] <= 1.0 and v["text_phi"] > 0 and v["image_phi"] > 0 for v in sinks.values())
+    assert sink_plot(sinks, 20.0, tmp_path / "phi.png").stat().st_size > 0
+
+    def split(acc):
+        return {"accuracy": acc, "f1": acc, "yes_ratio": 0.5}
+
+    pope = {s: {"splits": {k: split(0.7 + 0.01 * i) for k in ("random", "popular", "adversarial")}}
+            for i, s in enumerate(METHOD_SETS)}
+    chair = {s: {"CHAIRs": 0.5 - 0.01 * i, "CHAIRi": 0.3, "Recall": 0.4, "Len": 12.0} for i, s in enumerate(METHOD_SETS)}
+    meta = {"command": "vlmfix demo results", "minutes": 1.0, "device": "CPU", "date": "2026-11-28", "images": 4,
+            "chair_max_new_tokens": 128, "share_images": 2, "tau": 20.0}
+    text = report(pope, chair, sinks, meta)
+    assert all(LABELS[s] in text for s in METHOD_SETS)
+    assert "| plain | 70.0 / 70.0 / 50.0 |" in text
+    # VAR has CHAIR_s 1 point lower but the same CHAIR_i: not called a reduction
+    assert "**VAR**: CHAIR_s -1.0, CHAIR_i +0.0 points" in text and "No reduction" in text

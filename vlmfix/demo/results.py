@@ -5,7 +5,8 @@ Held-out data: the EmojiCOCO world with seed 0 (`images` images; training used s
 `max_new_tokens` 128) run through the same evaluation code as `vlmfix eval`, resumable, for the
 method sets of `METHOD_SETS`. Then the share of the image attention that visual sinks take is
 measured per layer (the `SinkShare` probe, on POPE prompts of the first `share_images` images) and
-plotted. Everything lands in `out`; `doc` gets the markdown report.
+plotted with the largest sink scores of image and text tokens (`sink_profile`, `sink_plot`). Everything
+lands in `out`; `doc` gets the markdown report.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ LABELS = {
 }
 
 
-def sink_shares(model: Any, processor: Any, world: Path, n_images: int) -> dict[int, float]:
-    """Mean share of image attention on visual sinks per layer, over POPE prompts of `n_images`."""
+def sink_profile(model: Any, processor: Any, world: Path, n_images: int) -> dict[int, dict[str, float]]:
+    """Per layer, over POPE prompts of `n_images` images: the mean share of image attention on visual
+    sinks ("share"), and the largest sink score phi of an image token ("image_phi") and of a text
+    token ("text_phi")."""
     from PIL import Image
 
     from ..attach import attach
@@ -41,38 +44,56 @@ def sink_shares(model: Any, processor: Any, world: Path, n_images: int) -> dict[
     for q in questions:
         by_image.setdefault(q.image, q)
     chosen = list(by_image.values())[:n_images]
-    totals: dict[int, list[float]] = {}
+    shares: dict[int, list[float]] = {}
+    image_phi: dict[int, float] = {}
+    text_phi: dict[int, float] = {}
     with attach(model, processor, [SinkShare()]) as fixed, torch.no_grad():
         for q in chosen:
             image = Image.open(world / "images" / q.image).convert("RGB")
             inputs = processor(images=image, text=chat_prompt(processor, q.text), return_tensors="pt").to(model.device)
             fixed(**inputs)
-            for layer, share in fixed.last_state.records["sink_share"].items():
+            state = fixed.last_state
+            for layer, share in state.records["sink_share"].items():
                 if not math.isnan(float(share[0])):
-                    totals.setdefault(layer, []).append(float(share[0]))
-    return {layer: sum(v) / len(v) for layer, v in sorted(totals.items())}
+                    shares.setdefault(layer, []).append(float(share[0]))
+            is_image = state.image_mask()[0]
+            for layer, phi in state.phi.items():
+                row = phi[0].float().cpu()
+                image_phi[layer] = max(image_phi.get(layer, 0.0), float(row[is_image].max()))
+                text_phi[layer] = max(text_phi.get(layer, 0.0), float(row[~is_image].max()))
+    return {layer: {"share": sum(shares.get(layer, [0.0])) / max(1, len(shares.get(layer, []))),
+                    "image_phi": image_phi[layer], "text_phi": text_phi[layer]} for layer in sorted(image_phi)}
 
 
-def share_plot(shares: Mapping[int, float], path: Path, width: int = 640, height: int = 300) -> Path:
-    """Bar chart of the per-layer share (Pillow only)."""
+def sink_plot(sinks: Mapping[int, Mapping[str, float]], tau: float, path: Path, width: int = 700,
+              height: int = 320) -> Path:
+    """Per layer: the largest phi of a text token (orange) and of an image token (blue) against tau
+    (dashed), and the share of image attention on visual sinks above each pair. Pillow only."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    x0, y0, x1, y1 = 50, 30, width - 15, height - 35
+    x0, y0, x1, y1 = 50, 42, width - 15, height - 40
     draw.rectangle((x0, y0, x1, y1), outline="black")
-    draw.text((x0, 8), "share of image attention on visual sinks, per layer (demo VLM, POPE prompts)", fill="black")
-    layers = sorted(shares)
-    if layers:
-        step = (x1 - x0) / (max(layers) + 1)
-        for layer in layers:
-            top = y1 - (y1 - y0) * shares[layer]
-            draw.rectangle((x0 + layer * step + 1, top, x0 + (layer + 1) * step - 1, y1), fill=(30, 90, 200))
-            if layer % 5 == 0:
-                draw.text((x0 + layer * step, y1 + 6), str(layer), fill="black")
-    for frac in (0.0, 0.5, 1.0):
-        draw.text((8, y1 - (y1 - y0) * frac - 6), f"{frac:.1f}", fill="black")
-    draw.text(((x0 + x1) // 2 - 15, height - 16), "layer", fill="black")
+    draw.text((x0, 6), f"largest sink score phi per layer (dashed: tau = {tau:g}); above the bars: share of image "
+              "attention on visual sinks", fill="black")
+    layers = sorted(sinks)
+    top = max([tau] + [v[k] for v in sinks.values() for k in ("image_phi", "text_phi")]) * 1.1
+
+    def y(v: float) -> float:
+        return y1 - (y1 - y0) * v / top
+
+    step = (x1 - x0) / (max(layers, default=0) + 1)
+    for layer in layers:
+        left = x0 + layer * step
+        draw.rectangle((left + 2, y(sinks[layer]["text_phi"]), left + step / 2, y1), fill=(200, 120, 40))
+        draw.rectangle((left + step / 2, y(sinks[layer]["image_phi"]), left + step - 2, y1), fill=(30, 90, 200))
+        draw.text((left, y0 - 12), f"{100 * sinks[layer]['share']:.0f}", fill="black")
+        if layer % 5 == 0:
+            draw.text((left, y1 + 6), str(layer), fill="black")
+    for x in range(x0, x1, 12):
+        draw.line((x, y(tau), x + 6, y(tau)), fill="black")
+    draw.text(((x0 + x1) // 2 - 15, height - 18), "layer", fill="black")
     image.save(path)
     return path
 
@@ -100,14 +121,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def report(pope: Mapping[str, Any], chair: Mapping[str, Any], shares: Mapping[int, float], meta: Mapping[str, Any]) -> str:
+def report(pope: Mapping[str, Any], chair: Mapping[str, Any], sinks: Mapping[int, Mapping[str, float]],
+           meta: Mapping[str, Any]) -> str:
     """The markdown of docs/results.md."""
     splits = ("random", "popular", "adversarial")
     pope_rows = [[LABELS[s]] + [f"{100 * m['accuracy']:.1f} / {100 * m['f1']:.1f} / {100 * m['yes_ratio']:.1f}"
                                 for m in (pope[s]["splits"][k] for k in splits)] for s in METHOD_SETS]
     chair_rows = [[LABELS[s], f"{100 * chair[s]['CHAIRs']:.1f}", f"{100 * chair[s]['CHAIRi']:.1f}",
                    f"{100 * chair[s]['Recall']:.1f}", f"{chair[s]['Len']:.1f}"] for s in METHOD_SETS]
-    top = sorted(shares.items(), key=lambda kv: -kv[1])[:3]
+    top = sorted(sinks.items(), key=lambda kv: -kv[1]["share"])[:3]
     return "\n\n".join([
         "# Results on the demo VLM",
         f"Produced by one command in one run: `{meta['command']}` ({meta['minutes']:.1f} minutes on {meta['device']}, "
@@ -121,10 +143,11 @@ def report(pope: Mapping[str, Any], chair: Mapping[str, Any], shares: Mapping[in
         "## What each method did here",
         "\n".join(_verdicts(pope, chair)),
         "## Visual sinks in the demo VLM",
-        f"![share of image attention on visual sinks per layer](results_sink_share.png)\n\n"
-        f"Share of the image attention of the text rows after the image that lands on visual sinks (tau of the "
-        f"SmolLM2 preset), mean over {meta['share_images']} POPE prompts. Highest: "
-        + ", ".join(f"layer {layer} {100 * v:.0f} %" for layer, v in top) + ".",
+        "![sink scores and visual-sink attention share per layer](results_sink_phi.png)\n\n"
+        f"Largest sink score of a text and of an image token per layer, and the share of the image attention of "
+        f"the text rows after the image that lands on visual sinks (tau = {meta['tau']:g}), over "
+        f"{meta['share_images']} POPE prompts. Highest shares: "
+        + ", ".join(f"layer {layer} {100 * v['share']:.0f} %" for layer, v in top) + ".",
     ]) + "\n"
 
 
@@ -136,6 +159,7 @@ def run_results(out: str | Path = "out/demo-results", doc: str | Path = "docs/re
 
     from ..cli_eval import load_config, run
     from ..data.world import generate_world
+    from ..presets import model_preset
     from .load import load_demo
 
     start = time.perf_counter()
@@ -150,16 +174,18 @@ def run_results(out: str | Path = "out/demo-results", doc: str | Path = "docs/re
     pope = run("pope", load_config("pope", None, {**common, "out": str(out / "pope")}), model, processor)
     chair = run("chair", load_config("chair", None, {**common, "out": str(out / "chair"), "n_images": images,
                                                       "max_new_tokens": max_new_tokens}), model, processor)
-    shares = sink_shares(model, processor, world, share_images)
+    sinks = sink_profile(model, processor, world, share_images)
+    tau = float((model_preset(model.config._name_or_path, model.config.text_config.hidden_size) or {"tau": 20.0})["tau"])
     doc.parent.mkdir(parents=True, exist_ok=True)
-    share_plot(shares, doc.parent / "results_sink_share.png")
+    sink_plot(sinks, tau, doc.parent / "results_sink_phi.png")
     meta = {"command": command, "minutes": (time.perf_counter() - start) / 60, "images": images,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
-            "date": date.today().isoformat(), "chair_max_new_tokens": max_new_tokens, "share_images": share_images}
+            "date": date.today().isoformat(), "chair_max_new_tokens": max_new_tokens, "share_images": share_images,
+            "tau": tau}
     pope_metrics = {s: pope["results"][s] for s in METHOD_SETS}
     chair_metrics = {s: {k: v for k, v in chair["results"][s].items() if k != "sentences"} for s in METHOD_SETS}
-    doc.write_text(report(pope_metrics, chair_metrics, shares, meta), encoding="utf-8")
-    summary = {"pope": pope_metrics, "chair": chair_metrics, "sink_share": shares, "meta": meta}
+    doc.write_text(report(pope_metrics, chair_metrics, sinks, meta), encoding="utf-8")
+    summary = {"pope": pope_metrics, "chair": chair_metrics, "sinks": sinks, "meta": meta}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"report: {doc}")
     return summary

@@ -30,7 +30,7 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,6 @@ class Recipe:
     bf16: bool = False  # bfloat16 autocast: faster only where the CPU has bf16 units (not AVX2-only ones)
     checkpoint_every: int = 50
     check_images: int = 100
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # -- data ---------------------------------------------------------------------------------------
