@@ -229,10 +229,8 @@ def write_preset(path: str | Path, cal: Calibration, *, match: Sequence[str], pr
     """Write `cal` as a trend preset (configs/trends format): comments saying how it was fitted, then
     match, family and parameters. `about` says on what (model, data, question, layer)."""
     path = Path(path)
-    if cal.trend.family == "exp":
-        formula, params = "mu * exp(sigma * x)", dict(zip(("mu", "sigma"), cal.trend.params))
-    else:
-        formula, params = "a + b x + c x^2 + d x^3", dict(zip("abcd", cal.trend.params))
+    formula = "mu * exp(sigma * x)" if cal.trend.family == "exp" else "a + b x + c x^2 + d x^3"
+    params = cal.trend.named()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"Position trend f(x) = {formula} of {pruner}'s language-to-vision scores (x = raster index / (N - 1)),",
@@ -288,8 +286,7 @@ def cmd_calibrate_trend(args: Any) -> int:
     about = (f"model {args.model}, {cal.images} images of {args.data}, question {args.question!r}, "
              f"{pruner.preset_key} stage layer {layer} (scores at layer {layer - 1})")
     write_preset(path, cal, match=match, pruner=pruner.preset_key, about=about)
-    params = ", ".join(f"{k} {v:.4g}" for k, v in zip(("mu", "sigma") if cal.trend.family == "exp" else "abcd",
-                                                       cal.trend.params))
+    params = ", ".join(f"{k} {v:.4g}" for k, v in cal.trend.named().items())
     print(f"{cal.trend.family} trend over {cal.images} images: {params}; RMS residual {cal.rms:.4g}, R^2 {cal.r2:.4f}")
     print(f"preset: {path} (match: {', '.join(match)})")
     print(f"use it: export VLMFIX_TRENDS={path.parent.resolve()}  (Debias then finds it by model name), "

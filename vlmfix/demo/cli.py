@@ -27,7 +27,7 @@ def cmd_showcase(args: argparse.Namespace) -> int:
     from ..cli import parse_methods
     from ..data.world import draw_image
     from ..loading import chat_prompt
-    from ..viz import kept_heatmap, model_view, saliency_heatmap, sink_heatmap
+    from ..viz import model_view
     from .load import load_demo
 
     out = Path(args.out)
@@ -51,14 +51,17 @@ def cmd_showcase(args: argparse.Namespace) -> int:
             state = fixed.last_state
             text = processor.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)[0].strip()
             print(f"{label:<22} {seconds:5.2f} s  {text}")
-            maps += _heat_maps(state, spec, out, view, sink_heatmap, saliency_heatmap, kept_heatmap)
+            maps += _heat_maps(state, spec, out, view)
     print()
     for line in maps:
         print(line)
     return 0
 
 
-def _heat_maps(state: Any, spec: str, out: Path, view: Any, sink_heatmap, saliency_heatmap, kept_heatmap) -> list[str]:
+def _heat_maps(state: Any, spec: str, out: Path, view: Any) -> list[str]:
+    """The heat map of what method set `spec` did in the call of `state` (written under `out`), as lines to print."""
+    from ..viz import kept_heatmap, saliency_heatmap, sink_heatmap
+
     lines = []
     if spec == "var" and state.phi:
         layer = sorted(state.phi)[len(state.phi) // 2]

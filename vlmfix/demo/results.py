@@ -167,9 +167,7 @@ def run_results(out: str | Path = "out/demo-results", doc: str | Path = "docs/re
     world = out / "emojicoco-heldout"
     if not (world / "instances.json").is_file():
         generate_world(world, images, seed=0)
-    model, processor = load_demo(weights)
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model, processor = load_demo(weights)  # the evaluation runner moves it to the accelerator's device
     common = {"model": "demo", "methods": list(METHOD_SETS), "batch_size": batch_size, "world": str(world)}
     pope = run("pope", load_config("pope", None, {**common, "out": str(out / "pope")}), model, processor)
     chair = run("chair", load_config("chair", None, {**common, "out": str(out / "chair"), "n_images": images,

@@ -35,6 +35,7 @@ import torch
 import yaml
 
 FAMILIES = ("exp", "cubic")
+PARAM_NAMES = {"exp": ("mu", "sigma"), "cubic": ("a", "b", "c", "d")}  # a trend's parameters, in order
 GEOMETRIES = ("pad", "crop", "none")
 TRENDS_ENV = "VLMFIX_TRENDS"  # folders (os.pathsep-separated) searched for trend presets before configs/trends
 
@@ -53,14 +54,16 @@ class Trend:
             return mu * torch.exp(sigma * x)
         return sum(p * x**k for k, p in enumerate(self.params))
 
+    def named(self) -> dict[str, float]:
+        """The parameters by name ({"mu", "sigma"} or {"a", "b", "c", "d"}), as presets store them."""
+        return dict(zip(PARAM_NAMES[self.family], self.params))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Trend":
         family = data.get("family", "exp")
-        if family == "exp":
-            return cls("exp", (float(data["mu"]), float(data["sigma"])))
-        if family == "cubic":
-            return cls("cubic", tuple(float(data[k]) for k in "abcd"))
-        raise ValueError(f"unknown trend family {family!r}; use one of {FAMILIES}")
+        if family not in PARAM_NAMES:
+            raise ValueError(f"unknown trend family {family!r}; use one of {FAMILIES}")
+        return cls(family, tuple(float(data[k]) for k in PARAM_NAMES[family]))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Trend":
