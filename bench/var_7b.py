@@ -7,7 +7,9 @@ percentile of the image tokens' sink scores in a middle layer, which makes about
 visual sinks. The sink dims are LLaVA-1.5-7B's preset. The prompt is BOS + 576 image tokens + 40
 text tokens; generation is 64 new tokens. Ratios are against the plain model in the same run.
 
-    python bench/var_7b.py [--new-tokens 64] [--repeats 3]     (needs CUDA and ~20 GB; --smoke: CPU check)
+    python bench/var_7b.py [--new-tokens 64] [--repeats 3] [--batch 1]   (needs CUDA and ~20 GB; --smoke: CPU check)
+
+--batch B decodes B copies of the prompt together (the weights are read once per step for all rows).
 """
 
 from __future__ import annotations
@@ -43,11 +45,11 @@ def llava_7b(device: str, smoke: bool = False) -> LlavaForConditionalGeneration:
     return model.eval()
 
 
-def inputs_for(device: str) -> dict:
+def inputs_for(device: str, batch: int = 1) -> dict:
     g = torch.Generator().manual_seed(0)
     text = torch.randint(3, 32000, (40,), generator=g)
-    ids = torch.cat([torch.tensor([1]), torch.full((576,), IMAGE), text])[None]
-    pixels = torch.randn(1, 3, 336, 336, generator=g)
+    ids = torch.cat([torch.tensor([1]), torch.full((576,), IMAGE), text])[None].repeat(batch, 1)
+    pixels = torch.randn(1, 3, 336, 336, generator=g).repeat(batch, 1, 1, 1)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "pixel_values": pixels.to(device, torch.bfloat16)}
 
@@ -66,15 +68,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together")
     ap.add_argument("--smoke", action="store_true", help="a narrow 4-layer model on the CPU: checks the script only")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
     model = llava_7b(device, args.smoke)
-    inputs = inputs_for(device)
+    inputs = inputs_for(device, args.batch)
     extra = {"sink_dims": [5]} if args.smoke else {}  # the real shapes use LLaVA-1.5-7B's preset
     tau = busy_tau(model, inputs, extra)
     where = "CPU smoke run" if args.smoke else torch.cuda.get_device_name()
-    print(f"LLaVA-1.5-7B shapes, random weights, bf16, {where}; VAR tau = {tau:.3f}")
+    print(f"LLaVA-1.5-7B shapes, random weights, bf16, {where}, batch {args.batch}; VAR tau = {tau:.3f}")
     runs = (  # the targets of the VAR, GIFT and pruning issues
         ("VAR", [vlmfix.VAR(tau=tau)], {"decode_ratio": 1.10, "prefill_ratio": 1.25, "peak_ratio": 1.10}),
         ("GIFT", [vlmfix.GIFT()], {"generate_ratio": 1.10}),

@@ -124,15 +124,35 @@ def test_results_report_and_sink_profile(demo, tmp_path):
     assert sink_plot(sinks, 20.0, tmp_path / "phi.png").stat().st_size > 0
 
     def split(acc):
-        return {"accuracy": acc, "f1": acc, "yes_ratio": 0.5}
+        return {"accuracy": acc, "f1": acc, "yes_ratio": 0.5, "n": 2000}
 
-    pope = {s: {"splits": {k: split(0.7 + 0.01 * i) for k in ("random", "popular", "adversarial")}}
-            for i, s in enumerate(METHOD_SETS)}
-    chair = {s: {"CHAIRs": 0.5 - 0.01 * i, "CHAIRi": 0.3, "Recall": 0.4, "Len": 12.0} for i, s in enumerate(METHOD_SETS)}
+    # noise at n = 2000 and p = 0.7: 2 * sqrt(2 * 0.21 / 2000) = 2.9 points; CHAIR_s at p = 0.5 over 1000
+    # captions: 4.5 points; CHAIR_i at p = 0.3 over 5000 mentions: 1.8 points
+    accuracy = {"none": 0.70, "var": 0.70, "gift": 0.68, "fastv:quarter": 0.75,
+                "fastv:quarter-debiased": 0.65, "var,fastv:quarter-debiased": 0.71}
+    chair_s = {"none": 0.5, "var": 0.5, "gift": 0.4, "fastv:quarter": 0.47,
+               "fastv:quarter-debiased": 0.56, "var,fastv:quarter-debiased": 0.52}
+    pope = {s: {"splits": {k: split(accuracy[s]) for k in ("random", "popular", "adversarial")}} for s in METHOD_SETS}
+    chair = {s: {"CHAIRs": chair_s[s], "CHAIRi": 0.3, "Recall": 0.4, "Len": 12.0,
+                 "counts": {"captions": 1000, "mentions": 5000}} for s in METHOD_SETS}
     meta = {"command": "vlmfix demo results", "minutes": 1.0, "device": "CPU", "date": "2026-11-28", "images": 4,
             "chair_max_new_tokens": 128, "share_images": 2, "tau": 20.0}
     text = report(pope, chair, sinks, meta)
     assert all(LABELS[s] in text for s in METHOD_SETS)
     assert "| plain | 70.0 / 70.0 / 50.0 |" in text
-    # VAR has CHAIR_s 1 point lower but the same CHAIR_i: not called a reduction
-    assert "**VAR**: CHAIR_s -1.0, CHAIR_i +0.0 points" in text and "No reduction" in text
+    verdict = {s: next(line for line in text.splitlines() if line.startswith(f"- **{LABELS[s]}**")) for s in METHOD_SETS[1:]}
+    assert verdict["var"].endswith("identical to the plain model on every number.")
+    # GIFT: CHAIR_s -10 (beyond 4.5), POPE -2 (within 2.9)
+    assert "CHAIR_s -10.0, CHAIR_i +0.0, POPE random -2.0" in verdict["gift"]
+    assert verdict["gift"].endswith("Beyond noise: fewer hallucinated objects in captions (CHAIR_s).")
+    # -3 CHAIR_s is within noise; +5 POPE is not
+    assert verdict["fastv:quarter"].endswith("Beyond noise: higher POPE accuracy (random, popular, adversarial).")
+    assert "more hallucinated objects in captions (CHAIR_s)" in verdict["fastv:quarter-debiased"]
+    assert "lower POPE accuracy (random, popular, adversarial)" in verdict["fastv:quarter-debiased"]
+    assert verdict["var,fastv:quarter-debiased"].endswith(
+        "Every change is within noise: no measurable effect on hallucination or accuracy.")
+    none = {2: {"share": 0.0, "image_phi": 12.5, "text_phi": 23.0}, 3: {"share": 0.0, "image_phi": 14.0, "text_phi": 23.0}}
+    assert "No image token reached tau in any layer (largest image-token phi 14.0)" in report(
+        pope, chair, none, meta)
+    some = {2: {"share": 0.25, "image_phi": 30.0, "text_phi": 23.0}, 3: {"share": 0.5, "image_phi": 31.0, "text_phi": 23.0}}
+    assert "Highest shares: layer 3 50 %, layer 2 25 %." in report(pope, chair, some, meta)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,43 @@ def test_resume_skips_done_items_and_merge_keeps_item_order(tmp_path):
     assert [r["id"] for r in merged] == list("abcde") and "dup" not in merged[0]
     assert [r["id"] for r in _lines(tmp_path / "var.jsonl")] == [*"abcde", "gone"]  # nothing computed is lost
     assert sorted(p.name for p in tmp_path.iterdir()) == ["var.jsonl"]
+
+
+def test_prefetched_keeps_order_and_gives_each_thread_its_own_processor():
+    class Processor:  # a stand-in whose state a shared copy would corrupt between threads
+        def __init__(self):
+            self.calls = []
+
+    shared = Processor()
+    seen = {}
+
+    def make(processor, job):
+        processor.calls.append(job)
+        time.sleep(0.002 * (job % 3))  # finish out of order
+        seen.setdefault(threading.get_ident(), set()).add(id(processor))
+        return job * job, processor
+
+    jobs = list(range(20))
+    made = list(runner.prefetched(make, shared, jobs, workers=3))
+    assert [m[0] for m in made] == [j * j for j in jobs]  # in job order
+    assert shared.calls == [] and all(p is not shared for _, p in made)  # the caller's processor is untouched
+    assert sum(len(p.calls) for p in {id(p): p for _, p in made}.values()) == len(jobs)
+    assert all(len(ids) == 1 for ids in seen.values())  # one copy per thread, reused
+    inline = list(runner.prefetched(make, shared, jobs[:3], workers=0))
+    assert [m[0] for m in inline] == [0, 1, 4] and all(p is shared for _, p in inline)
+
+
+def test_prefetched_stops_its_threads_when_the_consumer_fails():
+    started = []
+
+    def make(processor, job):
+        started.append(job)
+        return job
+
+    gen = runner.prefetched(make, None, list(range(100)), workers=2)
+    assert next(gen) == 0
+    gen.close()  # as when generation raises: the pool shuts down, queued jobs are cancelled
+    assert len(started) <= 1 + 2 * 2 + 1 and not [t for t in threading.enumerate() if t.name.startswith("vlmfix-prep")]
 
 
 def test_identity_check_refuses_another_config(tmp_path):
@@ -239,6 +277,21 @@ def test_several_method_sets_in_one_run_and_instant_resume(small_smol_llava, wor
     assert again["results"] == results["results"]
     with pytest.raises(ValueError, match="another max_new_tokens"):
         run("pope", {**config, "max_new_tokens": 5}, model, processor)
+
+
+@pytest.mark.smollm2
+def test_prepared_ahead_on_threads_gives_the_same_records(small_smol_llava, world, tmp_path, one_thread):
+    model, processor = small_smol_llava
+    outputs = {}
+    for workers in (0, 2):
+        config = load_config("pope", None, {"model": "smollm2-llava-small", "world": str(world), "splits": ["random"],
+                                            "limit": 6, "methods": ["none"], "batch_size": 2, "max_new_tokens": 4,
+                                            "prep_workers": workers, "out": str(tmp_path / f"w{workers}")})
+        run("pope", config, model, processor)
+        outputs[workers] = _lines(tmp_path / f"w{workers}" / "none.jsonl")
+    assert len(outputs[0]) == 6 and outputs[2] == outputs[0]
+    with pytest.raises(ValueError, match="prep_workers must be null"):
+        load_config("pope", None, {"prep_workers": -1})
 
 
 @pytest.mark.smollm2

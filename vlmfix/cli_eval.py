@@ -26,7 +26,7 @@ from .runner import Item, Settings, Task, accelerator, evaluate, parse_method_se
 
 TASKS = ("pope", "chair")
 COMMON_KEYS = ("model", "dtype", "data", "world_images", "methods", "batch_size", "max_new_tokens", "prompt",
-               "seed", "out")
+               "seed", "out", "prep_workers")
 TASK_KEYS = {"pope": ("splits", "limit", "rule"), "chair": ("n_images", "image_ids")}
 DATA_KEYS = {"pope": ("world", "images", "pope_dir", "pope_hf"), "chair": ("world", "images", "instances", "captions")}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -95,6 +95,9 @@ def _check(config: dict, task: str) -> None:
         value = config.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    workers = config["prep_workers"]
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+        raise ValueError(f"prep_workers must be null (automatic) or an integer >= 0, got {workers!r}")
     if task == "pope":
         from .data.pope import SPLITS
         from .metrics.pope import RULES
@@ -325,7 +328,8 @@ def run(task: str, config: dict, model: Any = None, processor: Any = None) -> di
     data = resolve_data(task, config)
     built = pope_task(config, data) if task == "pope" else chair_task(config, data)
     settings = Settings(model=config["model"], out=Path(config["out"]), dtype=config["dtype"],
-                        batch_size=config["batch_size"], max_new_tokens=config["max_new_tokens"], seed=config["seed"])
+                        batch_size=config["batch_size"], max_new_tokens=config["max_new_tokens"], seed=config["seed"],
+                        prep_workers=config["prep_workers"])
     prepare(built, method_sets, settings)
     if model is None:
         model, processor = load(config["model"], getattr(torch, config["dtype"]))
@@ -380,5 +384,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--max-new-tokens", type=int)
         p.add_argument("--prompt", help="the user's text" + (" ({question} is replaced)" if task == "pope" else ""))
         p.add_argument("--seed", type=int)
+        p.add_argument("--prep-workers", type=int, metavar="N",
+                       help="CPU threads preparing the next batches (default: 0 on CPU, up to 8 with a GPU)")
         p.add_argument("--out", help="output folder (JSONL per method set, results.md, results.json)")
         p.set_defaults(func=cmd_eval)

@@ -8,7 +8,9 @@ for one model and several method sets (`prepare()` checks a run before the model
 - a method set is a spec as on the command line: "none" (the plain model), "var", "gift",
   "var,gift:mild", ... (`vlmfix.cli.parse_methods`; any method of `vlmfix.methods.REGISTRY`);
   each is attached with `vlmfix.attach` for its part of the run and detached after;
-- generation is greedy and batched, with left padding;
+- generation is greedy and batched, with left padding; when the model sits on an accelerator,
+  the next batches are read and run through the processor on a few CPU threads while the current
+  one generates (`Settings.prep_workers`; each thread has its own copy of the processor);
 - records are appended to `<out>/<label>.jsonl` as they come (flush + fsync per batch);
 - a rerun resumes: items already in the method set's files are skipped, a last line cut by a
   crash is dropped (and cut from the file that process writes), so no item is computed twice
@@ -29,11 +31,14 @@ import json
 import os
 import platform
 import sys
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -45,6 +50,8 @@ if TYPE_CHECKING:
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+Job = TypeVar("Job")
+Made = TypeVar("Made")
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,9 @@ class MethodSet:
 @dataclass(frozen=True)
 class Settings:
     """How to generate: the model's name (as recorded), dtype, batch size, max_new_tokens, seed,
-    and the output folder."""
+    the output folder, and `prep_workers`: CPU threads that prepare the next batches (image
+    decoding, processor) while one generates; None = 0 for a model on the CPU (it needs the
+    cores), else min(8, cores per process - 1). It changes speed only, never an output."""
 
     model: str
     out: Path
@@ -101,6 +110,7 @@ class Settings:
     batch_size: int = 8
     max_new_tokens: int = 8
     seed: int = 0
+    prep_workers: int | None = None
 
 
 # ------------------------------------------------------------------------------- method sets
@@ -270,18 +280,62 @@ def open_image(path: Path) -> "Image.Image":
         raise DataFormatError(f"{path}: cannot read the image ({err})") from None
 
 
-@torch.no_grad()
-def generate_batch(model: Any, processor: Any, items: Sequence[Item], max_new_tokens: int) -> list[str]:
-    """Greedy answers of a batch (left padding), decoded without special tokens and stripped."""
+def prepare_batch(processor: Any, items: Sequence[Item]) -> Any:
+    """The processor's CPU tensors for a batch: chat prompts, images, left padding."""
     from .loading import chat_prompt
 
     texts = [chat_prompt(processor, item.prompt, True) for item in items]
-    inputs = processor(images=[open_image(item.image) for item in items], text=texts, return_tensors="pt",
-                       padding=True, padding_side="left").to(device=model.device, dtype=model.dtype)
+    return processor(images=[open_image(item.image) for item in items], text=texts, return_tensors="pt",
+                     padding=True, padding_side="left")
+
+
+@torch.no_grad()
+def generate_prepared(model: Any, processor: Any, inputs: Any, max_new_tokens: int) -> list[str]:
+    """Greedy answers for `prepare_batch`'s output, decoded without special tokens and stripped."""
+    inputs = inputs.to(device=model.device, dtype=model.dtype)
     tokenizer = getattr(processor, "tokenizer", processor)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                          pad_token_id=tokenizer.pad_token_id)
     return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def prep_workers(settings: Settings, model: Any, num_processes: int) -> int:
+    """`settings.prep_workers`, or its default for where the model runs (see `Settings`)."""
+    if settings.prep_workers is not None:
+        return settings.prep_workers
+    if torch.device(model.device).type == "cpu":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) // num_processes - 1))
+
+
+def prefetched(make: Callable[[Any, Job], Made], processor: Any, jobs: Sequence[Job],
+               workers: int) -> Iterator[Made]:
+    """`make(processor, job)` for each job, in order. With workers > 0 the results are computed
+    ahead on a thread pool (at most 2 * workers jobs in flight), each thread on its own deep copy
+    of the processor: fast tokenizers set their padding state on every call, which is not safe to
+    share between threads."""
+    if workers <= 0:
+        yield from (make(processor, job) for job in jobs)
+        return
+    local = threading.local()
+
+    def run(job: Job) -> Made:
+        if not hasattr(local, "processor"):
+            local.processor = copy.deepcopy(processor)
+        return make(local.processor, job)
+
+    todo = iter(jobs)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="vlmfix-prep")
+    try:
+        ahead = deque(pool.submit(run, job) for _, job in zip(range(2 * workers), todo))
+        while ahead:
+            made = ahead.popleft().result()
+            for job in todo:
+                ahead.append(pool.submit(run, job))
+                break
+            yield made
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, settings: Settings) -> dict:
@@ -309,9 +363,10 @@ def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, set
             resolved.update(sink_dims=list(fixed.sink_dims), tau=fixed.tau, sink_dims_source=fixed.sink_source)
         bar = tqdm(total=len(pending), desc=f"{task.name} {mset.spec}{where}", position=rank, unit="item",
                    dynamic_ncols=True)
-        for start in range(0, len(pending), settings.batch_size):
-            batch = pending[start:start + settings.batch_size]
-            answers = generate_batch(model, processor, batch, settings.max_new_tokens)
+        batches = [pending[start:start + settings.batch_size] for start in range(0, len(pending), settings.batch_size)]
+        prepared = prefetched(prepare_batch, processor, batches, prep_workers(settings, model, n))
+        for batch, inputs in zip(batches, prepared):
+            answers = generate_prepared(model, processor, inputs, settings.max_new_tokens)
             append_records(mine, [{"id": item.id, **item.fields, "prompt": item.prompt, "output": answer}
                                   for item, answer in zip(batch, answers)])
             bar.update(len(batch))

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -92,7 +94,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     from .results import run_results
 
     run_results(args.out, args.doc, images=args.images, batch_size=args.batch_size, weights=args.weights,
-                max_new_tokens=args.max_new_tokens)
+                max_new_tokens=args.max_new_tokens, command=shlex.join(["vlmfix", *sys.argv[1:]]))
     return 0
 
 

@@ -98,20 +98,47 @@ def sink_plot(sinks: Mapping[int, Mapping[str, float]], tau: float, path: Path, 
     return path
 
 
+def _noise(p: float, n: int) -> float:
+    """Two standard errors of the difference of two independent proportions near p, n each:
+    2 * sqrt(2 p (1 - p) / n). A change smaller than this is called noise."""
+    return 2 * math.sqrt(2 * p * (1 - p) / max(n, 1))
+
+
 def _verdicts(pope: Mapping[str, Any], chair: Mapping[str, Any]) -> list[str]:
-    """One plain sentence per method: what it changed against the plain model, by the numbers."""
+    """One plain sentence per method: what it changed against the plain model, and whether each
+    change is beyond noise (`_noise`; POPE per split with its n questions, CHAIR_s with the number
+    of captions, CHAIR_i with the plain model's object mentions)."""
     base_c, base_p = chair["none"], pope["none"]
+    counts = base_c.get("counts", {})
     lines = []
     for spec in METHOD_SETS[1:]:
         c, p = chair[spec], pope[spec]
-        d_s, d_i = c["CHAIRs"] - base_c["CHAIRs"], c["CHAIRi"] - base_c["CHAIRi"]
-        d_acc = {s: p["splits"][s]["accuracy"] - base_p["splits"][s]["accuracy"] for s in p["splits"]}
-        helps = d_s < 0 and d_i < 0
-        pope_note = ", ".join(f"{s} {100 * d:+.1f}" for s, d in d_acc.items())
-        lines.append(
-            f"- **{LABELS[spec]}**: CHAIR_s {100 * d_s:+.1f}, CHAIR_i {100 * d_i:+.1f} points; POPE accuracy {pope_note} "
-            f"points. {'Fewer hallucinated objects in captions.' if helps else 'No reduction of caption hallucination here.'}"
-        )
+        if c == base_c and p == base_p:
+            lines.append(f"- **{LABELS[spec]}**: identical to the plain model on every number.")
+            continue
+        changes = {"CHAIR_s": (c["CHAIRs"] - base_c["CHAIRs"], _noise(base_c["CHAIRs"], counts.get("captions", 0))),
+                   "CHAIR_i": (c["CHAIRi"] - base_c["CHAIRi"], _noise(base_c["CHAIRi"], counts.get("mentions", 0)))}
+        for split, m in p["splits"].items():
+            base = base_p["splits"][split]
+            changes[f"POPE {split}"] = (m["accuracy"] - base["accuracy"], _noise(base["accuracy"], base.get("n", 0)))
+        real = {k: d for k, (d, noise) in changes.items() if abs(d) > noise}
+        listed = ", ".join(f"{k} {100 * d:+.1f}" for k, (d, _) in changes.items())
+        fewer = [k for k in ("CHAIR_s", "CHAIR_i") if real.get(k, 0) < 0]
+        more = [k for k in ("CHAIR_s", "CHAIR_i") if real.get(k, 0) > 0]
+        worse = [k for k, d in real.items() if k.startswith("POPE") and d < 0]
+        better = [k for k, d in real.items() if k.startswith("POPE") and d > 0]
+        said = []
+        if fewer and not more:
+            said.append(f"fewer hallucinated objects in captions ({', '.join(fewer)})")
+        if more:
+            said.append(f"more hallucinated objects in captions ({', '.join(more)})")
+        if better:
+            said.append(f"higher POPE accuracy ({', '.join(k[5:] for k in better)})")
+        if worse:
+            said.append(f"lower POPE accuracy ({', '.join(k[5:] for k in worse)})")
+        verdict = ("Beyond noise: " + "; ".join(said) + ".") if said else \
+            "Every change is within noise: no measurable effect on hallucination or accuracy."
+        lines.append(f"- **{LABELS[spec]}** (points against plain): {listed}. {verdict}")
     return lines
 
 
@@ -119,6 +146,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _share_sentence(sinks: Mapping[int, Mapping[str, float]], tau: float) -> str:
+    top = sorted(sinks.items(), key=lambda kv: -kv[1]["share"])[:3]
+    if not top or top[0][1]["share"] == 0:
+        high = max((v["image_phi"] for v in sinks.values()), default=0.0)
+        return (f"No image token reached tau in any layer (largest image-token phi {high:.1f}), so the visual-sink "
+                "share is 0 in every layer and VAR has nothing to redistribute.")
+    return "Highest shares: " + ", ".join(f"layer {layer} {100 * v['share']:.0f} %" for layer, v in top) + "."
 
 
 def report(pope: Mapping[str, Any], chair: Mapping[str, Any], sinks: Mapping[int, Mapping[str, float]],
@@ -129,7 +165,6 @@ def report(pope: Mapping[str, Any], chair: Mapping[str, Any], sinks: Mapping[int
                                 for m in (pope[s]["splits"][k] for k in splits)] for s in METHOD_SETS]
     chair_rows = [[LABELS[s], f"{100 * chair[s]['CHAIRs']:.1f}", f"{100 * chair[s]['CHAIRi']:.1f}",
                    f"{100 * chair[s]['Recall']:.1f}", f"{chair[s]['Len']:.1f}"] for s in METHOD_SETS]
-    top = sorted(sinks.items(), key=lambda kv: -kv[1]["share"])[:3]
     return "\n\n".join([
         "# Results on the demo VLM",
         f"Produced by one command in one run: `{meta['command']}` ({meta['minutes']:.1f} minutes on {meta['device']}, "
@@ -141,13 +176,14 @@ def report(pope: Mapping[str, Any], chair: Mapping[str, Any], sinks: Mapping[int
         f"## CHAIR ({meta['images']} images, max {meta['chair_max_new_tokens']} new tokens, %)",
         _table(["method", "CHAIR_s", "CHAIR_i", "Recall", "Len (words)"], chair_rows),
         "## What each method did here",
+        "Noise is two standard errors of the difference of two proportions (POPE accuracy: over the questions of "
+        "the split; CHAIR_s: over the captions; CHAIR_i: over the plain model's object mentions).",
         "\n".join(_verdicts(pope, chair)),
         "## Visual sinks in the demo VLM",
         "![sink scores and visual-sink attention share per layer](results_sink_phi.png)\n\n"
         f"Largest sink score of a text and of an image token per layer, and the share of the image attention of "
         f"the text rows after the image that lands on visual sinks (tau = {meta['tau']:g}), over "
-        f"{meta['share_images']} POPE prompts. Highest shares: "
-        + ", ".join(f"layer {layer} {100 * v['share']:.0f} %" for layer, v in top) + ".",
+        f"{meta['share_images']} POPE prompts. " + _share_sentence(sinks, meta["tau"]),
     ]) + "\n"
 
 
