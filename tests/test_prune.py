@@ -97,11 +97,24 @@ def test_keep_all_is_exact(family, model):
     (dict(layer=0), "out of range"),
     (dict(layer=4), "out of range"),
     (dict(form="drop"), "form"),
+    (dict(keep=128, keep_ratio=0.5), "not both"),  # 128 is the default keep: still refused when given
+    (dict(keep=64, keep_ratio=0.5), "not both"),
+    (dict(keep=2.5), "positive number of tokens"),
 ])
 def test_bad_fastv_configs(kwargs, message):
     model = make_model("llava")
     with pytest.raises(ValueError, match=message):
         vlmfix.attach(model, None, vlmfix.FastVPrune(**kwargs))
+
+
+def test_fastv_budget_defaults_without_touching_a_ratio_config():
+    model = make_model("llava")
+    ratio = vlmfix.FastVPrune(keep_ratio=0.5)
+    with vlmfix.attach(model, None, ratio):
+        assert ratio.keep is None and ratio._budget(0, 40) == 20
+    plain = vlmfix.FastVPrune()
+    with vlmfix.attach(model, None, plain):
+        assert plain.keep == 128 and plain._budget(0, 576) == 128 and plain._budget(0, 40) == 40
 
 
 @pytest.mark.parametrize("kwargs, message", [

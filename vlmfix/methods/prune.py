@@ -281,11 +281,12 @@ class _Pruner(Method):
         if m is None:
             return None
         cache = self._rec(state)["masks"]
-        key = (m.layer, state.phase, state.step, q_len, key_len, id(attention_mask))
-        if key not in cache:
-            cache.clear()
-            cache[key] = self._build_mask(state, m, q_start, q_len, key_len, attention_mask, device)
-        return cache[key]
+        key = (m.layer, state.phase, state.step, q_len, key_len)
+        # the model's mask object itself is held (not its id, which a freed mask's successor may reuse)
+        if cache.get("key") != key or cache.get("source") is not attention_mask:
+            cache.update(key=key, source=attention_mask,
+                         mask=self._build_mask(state, m, q_start, q_len, key_len, attention_mask, device))
+        return cache["mask"]
 
     def _build_mask(self, state: CallState, m: SlotMap, q_start: int, q_len: int, key_len: int,
                     attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -339,17 +340,19 @@ class FastVPrune(_Pruner):
     """FastV (paper: layer 2; budgets of 64 / 128 / 192 of LLaVA-1.5's 576).
 
     - layer: K; tokens are scored at layer K - 1 by the last prompt token and dropped from K on;
-    - keep: image tokens kept per image row; or keep_ratio in (0, 1] (then keep must be None);
+    - keep: image tokens kept per image row (128 when neither keep nor keep_ratio is given); or
+      keep_ratio in (0, 1], the share of each row's image tokens (not both);
     - debias: a `Debias()` or None; form: "inplace" (speed) or "mask" (reference).
     """
 
     layer: int = 2
-    keep: int | None = 128
+    keep: int | None = None
     keep_ratio: float | None = None
     debias: Debias | None = None
     form: str = "inplace"
 
     name: ClassVar[str] = "prune"
+    default_keep: ClassVar[int] = 128
     scoring: ClassVar[str] = "last"
 
     def _stage_layers(self) -> tuple[int, ...]:
@@ -357,12 +360,15 @@ class FastVPrune(_Pruner):
 
     def validate(self, adapter: "Adapter") -> None:
         if self.keep_ratio is not None:
-            if self.keep is not None and self.keep != FastVPrune.keep:
-                raise ValueError("FastVPrune takes keep or keep_ratio, not both")
-            self.keep = None
+            if self.keep is not None:
+                raise ValueError(f"FastVPrune takes keep or keep_ratio, not both (got keep={self.keep}, "
+                                 f"keep_ratio={self.keep_ratio}); set the other to None")
             _check_ratio("FastVPrune", self.keep_ratio)
-        elif self.keep is None or int(self.keep) <= 0:
-            raise ValueError(f"FastVPrune keep must be a positive number of tokens, got {self.keep}")
+            return self._check_common(adapter)
+        if self.keep is None:
+            self.keep = self.default_keep  # resolved at attach, as GIFT resolves its layers
+        if isinstance(self.keep, bool) or int(self.keep) != self.keep or self.keep <= 0:
+            raise ValueError(f"FastVPrune keep must be a positive number of tokens, got {self.keep!r}")
         self._check_common(adapter)
 
     def _budget(self, stage: int, n: int) -> int:
