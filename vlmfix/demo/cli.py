@@ -117,7 +117,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", default="out/demo-results")
     r.add_argument("--doc", default="docs/results.md")
     r.add_argument("--images", type=int, default=500)
-    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--batch-size", type=int, help="default: 128 with a GPU, 16 on the CPU")
     r.add_argument("--max-new-tokens", type=int, default=128)
     r.add_argument("--weights", help="a demo.safetensors (default: the committed one)")
     r.set_defaults(func=cmd_results)
