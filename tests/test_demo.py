@@ -83,6 +83,33 @@ def test_training_conversation_matches_the_processor_prompt(demo):
     assert tokenizer.decode(learned) == "Yes<|im_end|>"
 
 
+def test_answer_only_logits_give_the_full_logits_loss(demo):
+    import random
+
+    import torch.nn.functional as F
+
+    from vlmfix.demo.train import answer_logits, collate
+
+    model, processor = demo
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    rng = random.Random(0)
+    convs = [conversation(rng, present, [caption], 2) for present, caption in
+             ((["cat", "dog"], "A cat and a dog."), (["cup"], "A picture of a cup on a table."))]
+    batch = collate([encode(tokenizer, turns, image_id, 144) for turns in convs], tokenizer.pad_token_id)
+    pixels = processor.image_processor(images=[Image.new("RGB", (60, 40), "red"), Image.new("RGB", (40, 60), "blue")],
+                                       return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixels).logits
+        reference = F.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                                    ignore_index=-100)
+        logits, targets = answer_logits(model, batch, pixels)
+    n_learned = int((batch["labels"] != -100).sum())
+    assert logits.shape == (n_learned, full.shape[-1]) and targets.shape == (n_learned,)
+    assert n_learned < batch["labels"].numel() / 4  # most positions never reach the output layer
+    assert torch.allclose(F.cross_entropy(logits, targets), reference, atol=1e-5)
+
+
 def test_conversation_balances_present_and_absent_questions():
     import random
 

@@ -321,17 +321,13 @@ def tune(model: nn.Module, processor: Any, scenes: Scenes, recipe: Recipe, out: 
                          for i in idx], tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with _autocast(recipe, device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           pixel_values=scenes.pixels[idx].to(device).float()).logits
-        shift_logits = logits[:, :-1].float()
-        shift_labels = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                           ignore_index=-100)
+            logits, targets = answer_logits(model, batch, scenes.pixels[idx].to(device).float())
+        loss = nn.functional.cross_entropy(logits, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        yes_no = _yes_no_accuracy(shift_logits.detach(), shift_labels, tokenizer)
+        yes_no = _yes_no_accuracy(logits.detach(), targets, tokenizer)
         log.write({"stage": "tune", "step": step, "loss": loss.item(), "yes_no_acc": yes_no,
                    "sec": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{loss.item():.3f}", yes_no=f"{yes_no:.2f}")
@@ -340,6 +336,20 @@ def tune(model: nn.Module, processor: Any, scenes: Scenes, recipe: Recipe, out: 
                                               if "lora_" in k or "vision_tower" in k or "multi_modal_projector" in k},
                                     "opt": opt.state_dict(), "step": step + 1})
     model.eval()
+
+
+def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor],
+                  pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits (N, V) and targets (N,) of the learned tokens only. The decoder's last hidden
+    state at each position whose next token is learned (shifted label != -100) goes through the
+    output layer; the other positions (the image, the questions: about 90 % of a conversation)
+    never reach the 49k-way product and its softmax. The mean cross-entropy over them equals the
+    full-logits loss with ignore_index=-100."""
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values=pixel_values).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    learned = labels != -100
+    return model.lm_head(hidden[:, :-1][learned]).float(), labels[learned]
 
 
 def _yes_no_accuracy(logits: torch.Tensor, labels: torch.Tensor, tokenizer: Any) -> float:
