@@ -39,6 +39,22 @@ def small_smol_llava(smollm2):
     return build_llava(lm, tok, image_size=168)
 
 
+@pytest.fixture
+def smol_pair(small_smol_llava):
+    """(model, processor, texts, images, inputs): two chat prompts, a question and a request for a description,
+    with a wide and a tall image, left-padded into one batch (the tests plant sinks at its positions)."""
+    from PIL import Image
+
+    from vlmfix.demo.assemble import prompt_for
+
+    model, processor = small_smol_llava
+    processor.tokenizer.padding_side = "left"
+    texts = [prompt_for("Is there a red bicycle near the tree?"), prompt_for("Describe this picture in detail.")]
+    images = [Image.new("RGB", (80, 60), "blue"), Image.new("RGB", (50, 90), "green")]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    return model, processor, texts, images, dict(inputs)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     """Each supported family in turn."""

@@ -168,17 +168,10 @@ def test_gift_gaze_shift_skips_pruned_tokens(form):
 
 # -- SmolLM2 LLaVA with planted visual sinks -----------------------------------------------------------
 @pytest.mark.smollm2
-def test_smol_llava_var_gift_fastv_forms_agree(small_smol_llava):
-    from PIL import Image
+def test_smol_llava_var_gift_fastv_forms_agree(smol_pair):
     from planted import TAU, planted_sinks
 
-    from vlmfix.demo.assemble import prompt_for
-
-    model, processor = small_smol_llava
-    processor.tokenizer.padding_side = "left"
-    texts = [prompt_for("Is there a red bicycle near the tree?"), prompt_for("Describe this picture in detail.")]
-    images = [Image.new("RGB", (80, 60), "blue"), Image.new("RGB", (50, 90), "green")]
-    batch = dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+    model, processor, _, _, batch = smol_pair
     planted = {0: [0, 5, 70, 140], 1: [17, 143]}
 
     def make(form):

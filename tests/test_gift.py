@@ -71,16 +71,8 @@ def test_gift_matches_reference_on_tiny_models(family, order):
 
 
 @pytest.mark.smollm2
-def test_gift_matches_reference_on_smollm2_llava(small_smol_llava):
-    from PIL import Image
-
-    from vlmfix.demo.assemble import prompt_for
-
-    model, processor = small_smol_llava
-    processor.tokenizer.padding_side = "left"
-    texts = [prompt_for("Is there a red bicycle near the tree?"), prompt_for("Describe this picture in detail.")]
-    images = [Image.new("RGB", (80, 60), "blue"), Image.new("RGB", (50, 90), "green")]
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+def test_gift_matches_reference_on_smollm2_llava(smol_pair):
+    model, processor, texts, images, inputs = smol_pair
     gift = vlmfix.GIFT()
     ours, state = check_against_reference(model, processor, inputs, gift, {})
     assert gift.saliency_layers == (10,) and gift.boost_layers == tuple(range(11, 22))  # the depth rule, 30 layers
