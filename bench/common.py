@@ -62,6 +62,16 @@ def interleaved(variants: dict[str, tuple], repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def busy_tau(model, inputs, attach_kwargs: dict) -> float:
+    """The 90th percentile of the image tokens' sink score phi at the middle layer."""
+    with vlmfix.attach(model, None, [vlmfix.VAR(tau=1e9)], **attach_kwargs) as fixed, torch.no_grad():
+        fixed(**inputs)
+        state = fixed.last_state
+        layer = sorted(state.phi)[len(state.phi) // 2]
+        phi = state.phi[layer][0][state.image_mask()[0].to(state.phi[layer].device)].float()
+    return float(phi.quantile(0.9))
+
+
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",

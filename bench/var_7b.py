@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import compare_generate, report
+from common import busy_tau, compare_generate, report
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vlmfix
@@ -45,23 +45,14 @@ def llava_7b(device: str, smoke: bool = False) -> LlavaForConditionalGeneration:
     return model.eval()
 
 
-def inputs_for(device: str, batch: int = 1) -> dict:
+def inputs_for(device: str, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """BOS + 576 image tokens + 40 random text tokens, and a random image, `batch` copies."""
     g = torch.Generator().manual_seed(0)
     text = torch.randint(3, 32000, (40,), generator=g)
     ids = torch.cat([torch.tensor([1]), torch.full((576,), IMAGE), text])[None].repeat(batch, 1)
     pixels = torch.randn(1, 3, 336, 336, generator=g).repeat(batch, 1, 1, 1)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "pixel_values": pixels.to(device, torch.bfloat16)}
-
-
-def busy_tau(model, inputs, attach_kwargs: dict) -> float:
-    """The 90th percentile of the image tokens' sink score phi at the middle layer."""
-    with vlmfix.attach(model, None, [vlmfix.VAR(tau=1e9)], **attach_kwargs) as fixed, torch.no_grad():
-        fixed(**inputs)
-        state = fixed.last_state
-        layer = sorted(state.phi)[len(state.phi) // 2]
-        phi = state.phi[layer][0][state.image_mask()[0].to(state.phi[layer].device)].float()
-    return float(phi.quantile(0.9))
+            "pixel_values": pixels.to(device, dtype)}
 
 
 def main() -> None:

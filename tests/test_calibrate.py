@@ -55,7 +55,7 @@ def reference_scores(model, batch, layer: int, scoring: str) -> list[torch.Tenso
 def test_scores_equal_eager_attention(family, model, pruner, scoring):
     prompts = [([1, 5, 6], size, [7, 8, 9, 10 + k]) for k, size in enumerate(SIZES)]
     batches = [make_batch(family, model, prompts[:2]), make_batch(family, model, prompts[2:])]  # left-padded pairs
-    layer = min(pruner._stage_layers())
+    layer = min(pruner.stage_layers())
     ref = [v for batch in batches for v in reference_scores(model, batch, layer, scoring)]
     got = list(pruner_scores(model, None, batches, pruner))
     assert len(got) == len(ref) == len(SIZES)
@@ -120,8 +120,8 @@ def test_preset_round_trips(tmp_path, monkeypatch, family, params):
     model = make_model("llava")
     model.config._name_or_path = "org/tiny-calib-v1"
     pruner = vlmfix.FastVPrune(keep=3, debias=vlmfix.Debias(position=family))
-    with vlmfix.attach(model, None, pruner):
-        assert pruner._trend == trend
+    with vlmfix.attach(model, None, pruner) as fixed:
+        assert fixed.runtimes[0].trend == trend
 
 
 def test_world_images_errors(tmp_path):

@@ -66,7 +66,7 @@ def test_generate_with_var_writes_heatmap(tmp_path, capsys):
 
 
 def test_method_specs():
-    from vlmfix.cli import parse_methods
+    from vlmfix.methods import parse_methods
 
     var, = parse_methods("var:vision-centric")
     assert var.rho == 0.9 and var.tau is None

@@ -11,7 +11,7 @@ import torch
 from tiny import PAD, make_batch, make_model, prompts_two
 
 import vlmfix
-from vlmfix.methods.prune import kept_tokens
+from vlmfix.methods.prune import PrunerRuntime, kept_tokens, prune_record
 
 GEN = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=PAD)
 VAR_TINY = dict(tau=1.2, m_min=0.05, rho=0.3, layers=(2, 3))  # makes VAR act on the tiny models (see test_var)
@@ -30,7 +30,7 @@ def run(model, batch, methods, processor=None, **attach_kw):
 
 
 def kept_lists(state):
-    return [[k.tolist() for k in stage["kept"]] for stage in state.records["prune"]["stages"]]
+    return [[k.tolist() for k in stage.kept] for stage in prune_record(state).stages]
 
 
 def assert_forms_agree(model, batch, make, processor=None, **attach_kw):
@@ -67,7 +67,7 @@ def test_var_with_staged_forms_agree(family, model):
     make = lambda form: [vlmfix.VAR(**VAR_TINY),  # noqa: E731
                          vlmfix.StagedPrune(layers=(1, 3), keep_ratios=(0.6, 0.3), form=form)]
     a, _ = assert_forms_agree(model, batch, make, sink_dims=[0, 1])
-    assert len(a[2].records["prune"]["stages"]) == 2 and moved(a[2]) > 0
+    assert len(prune_record(a[2]).stages) == 2 and moved(a[2]) > 0
 
 
 def test_keep_all_with_var_is_var_alone(family, model):
@@ -84,9 +84,17 @@ class KeepAllActive(vlmfix.FastVPrune):
 
     keep: int | None = 10_000
 
-    def on_prefill(self, state):
-        super().on_prefill(state)
-        state.records[self.name]["active"] = True
+    def bind(self, target):
+        runtime = super().bind(target)
+        runtime.__class__ = _AlwaysActive
+        return runtime
+
+
+class _AlwaysActive(PrunerRuntime):
+    def begin(self, state):
+        record = super().begin(state)
+        record.active = True
+        return record
 
 
 def test_keep_all_through_the_slot_view_is_var_alone(family, model):
@@ -113,7 +121,7 @@ def test_pruner_scores_raw_attention_whatever_the_order(model, family):
     assert kept_lists(first[2]) == kept_lists(second[2]) == kept_lists(alone[2])
     assert torch.equal(first[1], second[1])
     with vlmfix.attach(model, None, [var, prune], sink_dims=[0, 1]) as fixed:
-        assert fixed.methods[0] is prune
+        assert fixed.runtimes[0].config is prune
 
 
 # -- GIFT --------------------------------------------------------------------------------------------
@@ -140,9 +148,17 @@ class RecordingGIFT(vlmfix.GIFT):
 
     seen: dict = field(default_factory=dict, repr=False)
 
-    def probs(self, state, layer, positions, probs):
-        self.seen[(state.phase, layer)] = positions.tolist()
-        return super().probs(state, layer, positions, probs)
+    def bind(self, target):
+        runtime = super().bind(target)
+        edit = runtime.edit
+
+        def recording(block, state, rows, probs):
+            if rows.positions is not None:  # prefill rows (a decoding step is the whole block)
+                self.seen[(block.phase.value, block.layer)] = rows.positions.tolist()
+            return edit(block, state, rows, probs)
+
+        runtime.edit = recording
+        return runtime
 
 
 @pytest.mark.parametrize("form", ["inplace", "mask"])

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from vlmfix import attach
-from vlmfix.cli import parse_methods
+from vlmfix.methods import parse_methods
 from vlmfix.demo.assemble import prompt_for
 from vlmfix.demo.check import check_model
 from vlmfix.demo.lora import LoRALinear, add_lora, lora_state, merge_lora

@@ -149,7 +149,7 @@ def test_method_sets_come_from_the_registry(monkeypatch):
     assert sets[2].methods[1].alpha == 2.0
 
     @dataclass
-    class Later(methods.Method):
+    class Later(methods.MethodConfig):
         strength: float = 1.0
         name = "later"
 

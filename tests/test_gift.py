@@ -26,7 +26,7 @@ def generate(model, inputs, **kw):
 
 def spans_and_flags(state):
     spans = [r.query_span for r in state.rows]
-    flags = [state.records["gift"]["rows"][r.index]["informative"] for r in state.rows]
+    flags = [state.record(vlmfix.GIFT).rows[r.index].informative for r in state.rows]
     return spans, [None if f is None else f.tolist() for f in flags]
 
 
@@ -39,6 +39,7 @@ def check_against_reference(model, processor, inputs, gift, gen_kw):
     with vlmfix.attach(model, processor, gift) as fixed:
         ours = generate(fixed, inputs, **gen_kw)
         state = fixed.last_state
+        gift = fixed.runtimes[0]  # the resolved layers and alpha
     model.set_attn_implementation({"text_config": before})
     spans, flags = spans_and_flags(state)
     maps = saliency(model, inputs, spans, flags, gift.saliency_layers, gift.alpha)
@@ -66,7 +67,8 @@ def test_gift_matches_reference_on_tiny_models(family, order):
     gift = vlmfix.GIFT(alpha=3.0, **layers)
     plain = generate(model, batch, pad_token_id=PAD)
     ours, state = check_against_reference(model, None, batch, gift, dict(pad_token_id=PAD))
-    assert gift.needs_prepass == (order == "prepass")
+    with vlmfix.attach(model, None, gift) as fixed:
+        assert fixed.runtimes[0].needs_prepass == (order == "prepass")
     assert not torch.equal(ours[1], plain[1]), "GIFT changed nothing in this construction"
 
 
@@ -75,7 +77,10 @@ def test_gift_matches_reference_on_smollm2_llava(smol_pair):
     model, processor, texts, images, inputs = smol_pair
     gift = vlmfix.GIFT()
     ours, state = check_against_reference(model, processor, inputs, gift, {})
-    assert gift.saliency_layers == (10,) and gift.boost_layers == tuple(range(11, 22))  # the depth rule, 30 layers
+    with vlmfix.attach(model, processor, gift) as fixed:
+        resolved = fixed.runtimes[0]
+    assert resolved.saliency_layers == (10,) and resolved.boost_layers == tuple(range(11, 22))  # the depth rule, 30 layers
+    assert gift.saliency_layers is None and gift.alpha is None  # the config is left as given
     # "Is there a red bicycle near the tree?": red, bicycle, tree
     assert spans_and_flags(state)[1][0] == [False, False, False, True, True, False, False, True, False]
 
@@ -112,8 +117,8 @@ def test_no_informative_word_leaves_attention_unchanged(small_smol_llava):
     plain = generate(model, inputs)
     with vlmfix.attach(model, processor, vlmfix.GIFT()) as fixed:
         got = generate(fixed, inputs)
-        info = fixed.last_state.records["gift"]["rows"][0]
-    assert "no informative word" in info["note"] and vlmfix.GIFT.saliency(fixed.last_state) is None
+        note = fixed.last_state.record(vlmfix.GIFT).note(0)
+    assert "no informative word" in note and vlmfix.GIFT.saliency(fixed.last_state) is None
     assert torch.equal(plain[0], got[0]) and torch.equal(plain[1], got[1])
 
 

@@ -11,7 +11,7 @@ from tiny import PAD, make_batch, make_model, prompts_two
 import vlmfix
 from vlmfix.methods import REGISTRY, build
 from vlmfix.methods.debias import Trend, content_size, fit_trend, padding_fractions
-from vlmfix.methods.prune import kept_tokens
+from vlmfix.methods.prune import kept_tokens, prune_record
 
 GEN = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=PAD)
 
@@ -27,7 +27,7 @@ def run(model, batch, method=None):
 
 
 def kept_lists(state):
-    return [[k.tolist() for k in stage["kept"]] for stage in state.records["prune"]["stages"]]
+    return [[k.tolist() for k in stage.kept] for stage in prune_record(state).stages]
 
 
 def assert_forms_agree(model, batch, make):
@@ -45,7 +45,7 @@ def test_fastv_inplace_matches_mask(family, model, debias):
     a, _ = assert_forms_agree(model, batch, lambda form: vlmfix.FastVPrune(layer=2, keep=1, debias=deb, form=form))
     plain = run(model, batch)
     assert not torch.allclose(a[1], plain[1], atol=1e-4), "pruning changed nothing"
-    for row, kept in enumerate(a[2].records["prune"]["stages"][0]["kept"]):
+    for row, kept in enumerate(prune_record(a[2]).stages[0].kept):
         assert len(kept) == 1 and set(kept.tolist()) <= set(a[2].rows[row].image_positions.tolist())
 
 
@@ -63,7 +63,7 @@ def test_staged_inplace_matches_mask(family, model):
 def test_text_only_row_keeps_everything(family, model):
     batch = make_batch(family, model, prompts_two() + [([1, 3, 4], None, [5, 6])])
     a, _ = assert_forms_agree(model, batch, lambda form: vlmfix.FastVPrune(layer=2, keep=1, form=form))
-    assert a[2].records["prune"]["stages"][0]["kept"][2].numel() == 0
+    assert prune_record(a[2]).stages[0].kept[2].numel() == 0
 
 
 def test_inplace_shortens_the_cache(model, family):
@@ -110,11 +110,12 @@ def test_bad_fastv_configs(kwargs, message):
 def test_fastv_budget_defaults_without_touching_a_ratio_config():
     model = make_model("llava")
     ratio = vlmfix.FastVPrune(keep_ratio=0.5)
-    with vlmfix.attach(model, None, ratio):
-        assert ratio.keep is None and ratio._budget(0, 40) == 20
+    with vlmfix.attach(model, None, ratio) as fixed:
+        assert ratio.keep is None and fixed.runtimes[0]._budget(0, 40) == 20
     plain = vlmfix.FastVPrune()
-    with vlmfix.attach(model, None, plain):
-        assert plain.keep == 128 and plain._budget(0, 576) == 128 and plain._budget(0, 40) == 40
+    with vlmfix.attach(model, None, plain) as fixed:
+        budget = fixed.runtimes[0]._budget
+        assert plain.keep is None and budget(0, 576) == 128 and budget(0, 40) == 40
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -250,7 +251,7 @@ def test_smol_llava_forms_agree(small_smol_llava, method):
                                  form=form)
 
     a, _ = assert_forms_agree(model, dict(batch), make)
-    assert all(len(k) == (32 if method != "staged" else 15) for k in a[2].records["prune"]["stages"][-1]["kept"])
+    assert all(len(k) == (32 if method != "staged" else 15) for k in prune_record(a[2]).stages[-1].kept)
     ref = run(model, dict(batch))
     got = run(model, dict(batch), vlmfix.FastVPrune(keep=144))
     assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
@@ -277,9 +278,9 @@ def test_smol_llava_padding_debias(small_smol_llava):
                       return_tensors="pt")
     with vlmfix.attach(model, processor, vlmfix.FastVPrune(keep=100, debias=vlmfix.Debias())) as fixed:
         fixed.generate(**batch, max_new_tokens=2, do_sample=False)
-        rec = fixed.last_state.records["prune"]
+        rec = prune_record(fixed.last_state)
         kept = kept_tokens(fixed.last_state)
         grid = fixed.last_state.rows[0].segments[0].grid_positions()
-    assert rec["stages"][0]["budget"] == [48]
+    assert rec.stages[0].budget == [48]
     assert set(kept.tolist()) == set(grid[4:8].flatten().tolist())
-    assert torch.equal(rec["pad_frac"][0].view(12, 12)[4:8], torch.zeros(4, 12))
+    assert torch.equal(rec.pad_frac[0].view(12, 12)[4:8], torch.zeros(4, 12))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import vlmfix
-from vlmfix.sinks import DEFAULT_PROMPTS, SinkShare, check_tau, massive_dims, scaled_tau, sink_scores
+from vlmfix.methods import SinkShare
+from vlmfix.sinks import DEFAULT_PROMPTS, check_tau, massive_dims, scaled_tau, sink_scores
 from vlmfix.state import above_threshold
 
 OTHER_PROMPTS = (
@@ -103,7 +104,7 @@ def test_visual_sinks_detected_where_planted(smol_llava):
         for row, idx in planted.items():
             expected = state.rows[row].image_positions[idx]
             assert state.visual_sinks(layer, row).tolist() == expected.tolist(), f"layer {layer} row {row}"
-        share = state.records["sink_share"][layer]
+        share = state.record(SinkShare).shares[layer]
         assert bool((share > 0).all()) and bool((share <= 1).all())
     assert len(state.visual_sinks(0, 0)) == 0 and len(state.visual_sinks(1, 0)) == 0
     # the first token is a (text) sink in the middle layers, as BOS is

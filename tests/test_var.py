@@ -10,6 +10,7 @@ from reference_var import reference_var
 from tiny import FAMILIES, PAD, make_batch, make_model, prompts_two
 
 import vlmfix
+from vlmfix.methods.base import Phase
 
 GEN = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
 
@@ -20,17 +21,28 @@ class RecordingVAR(vlmfix.VAR):
 
     seen: dict = field(default_factory=dict, repr=False)
 
-    def probs(self, state, layer, positions, probs):
-        before = probs.clone()  # VAR edits the rows in place
-        out = super().probs(state, layer, positions, probs)
-        step = 0 if state.phase == "prefill" else state.step + 1
-        sinks = state.sink_mask(layer, self.tau)
-        for b in range(out.shape[0]):
-            for h in range(out.shape[1]):
-                for i, pos in enumerate(positions.tolist()):
-                    self.seen[(step, layer, b, h, pos)] = (before[b, h, i], out[b, h, i].clone(),
-                                                          set(sinks[b].nonzero().flatten().tolist()))
-        return out
+    def bind(self, target):
+        runtime = super().bind(target)
+        edit, steps = runtime.edit, {}
+
+        def recording(block, state, rows, probs):
+            before = probs.clone()  # VAR edits the rows in place
+            out = edit(block, state, rows, probs)
+            if block.phase is Phase.PREFILL:
+                step, positions = 0, rows.positions.tolist()
+            else:
+                step = steps[block.layer] = steps.get(block.layer, 0) + 1
+                positions = list(range(block.kv_len - block.q_len, block.kv_len))
+            sinks = state.sink_mask(block.layer, runtime.tau)
+            for b in range(out.shape[0]):
+                for h in range(out.shape[1]):
+                    for i, pos in enumerate(positions):
+                        self.seen[(step, block.layer, b, h, pos)] = (before[b, h, i], out[b, h, i].clone(),
+                                                                     set(sinks[b].nonzero().flatten().tolist()))
+            return out
+
+        runtime.edit = recording
+        return runtime
 
 
 def generate(model, inputs, **kw):
@@ -162,8 +174,8 @@ def test_second_call_finds_its_own_sinks(small_smol_llava):
             state = fixed.last_state
             image = state.rows[0].image_positions
             found.append([int((image == p).nonzero()) for p in state.visual_sinks(10, 0)])
-            masks, _ = state.records["var"]["masks"][10]
-            assert masks[..., 1].sum() == len(planted)  # the visual-sink mask VAR uses
+            rec = state.record(vlmfix.VAR)
+            assert rec.visual[rec.layers.index(10)].sum() == len(planted)  # the visual-sink mask VAR uses
     assert found == [[3], [40, 41, 90]]
 
 

@@ -1,33 +1,33 @@
 """`attach()` / `detach()` and the `Attached` handle.
 
-attach registers vlmfix's attention function with `transformers.AttentionInterface` (and its
-mask with `AttentionMaskInterface`) under the name "vlmfix", selects it for the text decoder only
-(`model.set_attn_implementation({"text_config": "vlmfix"})`), and adds forward hooks on the model
-instance that build a fresh `CallState` at each prefill. No model class is patched; `detach()`
-puts back the exact attention implementation of every sub-config and removes the hooks.
+attach binds each method config to the model (`config.bind(target)` gives its runtime), selects
+vlmfix's attention function for the text decoder only (`model.set_attn_implementation({"text_config":
+"vlmfix"})`, registered with `transformers.AttentionInterface`), gives each decoder attention module
+a `Route` to this handle, and adds forward hooks on the model instance that build a fresh
+`CallState` at each prefill. No model class is patched; `detach()` puts back the exact attention
+implementation of every sub-config and removes the hooks and routes.
+
+Prefill or decoding step: a forward starts a new call when it brings no cache, a cache this handle
+has not seen, or new tokens on an empty cache. A forward running inside `torch.compile` is a
+decoding step (transformers compiles only those), so a compiled step runs no Python bookkeeping.
+The layer hooks that read the prefill's hidden states exist only during the prefill.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from . import attention
+from .eager import additive_bias
 from .adapters import Adapter, get_adapter
-from .methods.base import Method
+from .methods.base import (EditsRows, MethodConfig, MovesTokens, NeedsPrepass, Phase, ReadsInputs, ReplacesMask,
+                           Runtime, Target)
 from .sinks import check_tau, find_sink_dims, scaled_tau, sink_scores
 from .state import CallState
-
-if TYPE_CHECKING:
-    from .slots import SlotView
-
-AttentionInterface.register(attention.NAME, attention.vlmfix_attention)
-AttentionMaskInterface.register(attention.NAME, attention.vlmfix_mask)
 
 
 class VlmfixError(RuntimeError):
@@ -51,12 +51,17 @@ def _text_config_key(config: Any, text_config: Any) -> str | None:
     return None
 
 
+class _Stop(Exception):
+    """Ends a pre-pass after its last layer."""
+
+
 class Attached:
     """A model with vlmfix attached. Use as a context manager, or call `detach()`.
 
     - `generate(...)` is the model's generate; plain `model.generate(...)` and `model(...)` run the
-      methods too while attached;
-    - `last_state` is the `CallState` of the last call (spans, sink scores, method records);
+      methods too while attached, eager or compiled (static cache);
+    - `last_state` is the `CallState` of the last call (spans, sink scores, `record(VAR)`, ...);
+    - `methods` are the configs as given; `runtimes` what they were bound to (in run order);
     - `sink_dims` / `tau` are what sink detection uses (preset, argument or discovery).
     """
 
@@ -64,7 +69,7 @@ class Attached:
         self,
         model: nn.Module,
         processor: Any | None,
-        methods: Sequence[Method],
+        methods: Sequence[MethodConfig],
         *,
         sink_dims: Sequence[int] | None = None,
         tau: float | str | None = None,
@@ -73,87 +78,84 @@ class Attached:
         self.processor = processor
         self.adapter: Adapter = get_adapter(model, processor)
         for m in methods:
-            if not isinstance(m, Method):
+            if not isinstance(m, MethodConfig):
                 raise TypeError(f"attach expects vlmfix methods (VAR(), GIFT(), ...), got {type(m).__name__}")
+        self.methods: tuple[MethodConfig, ...] = tuple(methods)
+        preset = self.adapter.preset
+        if tau is None:
+            tau = preset["tau"] if preset else scaled_tau(self.adapter.hidden_size)
+        self.tau = check_tau(tau, self.adapter.hidden_size)
+        target = Target(self.adapter, self.tau)
+        bound = [m.bind(target) for m in self.methods]
         #: in ascending `order` (pruners first: they score the raw attention), else as given
-        self.methods: tuple[Method, ...] = tuple(sorted(methods, key=lambda m: m.order))
-        for m in self.methods:
-            m.validate(self.adapter)
-        for m in self.methods:
-            m.check_combination(self.methods)
-        #: methods that may replace the attention mask (asked in every attached layer call)
-        self.maskers = tuple(m for m in self.methods if type(m).mask is not Method.mask)
-        #: methods that may move a layer's tokens (in-place pruning; see vlmfix/slots.py)
-        self.viewers = tuple(m for m in self.methods if type(m).view is not Method.view)
+        self.runtimes: tuple[Runtime, ...] = tuple(sorted(bound, key=lambda r: r.order))
+        for r in self.runtimes:
+            r.check_combination([o for o in self.runtimes if o is not r])
+        self.editors = tuple(r for r in self.runtimes if isinstance(r, EditsRows))
+        self.maskers = tuple(r for r in self.runtimes if isinstance(r, ReplacesMask))
+        self.movers = tuple(r for r in self.runtimes if isinstance(r, MovesTokens))
+        self.readers = tuple(r for r in self.runtimes if isinstance(r, ReadsInputs))
+        self.prepassers = tuple(r for r in self.runtimes if isinstance(r, NeedsPrepass))
+        #: whether any layer call may leave the fast path
+        self.active = bool(self.editors or self.maskers or self.movers)
         self.state: CallState | None = None
         self.last_state: CallState | None = None
-        self.tracks_sinks = any(m.uses_sinks for m in self.methods) or sink_dims is not None
-        self.sink_dims, self.tau, self.sink_source = self._resolve_sinks(sink_dims, tau)
+        self.tracks_sinks = any(r.uses_sinks for r in self.runtimes) or sink_dims is not None
+        self.sink_dims, self.sink_source = self._resolve_sink_dims(sink_dims)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._fallbacks: dict[type, Any] = {}
+        self._prefill_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._cache: weakref.ref | None = None
         self._in_prepass = False
         self._pixels: torch.Tensor | None = None
+        self._bias: tuple[Any, tuple, torch.Tensor | None] | None = None
         self._attached = False
         self._attach()
 
     # -- sinks ------------------------------------------------------------------------------------
-    def _resolve_sinks(
-        self, dims: Sequence[int] | None, tau: float | str | None
-    ) -> tuple[tuple[int, ...], float | str, str]:
+    def _resolve_sink_dims(self, dims: Sequence[int] | None) -> tuple[tuple[int, ...], str]:
         preset = self.adapter.preset
-        if tau is None:
-            tau = preset["tau"] if preset else scaled_tau(self.adapter.hidden_size)
-        tau = check_tau(tau, self.adapter.hidden_size)
         if dims is not None:
             bad = [d for d in dims if not 0 <= int(d) < self.adapter.hidden_size]
             if bad:
                 raise ValueError(f"sink dims {bad} are outside the hidden size {self.adapter.hidden_size}")
-            return tuple(int(d) for d in dims), tau, "argument"
+            return tuple(int(d) for d in dims), "argument"
         if preset:
-            return tuple(preset["sink_dims"]), tau, f"preset {preset['name']}"
+            return tuple(preset["sink_dims"]), f"preset {preset['name']}"
         if not self.tracks_sinks:
-            return (), tau, "not needed"
+            return (), "not needed"
         if self.adapter.tokenizer is None:
             raise VlmfixError(
                 "sink dims are unknown for this model and discovery needs its tokenizer: pass the processor to "
                 "attach(), or pass sink_dims=[...]."
             )
-        return find_sink_dims(self.model, self.adapter.tokenizer), tau, "discovered"
+        return find_sink_dims(self.model, self.adapter.tokenizer), "discovered"
 
     # -- attach / detach --------------------------------------------------------------------------
+    def _attention_modules(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.adapter.decoder_layers]
+
     def _attach(self) -> None:
         config = self.model.config
         text = self.adapter.text_config
-        configs = {id(text)} | {id(layer.self_attn.config) for layer in self.adapter.decoder_layers}
-        for cid in configs:
-            other = attention._ROUTES.get(cid)
-            if other is not None and other() is not None:
-                raise VlmfixError(
-                    "this model is already attached; call .detach() on the existing handle (or leave its "
-                    "`with` block) before attaching again."
-                )
+        modules = self._attention_modules()
+        if any(getattr(m, attention.ROUTE, None) is not None for m in modules):
+            raise VlmfixError(
+                "this model is already attached; call .detach() on the existing handle (or leave its "
+                "`with` block) before attaching again."
+            )
         key = _text_config_key(config, text)
         if key is None:
             raise VlmfixError(f"cannot find the text sub-config of {type(self.model).__name__}")
         self._previous = _implementations(config)
         self.previous_text_implementation = text._attn_implementation
-        self.model.set_attn_implementation({key: attention.NAME})
-        ref = weakref.ref(self)
-        self._route_ids = configs
-        for cid in configs:
-            attention._ROUTES[cid] = ref
+        self.model.set_attn_implementation({key: attention.implementation_name(self.previous_text_implementation)})
+        for idx, module in enumerate(modules):
+            fallback = attention.previous_attention(self.previous_text_implementation, module)
+            setattr(module, attention.ROUTE, attention.Route(self, idx, fallback))
         self._hooks.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-        self._hooks.append(self.model.register_forward_hook(self._post_forward))
-        layers = self.adapter.decoder_layers
-        # method hooks first: in-place pruning gathers a layer's kept tokens before its sinks are read
-        for idx in sorted({i for m in self.methods for i in m.hooked_layers()}):
-            self._hooks.append(layers[idx].register_forward_pre_hook(self._method_layer_hook(idx), with_kwargs=True))
-        if self.tracks_sinks:
-            for idx, layer in enumerate(layers):
-                if idx >= 2:
-                    self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True))
         tower = getattr(getattr(self.model, "model", self.model), "vision_tower", None)
-        if tower is not None and any(type(m).on_inputs is not Method.on_inputs for m in self.methods):
+        if tower is not None and self.readers:
             self._hooks.append(tower.register_forward_pre_hook(self._keep_pixels, with_kwargs=True))
         self._attached = True
 
@@ -162,11 +164,13 @@ class Attached:
         Detaching twice is a no-op. Returns the model."""
         if not self._attached:
             return self.model
+        self._drop_prefill_hooks()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for cid in self._route_ids:
-            attention._ROUTES.pop(cid, None)
+        for module in self._attention_modules():
+            if getattr(module, attention.ROUTE, None) is not None and getattr(module, attention.ROUTE).handle is self:
+                delattr(module, attention.ROUTE)
         self.model.set_attn_implementation(self._previous)
         self.state = None
         self._attached = False
@@ -191,49 +195,69 @@ class Attached:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    def slot_view(self, state: CallState, layer: int, q_len: int, kv_len: int) -> "SlotView | None":
-        """The `SlotView` of this layer call when a method moved its tokens (in-place pruning), else None."""
-        for m in self.viewers:
-            view = m.view(state, layer, q_len, kv_len)
-            if view is not None:
-                return view
-        return None
+    def bias(self, mask: torch.Tensor | None, batch: int, kv_heads: int, kv_len: int,
+             dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """`eager.additive_bias` of a decoding step's mask, built once per step: every layer of the step
+        gets the same mask object (eager; a compiled step builds it in the graph)."""
+        if torch.compiler.is_compiling():
+            return additive_bias(mask, batch, kv_heads, kv_len, dtype, device)
+        key = (batch, kv_heads, kv_len, dtype, device)
+        cached = self._bias
+        if cached is None or cached[0] is not mask or cached[1] != key:
+            cached = self._bias = (mask, key, additive_bias(mask, batch, kv_heads, kv_len, dtype, device))
+        return cached[2]
 
-    def fallback_attention(self, module: nn.Module) -> Any:
-        """The attention function the text decoder used before attach (per attention class)."""
-        fn = self._fallbacks.get(type(module))
-        if fn is None:
-            fn = attention.previous_attention(self.previous_text_implementation, module)
-            self._fallbacks[type(module)] = fn
-        return fn
+    def _starts_call(self, args: tuple, kwargs: dict) -> bool:
+        """Whether this forward is a prefill (see the module docstring). Reads a cache length on the
+        host only for a multi-token forward on a cache this call already used (assisted decoding, a
+        reused static cache)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None or self.state is None or self._cache is None or self._cache() is not cache:
+            return True
+        if kwargs.get("pixel_values") is not None:
+            return True
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is not None and tokens.shape[1] == 1:
+            return False
+        return int(cache.get_seq_length()) == 0
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if self._in_prepass or (cache is not None and cache.get_seq_length() > 0):
+        if torch.compiler.is_compiling() or self._in_prepass or not self._starts_call(args, kwargs):
             return
+        self._drop_prefill_hooks()  # a prefill that raised left them
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if self.movers and cache is not None and getattr(cache, "is_compileable", False):
+            names = ", ".join(type(r.config).__name__ for r in self.movers)
+            raise VlmfixError(
+                f"{names} with form='inplace' removes tokens from the KV cache of the layers it prunes, which a "
+                f"static cache ({type(cache).__name__}) cannot hold. Use form='mask' for static-cache / compiled "
+                "generation, or generate with the default dynamic cache."
+            )
         inputs = dict(kwargs)
         if args:
             inputs.setdefault("input_ids", args[0])
+        ids = inputs.get("input_ids")
         rows = self.adapter.row_layouts(inputs)
-        self.state = CallState(
-            rows=rows, prompt_len=inputs["input_ids"].shape[1], sink_dims=self.sink_dims, tau=self.tau
-        )
-        for m in self.methods:
-            m.on_prefill(self.state)
+        self.state = state = CallState(rows=rows, prompt_len=ids.shape[1], sink_dims=self.sink_dims, tau=self.tau,
+                                       device=ids.device)
+        self._cache = weakref.ref(cache) if cache is not None else None
+        for r in self.runtimes:
+            r.record = r.begin(state)
+            state.records.append((r, r.record))
         if self._pixels is not None:  # generate encoded the images before this forward
             inputs.setdefault("pixel_values", self._pixels)
             self._pixels = None
-        for m in self.methods:
-            m.on_inputs(self.state, inputs)
-        until = max((u for m in self.methods if (u := m.prepass_until()) is not None), default=None)
+        for r in self.readers:
+            r.read_inputs(state, inputs)
+        self._add_prefill_hooks()
+        until = max((u for r in self.prepassers if (u := r.prepass_until()) is not None), default=None)
         if until is not None:
             self._prepass(args, kwargs, until)
 
     def _prepass(self, args: tuple, kwargs: dict, until: int) -> None:
-        """Run the prompt through layers 0..until only (no cache written), in phase "prepass"."""
-
-        class _Stop(Exception):
-            pass
+        """Run the prompt through layers 0..until only (no cache written), in phase PREPASS."""
 
         def stop(module: nn.Module, a: tuple, kw: dict) -> None:
             raise _Stop
@@ -242,7 +266,7 @@ class Attached:
         hook = layers[until + 1].register_forward_pre_hook(stop, with_kwargs=True) if until + 1 < len(layers) else None
         inputs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
         inputs["use_cache"] = False
-        self.state.phase, self._in_prepass = "prepass", True
+        self.state.phase, self._in_prepass = Phase.PREPASS, True
         try:
             self.model(*args, **inputs)
         except _Stop:
@@ -250,43 +274,62 @@ class Attached:
         finally:
             if hook is not None:
                 hook.remove()
-            self.state.phase, self._in_prepass = "prefill", False
+            self.state.phase, self._in_prepass = Phase.PREFILL, False
 
-    def _post_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         state = self.state
-        if state is None or self._in_prepass:
+        if torch.compiler.is_compiling() or self._in_prepass or state is None or state.phase is not Phase.PREFILL:
             return
-        if state.phase == "prefill":
-            state.phase = "decode"
-            self.last_state = state
-        else:
-            state.step += 1
+        self._drop_prefill_hooks()
+        state.phase = Phase.DECODE
+        cache = output.get("cache") if hasattr(output, "get") else None
+        if cache is not None:
+            self._cache = weakref.ref(cache)
+        for r in self.runtimes:
+            r.after_prefill(state)
+        self.last_state = state
 
-    def _layer_hook(self, layer: int):
+    # -- prefill-only layer hooks -----------------------------------------------------------------
+    def _add_prefill_hooks(self) -> None:
+        layers = self.adapter.decoder_layers
+        # movers first: in-place pruning gathers a layer's kept tokens before its sinks are read
+        for idx in sorted({i for r in self.movers for i in r.moved_layers()}):
+            self._prefill_hooks.append(layers[idx].register_forward_pre_hook(self._mover_hook(idx), with_kwargs=True))
+        if self.tracks_sinks:
+            for idx in range(2, len(layers)):
+                self._prefill_hooks.append(layers[idx].register_forward_pre_hook(self._sink_hook(idx),
+                                                                                 with_kwargs=True))
+
+    def _drop_prefill_hooks(self) -> None:
+        for h in self._prefill_hooks:
+            h.remove()
+        self._prefill_hooks.clear()
+
+    def _sink_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             state = self.state
-            if state is None or state.phase != "prefill":
-                return
-            hidden = args[0] if args else kwargs["hidden_states"]
-            state.phi[layer] = state.to_prompt(layer, sink_scores(hidden, self.sink_dims).cpu())
+            if state.phase is Phase.PREFILL:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                state.phi[layer] = state.to_prompt(layer, sink_scores(hidden, self.sink_dims))
 
         return hook
 
     def _keep_pixels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Vision-tower pre-hook: keep the pixel values for the next prefill's `on_inputs`."""
-        self._pixels = args[0] if args else kwargs.get("pixel_values")
+        """Vision-tower pre-hook: keep the pixel values for the next prefill's readers."""
+        if not torch.compiler.is_compiling():
+            self._pixels = args[0] if args else kwargs.get("pixel_values")
 
-    def _method_layer_hook(self, layer: int):
-        """Pre-hook letting methods rewrite a decoder layer's prefill inputs (args, kwargs)."""
-        methods = [m for m in self.methods if layer in m.hooked_layers()]
+    def _mover_hook(self, layer: int):
+        """Pre-hook letting in-place pruning rewrite a decoder layer's prefill inputs (args, kwargs)."""
+        movers = [r for r in self.movers if layer in r.moved_layers()]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             state = self.state
-            if state is None or state.phase != "prefill" or self._in_prepass:
+            if state.phase is not Phase.PREFILL or self._in_prepass:
                 return None
             changed = None
-            for m in methods:
-                new = m.before_layer(state, layer, args, kwargs)
+            for r in movers:
+                new = r.before_layer(layer, state, args, kwargs)
                 if new is not None:
                     args, kwargs = changed = new
             return changed
@@ -302,7 +345,7 @@ class Attached:
 def attach(
     model: nn.Module,
     processor: Any | None = None,
-    methods: Method | Iterable[Method] | None = None,
+    methods: MethodConfig | Iterable[MethodConfig] | None = None,
     *,
     sink_dims: Sequence[int] | None = None,
     tau: float | str | None = None,
@@ -318,6 +361,6 @@ def attach(
     """
     if methods is None:
         methods = ()
-    elif isinstance(methods, Method):
+    elif isinstance(methods, MethodConfig):
         methods = (methods,)
     return Attached(model, processor, tuple(methods), sink_dims=sink_dims, tau=tau)

@@ -1,42 +1,60 @@
-"""The attention function vlmfix registers with transformers' AttentionInterface, and its mask.
+"""The attention function vlmfix registers with transformers' AttentionInterface, and its masks.
 
-Fast path: when no attached method asks for any query row of this layer in this phase, the call
-goes straight to the attention function the model used before (`sdpa`, `eager`, flash, ...), with
-the mask that function expects: no extra tensor work at all.
+An attached decoder's attention modules each carry a `Route` (attribute `_vlmfix`): the handle,
+the layer index and the attention function the model used before (`sdpa`, `eager`, flash, ...).
 
-A method may also replace the mask of a layer (`mask` hook, pruning); only the methods that
-define it are asked, and they answer None (no work) until they prune.
+Fast path: when no attached runtime asks for any query row of this layer call, the call goes
+straight to that previous function, with the mask it expects: no extra tensor work at all.
 
-Otherwise the rows the methods asked for are computed in eager form with an fp32 softmax,
-handed to the methods (`scores` before the softmax, `probs` after it), multiplied with V and
-written into the output; rows nobody asked for still come from the fast path. After in-place
-pruning a `SlotView` (slots.py) translates rows and key columns, so methods see prompt positions.
+Otherwise (see `vlmfix.methods.base` for the protocol) the rows the runtimes asked for are computed
+in eager form with an fp32 softmax, handed to each runtime's `edit`, multiplied with V and written
+into the output; rows nobody asked for still come from the fast path. After in-place pruning a
+`SlotView` (slots.py) translates rows and key columns, so runtimes see prompt positions.
+
+The mask function registered beside each name is the previous implementation's own (sdpa's for
+"vlmfix"; "vlmfix_<impl>" for the others), so the fallback always gets the mask it expects.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .eager import additive_bias, biased_scores, grouped_scores, grouped_values, mask_scores_, serial_if_small
+from .methods.base import Block, Phase, Rows
 
 if TYPE_CHECKING:
     from .attach import Attached
 
 NAME = "vlmfix"
-
-#: id(text config) -> weak reference to the Attached handle that routes it. A routing table, like
-#: AttentionInterface's own registry: it holds no per-call state, and entries leave at detach.
-_ROUTES: dict[int, "weakref.ref[Attached]"] = {}
+#: the attribute of an attached decoder's attention modules that holds their `Route`
+ROUTE = "_vlmfix"
 
 
-def route(config: Any) -> "Attached | None":
-    ref = _ROUTES.get(id(config))
-    return ref() if ref is not None else None
+class Route:
+    """What one attention module of an attached decoder reaches: the handle, its layer, its fallback."""
+
+    __slots__ = ("handle", "layer", "fallback")
+
+    def __init__(self, handle: "Attached", layer: int, fallback: Callable):
+        self.handle, self.layer, self.fallback = handle, layer, fallback
+
+
+def implementation_name(previous: str | None) -> str:
+    """The name vlmfix registers for a decoder that used `previous` ("vlmfix" for sdpa), registering it
+    (with `previous`'s own mask function) on first use."""
+    previous = previous or "eager"
+    name = NAME if previous == "sdpa" else f"{NAME}_{previous}"
+    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        masks = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+        AttentionInterface.register(name, vlmfix_attention)
+        AttentionMaskInterface.register(name, masks.get(previous, masks["sdpa"]))
+    return name
 
 
 def previous_attention(implementation: str | None, module: torch.nn.Module) -> Callable:
@@ -44,70 +62,6 @@ def previous_attention(implementation: str | None, module: torch.nn.Module) -> C
     if implementation in (None, "eager"):
         return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[implementation]
-
-
-def additive_mask_rows(
-    mask: torch.Tensor | None, rows: torch.Tensor, q_start: int, kv_len: int, batch: int
-) -> torch.Tensor:
-    """fp32 additive mask (B or 1, 1, R, kv_len) for query rows `rows` of the current block.
-
-    Accepts what any transformers mask function produces: None (plain causal), a 4-D bool mask
-    (True = attend), a 4-D additive float mask, or a 2-D padding mask (flash attention).
-    Masked entries get the fp32 minimum rather than -inf, so a fully masked row cannot give NaN.
-    """
-    low = torch.finfo(torch.float32).min
-    device = rows.device
-    if mask is not None and mask.dim() == 4:
-        m = mask[:, :, rows, :kv_len]
-        if m.dtype == torch.bool:
-            return torch.zeros(m.shape, device=device).masked_fill_(~m, low)
-        return m.float().clamp(min=low)
-    causal = torch.arange(kv_len, device=device)[None, :] <= (rows + q_start)[:, None]  # (R, K)
-    allowed = causal[None, None]
-    if mask is not None:  # 2-D padding mask (B, K)
-        allowed = allowed & mask[:, None, None, :kv_len].bool()
-    allowed = allowed.expand(batch if mask is not None else 1, 1, -1, -1)
-    return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, low)
-
-
-def mask_scores_(
-    scores: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None, q_start: int
-) -> torch.Tensor:
-    """Mask fp32 scores (B, H, R, K) of block rows `rows` (None: the whole block) in place, as
-    `scores + additive_mask_rows(...)` would: a 4-D bool mask sets the entries it forbids to the fp32
-    minimum directly (no additive mask built); other masks go through `additive_mask_rows`."""
-    kv_len = scores.shape[-1]
-    if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
-        allowed = mask[..., :kv_len] if rows is None else mask[:, :, rows, :kv_len]
-        return scores.masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    if rows is None:
-        rows = torch.arange(scores.shape[2], device=scores.device)
-    return scores.add_(additive_mask_rows(mask, rows, q_start, kv_len, scores.shape[0]))
-
-
-#: Eager rows of at most this many multiply-adds run on the calling thread alone (`serial_if_small`).
-SERIAL_WORK = 1 << 21
-
-
-@contextlib.contextmanager
-def serial_if_small(work: int) -> Iterator[None]:
-    """Run the block on the calling thread alone when it is `work` <= SERIAL_WORK multiply-adds.
-
-    The eager rows of a decoding step are a handful of small products (q.k^T, the methods' sums,
-    probs.V) of a few hundred thousand multiply-adds each: a parallel region per product costs
-    more in synchronisation than it saves, and on a machine shared with other jobs each region can
-    wait a whole scheduler slice for a descheduled worker thread. The thread count is the calling
-    thread's own (OpenMP, MKL) and is restored on exit.
-    """
-    threads = torch.get_num_threads()
-    if threads == 1 or work > SERIAL_WORK:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def vlmfix_attention(
@@ -122,89 +76,84 @@ def vlmfix_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention for decoder layers of an attached model. Shapes as transformers' interface:
     query (B, H, Q, D), key/value (B, KV, K, D); returns (B, Q, H, D) and no weights."""
-    handle = route(module.config)
-    if handle is None:  # a config still naming us after its handle died: behave as sdpa
+    route = getattr(module, ROUTE, None)
+    if route is None:  # a config still naming us on a module that was never attached: behave as sdpa
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)
-    fallback = handle.fallback_attention(module)
+    handle = route.handle
     state = handle.state
-    if state is None or not handle.methods:
-        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    layer = module.layer_idx
+    if state is None or not handle.active:
+        return route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     q_len, kv_len = query.shape[2], key.shape[2]
-    q_start = kv_len - q_len
-    for method in handle.maskers:
-        replaced = method.mask(state, layer, q_start, q_len, kv_len, attention_mask, query.device)
+    phase = state.phase
+    block = Block(route.layer, phase, None if phase is Phase.DECODE else kv_len - q_len, q_len, kv_len)
+    for runtime in handle.maskers:
+        replaced = runtime.mask(block, state, attention_mask)
         if replaced is not None:
             attention_mask = replaced
-    view = handle.slot_view(state, layer, q_len, kv_len)  # in-place pruning moved the tokens: vlmfix/slots.py
-    start, length = (q_start, q_len) if view is None else (view.q_start, view.q_len)  # in prompt positions
+    view = None
+    for runtime in handle.movers:
+        view = runtime.view(block, state)
+        if view is not None:
+            block = block._replace(q_start=view.q_start, q_len=view.q_len, kv_len=view.kv_len)
+            break
     wanted = []
-    for method in handle.methods:
-        rows = method.eager_rows(state, layer, start, length)
-        if rows is not None and len(rows):
-            wanted.append((method, rows))
+    for runtime in handle.editors:
+        r = runtime.rows(block, state)
+        if r is not None and len(r):
+            wanted.append((runtime, r))
     if not wanted:
-        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-
-    if len(wanted) == 1:
-        rows = torch.as_tensor(wanted[0][1], dtype=torch.long, device=query.device)
-    else:
-        rows = torch.unique(torch.cat([torch.as_tensor(r, dtype=torch.long) for _, r in wanted])).to(query.device)
+        return route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    rows = union_rows([r for _, r in wanted], block)
+    whole = rows.count == q_len and view is None
     out = None
-    if len(rows) < q_len or view is not None:
-        out, _ = fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if not whole:
+        out, _ = route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     b, h, _, d = query.shape
-    with serial_if_small(b * h * len(rows) * kv_len * d):  # multiply-adds of q.k^T (and of probs.V)
+    with serial_if_small(b * h * rows.count * kv_len * d, query.device):  # multiply-adds of q.k^T (and probs.V)
         if view is not None:
             slots = view.query_slots(rows)  # (B, R) slot of each row's token, and whether it is still present
             scores = view.scores(query, key, attention_mask, slots[0], scaling)
         else:
-            whole = len(rows) == q_len  # rows are distinct block indices: the whole block (a decoding step)
-            scores = grouped_scores(query if whole else query[:, :, rows], key).mul_(scaling)
-            if attention_mask is not None or q_len > 1:  # a lone decoding row with no mask sees every key
-                mask_scores_(scores, attention_mask, None if whole else rows, q_start)
-        positions = rows + start
-        for method, _ in wanted:
-            scores = method.scores(state, layer, positions, scores)
+            q = query if whole else query[:, :, rows.index]
+            bias = handle.bias(attention_mask, b, key.shape[1], kv_len, query.dtype, query.device) if whole and phase is Phase.DECODE \
+                else None
+            if bias is not None:
+                scores = biased_scores(q, key, bias, scaling)
+            else:
+                scores = grouped_scores(q, key).mul_(scaling)
+                if attention_mask is not None or q_len > 1:  # a lone decoding row with no mask sees every key
+                    mask_scores_(scores, attention_mask, None if whole else rows.index, block.q_start or 0)
         probs = torch.softmax(scores, dim=-1)
-        for method, _ in wanted:
-            probs = method.probs(state, layer, positions, probs)
+        for runtime, _ in wanted:
+            probs = runtime.edit(block, state, rows, probs)
         if view is not None:
             rows_out = grouped_values(view.compress(probs).to(value.dtype), value).transpose(1, 2)
             return view.write(out, rows_out, *slots), None
         rows_out = grouped_values(probs.to(value.dtype), value).transpose(1, 2)  # (B, R, H, D)
     if out is None:
         return rows_out.contiguous(), None
-    out[:, rows] = rows_out.to(out.dtype)
+    out[:, rows.index] = rows_out.to(out.dtype)
     return out, None
 
 
-def grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """fp32 q.k^T for query heads (B, H, R, D) against grouped key heads (B, KV, K, D) -> (B, H, R, K).
-
-    Query head h reads key head h // (H / KV), as transformers' repeat_kv; the product runs per
-    key head on the native dtype without copying K, then is cast to fp32 (as eager attention does).
-    """
-    b, h, r, d = query.shape
-    kv, k = key.shape[1], key.shape[2]
-    grouped = query.reshape(b * kv, (h // kv) * r, d)
-    return torch.bmm(grouped, key.reshape(b * kv, k, d).transpose(1, 2)).float().view(b, h, r, k)
-
-
-def grouped_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """probs (B, H, R, K) times grouped value heads (B, KV, K, D) -> (B, H, R, D), without copying V."""
-    b, h, r, k = probs.shape
-    kv, d = value.shape[1], value.shape[-1]
-    return torch.bmm(probs.reshape(b * kv, (h // kv) * r, k), value.reshape(b * kv, k, d)).view(b, h, r, d)
-
-
-def vlmfix_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
-    """Mask for decoder layers of an attached model: the mask the previous implementation expects."""
-    handle = route(config)
-    implementation = handle.previous_text_implementation if handle is not None else "sdpa"
-    if implementation not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        implementation = "sdpa"
-    return ALL_MASK_ATTENTION_FUNCTIONS[implementation](*args, config=config, **kwargs)
+def union_rows(ranges: list[range], block: Block) -> Rows:
+    """The `Rows` of the union of the runtimes' row ranges (block indices), with their prompt positions."""
+    first = ranges[0]
+    if all(r == first for r in ranges[1:]):
+        merged: range | list[int] = first
+    else:
+        every = sorted(set().union(*ranges))
+        merged = range(every[0], every[-1] + 1) if every[-1] - every[0] + 1 == len(every) else every
+    positions = None
+    if isinstance(merged, range):
+        index: slice | torch.Tensor = slice(merged.start, merged.stop)
+        if block.q_start is not None:
+            positions = torch.arange(merged.start + block.q_start, merged.stop + block.q_start)
+    else:
+        index = torch.tensor(merged)
+        if block.q_start is not None:
+            positions = index + block.q_start
+    return Rows(index, positions, len(merged))

@@ -32,7 +32,7 @@ import yaml
 
 if TYPE_CHECKING:  # imported where used, so that building the CLI parser stays light
     from .methods.debias import Trend
-    from .methods.prune import _Pruner
+    from .methods.prune import FastVPrune, StagedPrune
 
 DEFAULT_QUESTION = "Please describe this image in detail."
 PRUNERS = ("fastv", "staged")
@@ -57,11 +57,12 @@ def _stop(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     raise _Stop
 
 
-def scoring_pruner(pruner: str | _Pruner) -> _Pruner:
+def scoring_pruner(pruner: "str | FastVPrune | StagedPrune") -> "FastVPrune | StagedPrune":
     """The pruner that computes the scores: `pruner` (a name of configs/methods, e.g. "fastv" or
     "fastv:keep64", or an instance) without debiasing, in mask form, and sure to score every image
     (FastV keeps 1 token; the kept count does not change the first stage's scores)."""
-    from .methods.prune import FastVPrune, _Pruner
+    from .methods.prune import PRUNERS as PRUNER_CLASSES
+    from .methods.prune import FastVPrune
 
     if isinstance(pruner, str):
         from .methods import build
@@ -70,7 +71,7 @@ def scoring_pruner(pruner: str | _Pruner) -> _Pruner:
         if name not in PRUNERS:
             raise ValueError(f"unknown pruner {name!r}; use one of {', '.join(PRUNERS)}")
         pruner = build(name, preset or None)
-    if not isinstance(pruner, _Pruner):
+    if not isinstance(pruner, PRUNER_CLASSES):
         raise TypeError(f"calibration needs a FastVPrune or StagedPrune, got {type(pruner).__name__}")
     changes: dict[str, Any] = {"debias": None, "form": "mask"}
     if isinstance(pruner, FastVPrune):
@@ -80,14 +81,14 @@ def scoring_pruner(pruner: str | _Pruner) -> _Pruner:
 
 @torch.no_grad()
 def pruner_scores(model: torch.nn.Module, processor: Any, inputs: Iterable[Mapping[str, Any]],
-                  pruner: str | _Pruner = "fastv") -> Iterator[torch.Tensor]:
+                  pruner: "str | FastVPrune | StagedPrune" = "fastv") -> Iterator[torch.Tensor]:
     """For each model input (a processor output; batches allowed), the raw first-stage scores of
     every batch row with an image: a (N,) tensor over that row's image tokens, in raster order."""
     from .attach import attach
 
     scorer = scoring_pruner(pruner)
     with attach(model, processor, scorer) as fixed:
-        stop_at = min(scorer._stage_layers())
+        stop_at = min(scorer.stage_layers())
         hook = fixed.adapter.decoder_layers[stop_at].register_forward_pre_hook(_stop, with_kwargs=True)
         try:
             for batch in inputs:
@@ -96,13 +97,13 @@ def pruner_scores(model: torch.nn.Module, processor: Any, inputs: Iterable[Mappi
                 except _Stop:
                     pass
                 state = fixed.state
-                stages = state.records[scorer.name]["stages"]
+                stages = state.record(type(scorer)).stages
                 if not stages:
                     raise ValueError("a calibration prompt holds no image tokens (or only one per image); give "
                                      "prompts with an image, built with the model's processor")
                 for row in state.rows:
                     if row.has_image:
-                        yield stages[0]["scores"][row.index].double()
+                        yield stages[0].scores[row.index].double()
         finally:
             hook.remove()
 
@@ -148,7 +149,7 @@ def fit_report(mean_scores: torch.Tensor, trend: Trend) -> tuple[float, float]:
 
 
 def calibrate(model: torch.nn.Module, processor: Any, inputs: Iterable[Mapping[str, Any]],
-              pruner: str | _Pruner = "fastv", family: str = "exp", *, progress: bool = False,
+              pruner: "str | FastVPrune | StagedPrune" = "fastv", family: str = "exp", *, progress: bool = False,
               total: int | None = None) -> Calibration:
     """Average the normalised first-stage scores of `inputs` and fit the trend (module docstring)."""
     from .methods.debias import fit_trend
@@ -281,7 +282,7 @@ def cmd_calibrate_trend(args: Any) -> int:
                     progress=True, total=len(paths))
     name = model_name(model, args.model)
     match = [m.strip() for m in (args.match or "").split(",") if m.strip()] or [name]
-    layer = min(pruner._stage_layers())
+    layer = min(pruner.stage_layers())
     path = preset_path(match[0], pruner.preset_key, args.out)
     about = (f"model {args.model}, {cal.images} images of {args.data}, question {args.question!r}, "
              f"{pruner.preset_key} stage layer {layer} (scores at layer {layer - 1})")

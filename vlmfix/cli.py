@@ -68,7 +68,7 @@ def _text_report(model, tokenizer, prompt: str, tau: float | str | None) -> dict
 @torch.no_grad()
 def _vlm_report(model, processor, image, prompt: str, tau: float | str | None, out: Path, layer: int | None) -> dict:
     from .attach import attach
-    from .sinks import SinkShare
+    from .methods import SinkShare
     from .viz import model_view, sink_heatmap
 
     inputs = processor(images=image, text=chat_prompt(processor, prompt, True), return_tensors="pt")
@@ -83,7 +83,7 @@ def _vlm_report(model, processor, image, prompt: str, tau: float | str | None, o
     report["grids"] = [(s.rows, s.cols) for s in row.segments]
     report["layers"] = []
     for lay in sorted(state.phi):
-        share = float(state.records["sink_share"].get(lay, torch.tensor([float("nan")]))[0])
+        share = float(state.record(SinkShare).shares.get(lay, torch.tensor([float("nan")]))[0])
         phi_img = state.phi[lay][0, row.image_positions]
         report["layers"].append({
             "layer": lay, "visual_sinks": len(state.visual_sinks(lay, 0)),
@@ -139,19 +139,6 @@ def cmd_sinks(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_methods(spec: str) -> list:
-    """"var,gift" or "var:general" (a preset of configs/methods/var.yaml) -> method objects; "none" -> []."""
-    from .methods import build
-
-    methods = []
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        if item == "none":
-            continue
-        name, _, preset = item.partition(":")
-        methods.append(build(name, preset or None))
-    return methods
-
-
 @torch.no_grad()
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
@@ -160,6 +147,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .attach import attach
     from .viz import kept_heatmap, model_view, moved_heatmap, saliency_heatmap
+
+    from .methods import parse_methods
 
     methods = parse_methods(args.method)
     model, processor = load(args.model)
@@ -186,20 +175,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     pixel = inputs["pixel_values"][0]
     view = (model_view(pixel, processor) if pixel.ndim == 3 else None) or image
-    if "var" in state.records:
-        from .methods import VAR
+    from .methods import GIFT, VAR, FastVPrune, StagedPrune
+    from .methods.prune import prune_record
 
+    if state.has_record(VAR):
         if sum(sum(v["moved"]) for v in VAR.summary(state).values()) > 0:
             print(f"heat map (attention moved by VAR): {moved_heatmap(state, out / 'var_moved.png', view)}")
         else:
             print("VAR: no image-centric head in this call, attention unchanged")
-    if "gift" in state.records:
-        info = state.records["gift"]["rows"][0]
-        if info.get("saliency") is not None:
+    if state.has_record(GIFT):
+        if GIFT.saliency(state) is not None:
             print(f"heat map (GIFT saliency): {saliency_heatmap(state, out / 'gift_saliency.png', view)}")
         else:
-            print(f"GIFT: {info['note']}")
-    if state.records.get("prune", {}).get("stages"):
+            print(f"GIFT: {state.record(GIFT).note(0)}")
+    if any(state.has_record(c) for c in (FastVPrune, StagedPrune)) and prune_record(state).stages:
         print(f"heat map (kept image tokens): {kept_heatmap(state, out / 'kept_tokens.png', view)}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "generate.json").write_text(json.dumps(

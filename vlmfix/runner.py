@@ -6,7 +6,7 @@ markdown` function (POPE and CHAIR are defined in `vlmfix.cli_eval`). `evaluate(
 for one model and several method sets (`prepare()` checks a run before the model is loaded):
 
 - a method set is a spec as on the command line: "none" (the plain model), "var", "gift",
-  "var,gift:mild", ... (`vlmfix.cli.parse_methods`; any method of `vlmfix.methods.REGISTRY`);
+  "var,gift:mild", ... (`vlmfix.methods.parse_methods`; any method of `vlmfix.methods.REGISTRY`);
   each is attached with `vlmfix.attach` for its part of the run and detached after;
 - generation is greedy and batched, with left padding; when the model sits on an accelerator,
   the next batches are read and run through the processor on a few CPU threads while the current
@@ -118,7 +118,7 @@ class Settings:
 
 def parse_method_sets(specs: Iterable[str]) -> list[MethodSet]:
     """Method sets from their specs; unknown method names or presets raise ValueError."""
-    from .cli import parse_methods
+    from .methods import parse_methods
 
     sets: list[MethodSet] = []
     for raw in specs:
@@ -132,10 +132,13 @@ def parse_method_sets(specs: Iterable[str]) -> list[MethodSet]:
     return sets
 
 
-def method_params(methods: Iterable[Any]) -> list[dict]:
-    """[{"name", "class", "params"}] of method objects (params: their dataclass fields)."""
+def method_params(methods: Iterable[Any], runtimes: Sequence[Any] = ()) -> list[dict]:
+    """[{"name", "class", "params"}] of method configs (params: their dataclass fields, with what attach
+    resolved for the model, `Runtime.resolved()`, in place of the defaults left as None)."""
+    resolved = {id(r.config): r.resolved() for r in runtimes}
     return [{"name": m.name, "class": type(m).__name__,
-             "params": json.loads(json.dumps(dataclasses.asdict(m), default=str))} for m in methods]
+             "params": json.loads(json.dumps({**dataclasses.asdict(m), **resolved.get(id(m), {})}, default=str))}
+            for m in methods]
 
 
 # ------------------------------------------------------------------------------- result files
@@ -354,11 +357,10 @@ def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, set
     where = f" [process {rank}/{n}]" if n > 1 else ""
     print(f"{task.name} {mset.spec}{where}: {len(own) - len(pending)} of {len(own)} items done, "
           f"{len(pending)} to generate", file=sys.stderr, flush=True)
-    # copies: attach resolves defaults in place (e.g. GIFT's layers), the spec's objects stay as parsed
-    methods = copy.deepcopy(list(mset.methods))
+    methods = list(mset.methods)
     handle = attach(model, processor, methods) if methods else contextlib.nullcontext()
     with handle as fixed:
-        resolved = {"methods": method_params(methods)}
+        resolved = {"methods": method_params(methods, fixed.runtimes if fixed is not None else ())}
         if fixed is not None and fixed.tracks_sinks:
             resolved.update(sink_dims=list(fixed.sink_dims), tau=fixed.tau, sink_dims_source=fixed.sink_source)
         bar = tqdm(total=len(pending), desc=f"{task.name} {mset.spec}{where}", position=rank, unit="item",

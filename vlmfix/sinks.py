@@ -1,4 +1,4 @@
-"""Sink dimensions and visual sink tokens (specs/sinks.md).
+"""Sink dimensions and visual sink tokens.
 
 - Massive activations (Sun et al., 2024, "Massive Activations in Large Language Models"): a scalar
   of the residual stream with |x| > 100 and |x| > 1000 x median|h| of that hidden state. They sit
@@ -13,14 +13,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .methods.base import Method
-from .state import CallState
 
 #: ordinary English sentences (no image): the default prompt set of `find_sink_dims`
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -146,45 +143,3 @@ def find_sink_dims(
                 votes[d] = votes.get(d, 0) + 1
     dims = [d for d, v in votes.items() if 2 * v > len(middle)]
     return tuple(sorted(dims, key=lambda d: -peak[d]))
-
-
-@dataclass
-class SinkShare(Method):
-    """Report probe (no effect on outputs): per layer >= 2, the share of the attention that the
-    prompt's text rows after the image give to the image which lands on visual sinks.
-
-    share_l = sum_{rows, heads} A[i, V_l] / sum_{rows, heads} A[i, I], per batch row, recorded in
-    `state.records["sink_share"][layer]` as a (B,) tensor (NaN for a text-only row).
-    """
-
-    tau: float | None = None
-
-    name: ClassVar[str] = "sink_share"
-    uses_sinks: ClassVar[bool] = True
-
-    def on_prefill(self, state: CallState) -> None:
-        state.records[self.name] = {}
-
-    def eager_rows(self, state: CallState, layer: int, q_start: int, q_len: int) -> torch.Tensor | None:
-        if state.phase != "prefill" or layer < 2:
-            return None
-        starts = [r.after_image for r in state.rows if r.has_image]
-        if not starts:
-            return None
-        first = min(starts) - q_start
-        return torch.arange(max(first, 0), q_len)
-
-    def probs(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        sinks = state.sink_mask(layer, self.tau)
-        image = state.image_mask(probs.device)
-        share = torch.full((state.batch_size,), float("nan"))
-        for row in state.rows:
-            if not row.has_image:
-                continue
-            keep = positions >= row.after_image
-            p = probs[row.index][:, keep]  # (H, R, K)
-            on_image = p[..., image[row.index]].sum()
-            on_sinks = p[..., image[row.index] & sinks[row.index].to(probs.device)].sum()
-            share[row.index] = float(on_sinks / on_image) if on_image > 0 else float("nan")
-        state.records[self.name][layer] = share
-        return probs

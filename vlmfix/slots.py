@@ -20,8 +20,8 @@ from functools import cached_property
 
 import torch
 
-from .attention import additive_mask_rows, grouped_scores
-from .state import SlotMap
+from .eager import additive_mask_rows, grouped_scores
+from .state import Phase, Rows, SlotMap
 
 
 class SlotView:
@@ -31,10 +31,10 @@ class SlotView:
     prefill, the last `q_len` positions of prompt + generated tokens at a decoding step.
     """
 
-    def __init__(self, smap: SlotMap, prompt_len: int, phase: str, q_len: int, kv_len: int):
+    def __init__(self, smap: SlotMap, prompt_len: int, phase: Phase, q_len: int, kv_len: int):
         self.smap = smap
         self.prompt_len = prompt_len
-        self.prefill = phase == "prefill"
+        self.prefill = phase is Phase.PREFILL
         self.extra = kv_len - smap.pos.shape[1]  # generated tokens in the cache
         self.kv_len = prompt_len + self.extra  # key columns in original positions
         self.q_start, self.q_len = (0, prompt_len) if self.prefill else (self.kv_len - q_len, q_len)
@@ -46,12 +46,14 @@ class SlotView:
         tail = torch.arange(self.prompt_len, self.kv_len).expand(b, self.extra)
         return torch.cat([self.smap.pos, tail], 1)
 
-    def query_slots(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slot (B, R), present (B, R)) for block rows `rows` (original positions rows + q_start)."""
+    def query_slots(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(slot (B, R), present (B, R)) for the block rows `rows`; at a decoding step (the same rows in
+        both coordinates) present is None: every row is there."""
         b = self.smap.pos.shape[0]
-        if not self.prefill:  # a decoding block is the same rows in both coordinates
-            return rows.cpu().expand(b, -1), torch.ones(b, len(rows), dtype=torch.bool)
-        wanted = (rows.cpu() + self.q_start).expand(b, -1).contiguous()
+        if not self.prefill:
+            index = torch.arange(self.q_len)[rows.index] if isinstance(rows.index, slice) else rows.index
+            return index.expand(b, -1), None
+        wanted = rows.positions.expand(b, -1).contiguous()
         pos = self.smap.pos.contiguous()
         slot = (torch.searchsorted(pos, wanted, right=True) - 1).clamp_min(0)
         present = (pos.gather(1, slot) == wanted) & self.smap.valid.gather(1, slot)
@@ -80,8 +82,12 @@ class SlotView:
         return self.key_pos.to(like.device)[:, None, None, :].expand(b, h, r, -1)
 
     @staticmethod
-    def write(out: torch.Tensor, rows_out: torch.Tensor, slot: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """Write the rows (B, R, H, D) of present tokens into the attention output (B, Q, H, D) at their slots."""
+    def write(out: torch.Tensor, rows_out: torch.Tensor, slot: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+        """Write the rows (B, R, H, D) of present tokens into the attention output (B, Q, H, D) at their slots
+        (present None: every row, a decoding step)."""
+        if present is None:
+            out[:, slot[0].to(out.device)] = rows_out.to(out.dtype)
+            return out
         b_idx, r_idx = present.nonzero(as_tuple=True)
         at = slot[b_idx, r_idx].to(out.device)
         b_idx, r_idx = b_idx.to(out.device), r_idx.to(out.device)

@@ -3,12 +3,16 @@
 A `CallState` is created when a forward starts on an empty cache (the prefill) and replaced at the
 next prefill; nothing in it outlives that or is shared between models. Positions are absolute
 column indices in the (left-padded) prompt, which are also the key indices of the KV cache.
+
+Everything a decoding step reads from here is a tensor on the model's device (image mask, sink
+masks): it is built during the prefill, and a decoding step never reads a value on the host.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -93,33 +97,105 @@ class SlotMap:
     alive: torch.Tensor
 
 
+class Phase(enum.Enum):
+    """Where a layer call is: a GIFT-style pre-pass over the prompt (no cache written), the prefill
+    of the prompt, or a decoding step (one or a few new tokens after the prompt)."""
+
+    PREPASS = "prepass"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class Block(NamedTuple):
+    """One call of one decoder layer's attention, as every method capability receives it.
+
+    - `layer`: the decoder layer (0-indexed); `phase`: a `Phase`;
+    - `q_start`: the prompt position of the block's first query row (the prefill and pre-pass: 0);
+      None at a decoding step, whose rows follow the prompt (with a static cache their exact
+      positions live in tensors, and the host never reads them);
+    - `q_len`: query rows in the block; `kv_len`: key columns (in prompt positions after in-place
+      pruning: the prompt followed by the generated tokens; a static cache's full length).
+    """
+
+    layer: int
+    phase: Phase
+    q_start: int | None
+    q_len: int
+    kv_len: int
+
+
+class Rows(NamedTuple):
+    """The block rows computed in eager form for one layer call (the union of what the runtimes asked).
+
+    `index`: a slice or a (R,) index into the block's rows; `positions`: their prompt positions as a
+    CPU tensor (None at a decoding step, where the rows are the whole block); `count`: R.
+    """
+
+    index: slice | torch.Tensor
+    positions: torch.Tensor | None
+    count: int
+
+
 @dataclass
 class CallState:
     """What the current call found; `Attached.last_state` keeps the last one for inspection.
 
     - `rows`: per batch row layout (image positions, grid, newline tokens, query span, padding);
-    - `phi[layer]`: (B, prompt_len) sink scores of the prefill residual stream (specs/sinks.md),
-      filled for layers >= 2 when a method or report asks for sinks;
-    - `records`: per-method records (e.g. attention moved, saliency), keyed by method name;
-    - `phase`: "prefill" while the prompt is processed, then "decode"; `step` counts decode steps;
-    - `slot_maps`: the token-pruning stages of this call (`SlotMap`, in layer order), empty without
-      pruning. Sink scores are kept over prompt positions: phi is 0 at positions pruned away.
+    - `phi[layer]`: (B, prompt_len) fp32 sink scores of the prefill residual stream entering the
+      layer (on the model's device), for layers >= 2 when a method or report asks for sinks;
+    - `record(VAR)`: the typed record a method's runtime wrote in this call;
+    - `phase`: a `Phase`; `slot_maps`: the token-pruning stages of this call (`SlotMap`, in layer
+      order), empty without pruning. Sink scores are kept over prompt positions: phi is 0 at
+      positions pruned away.
     """
 
     rows: list[RowLayout]
     prompt_len: int
     sink_dims: tuple[int, ...] = ()
     tau: float | str | None = None
-    phase: str = "prefill"
-    step: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    phase: Phase = Phase.PREFILL
     phi: dict[int, torch.Tensor] = field(default_factory=dict)
-    records: dict[str, Any] = field(default_factory=dict)
     slot_maps: list[SlotMap] = field(default_factory=list)
+    #: (runtime, its record) in the order the runtimes run; read with `record`
+    records: list[tuple[Any, Any]] = field(default_factory=list)
+    _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def batch_size(self) -> int:
         return len(self.rows)
 
+    @property
+    def first_after_image(self) -> int | None:
+        """The first position after any batch row's image (None: no row has an image)."""
+        starts = [r.after_image for r in self.rows if r.has_image]
+        return min(starts) if starts else None
+
+    # -- records ----------------------------------------------------------------------------------
+    def record(self, method: Any, index: int | None = None) -> Any:
+        """The record of one attached method in this call: `method` is its config class (VAR), or the
+        config instance given to attach. With several instances of one class, pass `index` (0-based,
+        in the order given to attach) or the instance."""
+        if isinstance(method, type):
+            found = [rec for rt, rec in self.records if isinstance(rt.config, method)]
+            what = method.__name__
+        else:
+            found = [rec for rt, rec in self.records if rt.config is method]
+            what = repr(method)
+        if not found:
+            raise KeyError(f"no {what} was attached in this call")
+        if index is not None:
+            return found[index]
+        if len(found) > 1:
+            raise KeyError(f"{len(found)} {what} methods were attached; pass index=0..{len(found) - 1} "
+                           "or the config instance")
+        return found[0]
+
+    def has_record(self, method: type) -> bool:
+        """Whether a method of config class `method` was attached in this call."""
+        return any(isinstance(rt.config, method) for rt, _ in self.records)
+
+    # -- pruning ----------------------------------------------------------------------------------
     def slot_map(self, layer: int) -> SlotMap | None:
         """The pruning map in force at `layer` (the last stage at or before it); None before any pruning."""
         current = None
@@ -139,9 +215,10 @@ class CallState:
                 f"layer {layer} holds {values.shape[1]} token slots but its pruning map has {m.pos.shape[1]}; "
                 "the hidden states were read before the pruner gathered the kept tokens"
             )
-        keep = m.valid.to(values.device)
+        keep = self.on_device(("valid", m.layer), m.valid, values.device)
+        pos = self.on_device(("pos", m.layer), m.pos, values.device)
         out = torch.zeros(values.shape[0], self.prompt_len, dtype=values.dtype, device=values.device)
-        return out.scatter_(1, m.pos.to(values.device), torch.where(keep, values, torch.zeros_like(values)))
+        return out.scatter_(1, pos, torch.where(keep, values, torch.zeros_like(values)))
 
     def previous_token(self, layer: int, row: int, position: int) -> int:
         """The token before `position` in batch row `row` as layer `layer` sees the sequence: position - 1,
@@ -152,34 +229,48 @@ class CallState:
         before = m.alive[row, :position].nonzero().flatten()
         return int(before[-1]) if len(before) else position - 1
 
+    # -- masks, on the model's device, built once per call ------------------------------------------
+    def on_device(self, key: Any, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`host` copied to `device` once per call (kept under `key`)."""
+        got = self._cache.get((key, device))
+        if got is None:
+            got = self._cache[key, device] = host.to(device)
+        return got
+
     def image_mask(self, device: torch.device | None = None) -> torch.Tensor:
-        """(B, prompt_len) bool: True at image-token positions."""
-        mask = torch.zeros(self.batch_size, self.prompt_len, dtype=torch.bool)
-        for row in self.rows:
-            mask[row.index, row.image_positions] = True
-        return mask.to(device) if device is not None else mask
+        """(B, prompt_len) bool: True at image-token positions (on `device`, default the model's)."""
+        device = self.device if device is None else torch.device(device)
+        key = ("image", device)
+        if key not in self._cache:
+            mask = torch.zeros(self.batch_size, self.prompt_len, dtype=torch.bool)
+            for row in self.rows:
+                mask[row.index, row.image_positions] = True
+            self._cache[key] = mask.to(device)
+        return self._cache[key]
 
     def sink_mask(self, layer: int, tau: float | str | None = None) -> torch.Tensor | None:
-        """(B, prompt_len) bool: tokens whose sink score at `layer` exceeds the threshold (strict);
-        None if sinks were not tracked. Layers 0 and 1 have no sinks by definition (all False).
-
-        tau: a number, or "bos:F" for F x the phi of each row's first (non-padding) token.
-        """
+        """(B, prompt_len) bool on phi's device: tokens whose sink score at `layer` exceeds the
+        threshold (strict); None if sinks were not tracked. Layers 0 and 1 have no sinks by
+        definition (all False). tau: a number, or "bos:F" for F x the phi of each row's first
+        (non-padding) token."""
         tau = self.tau if tau is None else tau
         if layer < 2:
-            return torch.zeros(self.batch_size, self.prompt_len, dtype=torch.bool)
+            return torch.zeros(self.batch_size, self.prompt_len, dtype=torch.bool, device=self.device)
         phi = self.phi.get(layer)
         if phi is None or tau is None:
             return None
-        first = torch.tensor([r.pad_left for r in self.rows]).clamp(max=self.prompt_len - 1)
-        return above_threshold(phi, tau, first)
+        key = ("sinks", layer, tau)
+        if key not in self._cache:
+            first = torch.tensor([r.pad_left for r in self.rows]).clamp(max=self.prompt_len - 1)
+            self._cache[key] = above_threshold(phi, tau, first.to(phi.device))
+        return self._cache[key]
 
     def sinks(self, layer: int, row: int, tau: float | str | None = None) -> torch.Tensor:
         """Positions of all sink tokens of batch row `row` at `layer` (text sinks such as BOS included)."""
         mask = self.sink_mask(layer, tau)
         if mask is None:
             raise RuntimeError("sink scores were not tracked in this call: attach a method that uses sinks")
-        return mask[row].nonzero().flatten()
+        return mask[row].nonzero().flatten().cpu()
 
     def visual_sinks(self, layer: int, row: int, tau: float | str | None = None) -> torch.Tensor:
         """Positions of the image tokens of batch row `row` that are sinks at `layer`."""
@@ -187,7 +278,7 @@ class CallState:
         if mask is None:
             raise RuntimeError("sink scores were not tracked in this call: attach a method that uses sinks")
         positions = self.rows[row].image_positions
-        return positions[mask[row, positions]]
+        return positions[mask[row].cpu()[positions]]
 
     def summary(self) -> dict[str, Any]:
         """A plain-data overview: per row its spans, per layer its visual-sink counts."""

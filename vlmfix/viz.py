@@ -109,14 +109,16 @@ def moved_heatmap(
 ) -> Path:
     """PNG of the attention VAR gave to each image patch (summed over heads, rows, steps and, without
     `layer`, over layers); the visual sinks it took attention from are outlined."""
-    rec = state.records.get("var")
-    layers = [layer] if layer is not None else sorted(rec["gain"]) if rec else []
-    gain = sum(rec["gain"][k].cpu() for k in layers if k in rec["gain"]) if layers else 0
-    if not isinstance(gain, torch.Tensor) or not float(gain.sum()) > 0:
-        raise ValueError("VAR moved no attention in this call (no image-centric heads, or VAR not attached)")
-    visual = sum(rec["masks"][k][0][..., 1].cpu() for k in layers if k in rec["masks"]) > 0
+    from .methods import VAR
+
+    if not state.has_record(VAR):
+        raise ValueError("VAR was not attached in this call")
+    rec = state.record(VAR)
+    gain, visual = rec.moved_map(layer)
+    if not float(gain.sum()) > 0:
+        raise ValueError("VAR moved no attention in this call (no image-centric heads)")
     values = on_grid(state, gain, row, segment)
-    where = f"layer {layer}" if layer is not None else f"layers {layers[0]}-{layers[-1]}"
+    where = f"layer {layer}" if layer is not None else f"layers {rec.layers[0]}-{rec.layers[-1]}"
     title = f"attention moved by VAR, {where} (total {float(values.sum()):.2f}; sinks outlined)"
     return grid_heatmap(values, path, image, vmin=0.0, title=title, marked=on_grid(state, visual, row, segment))
 
@@ -125,17 +127,18 @@ def saliency_heatmap(
     state: CallState, path: str | Path, image: Image.Image | None = None, *, row: int = 0, segment: int = 0,
 ) -> Path:
     """PNG of GIFT's saliency map S_hat (gaze shifts of the question over the image) for batch row `row`."""
-    rec = state.records.get("gift")
-    if rec is None:
+    from .methods import GIFT
+
+    if not state.has_record(GIFT):
         raise ValueError("GIFT was not attached in this call")
-    info = rec["rows"][row]
-    s_hat = info.get("saliency")
+    rec = state.record(GIFT)
+    s_hat = rec.saliency(row)
     if s_hat is None:
-        raise ValueError(f"no saliency map for batch row {row}: {info['note'] or 'GIFT computed none'}")
+        raise ValueError(f"no saliency map for batch row {row}: {rec.note(row) or 'GIFT computed none'}")
     layout = state.rows[row]
     values = torch.zeros(state.batch_size, state.prompt_len)
     values[row, layout.image_positions] = s_hat.float()
-    alpha = f"{state.records['gift'].get('alpha', '')}"
+    alpha = f"{rec.alpha}"
     title = "GIFT saliency S_hat (gaze shifts of the question over the image)" + (f", alpha {alpha}" if alpha else "")
     return grid_heatmap(on_grid(state, values, row, segment), path, image, vmin=0.0, vmax=1.0, title=title)
 
@@ -146,13 +149,13 @@ def kept_heatmap(
 ) -> Path:
     """PNG of the image tokens a pruner kept (bright, outlined) and dropped (dark) after `stage` for
     batch row `row`, over one image grid."""
-    from .methods.prune import kept_tokens
+    from .methods.prune import kept_tokens, prune_record
 
     kept = torch.zeros(state.batch_size, state.prompt_len)
     kept[row, kept_tokens(state, row, stage)] = 1.0
     values = on_grid(state, kept, row, segment)
-    rec = state.records["prune"]
-    layer = rec["stages"][stage]["layer"] if rec["stages"] else None
+    rec = prune_record(state)
+    layer = rec.stages[stage].layer if rec.stages else None
     where = f"from layer {layer}" if layer is not None else "(nothing pruned)"
     title = f"kept image tokens {where}: {int(values.sum())} of {values.numel()}"
     return grid_heatmap(values, path, image, vmin=0.0, vmax=1.0, title=title, marked=values > 0)

@@ -26,7 +26,7 @@ def cmd_showcase(args: argparse.Namespace) -> int:
     """Generate a description of one image without and with each method; print them with timings;
     write the heat maps (visual sinks, GIFT saliency, kept tokens)."""
     from ..attach import attach
-    from ..cli import parse_methods
+    from ..methods import parse_methods
     from ..data.world import draw_image
     from ..loading import chat_prompt
     from ..viz import model_view
@@ -62,6 +62,7 @@ def cmd_showcase(args: argparse.Namespace) -> int:
 
 def _heat_maps(state: Any, spec: str, out: Path, view: Any) -> list[str]:
     """The heat map of what method set `spec` did in the call of `state` (written under `out`), as lines to print."""
+    from ..methods.prune import prune_record
     from ..viz import kept_heatmap, saliency_heatmap, sink_heatmap
 
     lines = []
@@ -69,12 +70,13 @@ def _heat_maps(state: Any, spec: str, out: Path, view: Any) -> list[str]:
         layer = sorted(state.phi)[len(state.phi) // 2]
         lines.append(f"heat map, visual sinks (layer {layer}): {sink_heatmap(state, layer, out / 'sinks.png', view)}")
     if spec == "gift":
-        info = state.records["gift"]["rows"][0]
-        if info.get("saliency") is not None:
+        from ..methods import GIFT
+
+        if GIFT.saliency(state) is not None:
             lines.append(f"heat map, GIFT saliency: {saliency_heatmap(state, out / 'gift_saliency.png', view)}")
         else:
-            lines.append(f"GIFT: {info['note']}")
-    if spec.startswith("fastv") and state.records.get("prune", {}).get("stages"):
+            lines.append(f"GIFT: {state.record(GIFT).note(0)}")
+    if spec.startswith("fastv") and prune_record(state).stages:
         lines.append(f"heat map, kept image tokens: {kept_heatmap(state, out / 'kept_tokens.png', view)}")
     return lines
 

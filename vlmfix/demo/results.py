@@ -37,7 +37,7 @@ def sink_profile(model: Any, processor: Any, world: Path, n_images: int) -> dict
     from ..attach import attach
     from ..data import load_pope_jsonl
     from ..loading import chat_prompt
-    from ..sinks import SinkShare
+    from ..methods import SinkShare
 
     questions = load_pope_jsonl(world / "coco_pope_random.json")
     by_image: dict[Any, Any] = {}
@@ -53,7 +53,7 @@ def sink_profile(model: Any, processor: Any, world: Path, n_images: int) -> dict
             inputs = processor(images=image, text=chat_prompt(processor, q.text), return_tensors="pt").to(model.device)
             fixed(**inputs)
             state = fixed.last_state
-            for layer, share in state.records["sink_share"].items():
+            for layer, share in state.record(SinkShare).shares.items():
                 if not math.isnan(float(share[0])):
                     shares.setdefault(layer, []).append(float(share[0]))
             is_image = state.image_mask()[0]

@@ -1,5 +1,5 @@
 """GIFT: gaze shift-guided cross-modal fusion enhancement ("Capturing Gaze Shifts for Guidance:
-Cross-Modal Fusion Enhancement for VLM Hallucination Mitigation", arXiv 2510.22067; specs/gift.md).
+Cross-Modal Fusion Enhancement for VLM Hallucination Mitigation", arXiv 2510.22067).
 
 Saliency, once per sample from the prompt, at the saliency layer(s) l, over the user-query rows i
 (informative words only) and the image columns j:
@@ -14,31 +14,35 @@ Boost, in each boost layer on the last query row (each decoding step and the las
   top floor(H/2) heads by attention to the user-query span: query-span entries times beta * r;
   every modified row renormalised to sum 1. Head selections use the unmodified row.
 
+Cost: the saliency map becomes, once per call, matrices over the prompt positions (image, M, query
+span), so the boost of a layer call is two batched products, two head rankings and a few
+element-wise ops for all batch rows at once; a batch row without a map has zero rows in them and is
+left exactly as it is. The flat-map test is a tensor too, so nothing is read on the host.
+
 One prefill suffices when every saliency layer precedes every boost layer; otherwise `attach`
 runs a pre-pass over the prompt that stops after the last saliency layer.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 
-from ..state import CallState
 from ..words import informative_tokens
-from .base import Method
-
-if TYPE_CHECKING:
-    from ..adapters import Adapter
+from .base import Block, Buffers, CallState, EditsRows, MethodConfig, NeedsPrepass, Phase, Rows, Runtime, Target
 
 
 def default_layers(num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The depth rule for models without a preset, scaled from LLaVA-1.5-7B (32 layers: saliency 11,
-    boost 12..22): saliency at round(0.34 L), boost from the next layer to round(0.69 L)."""
-    sal = max(1, round(0.34 * num_layers))
-    return (sal,), tuple(range(sal + 1, max(sal + 2, round(0.69 * num_layers) + 1)))
+    boost 12..22): saliency at round(0.34 L), boost from the next layer to round(0.69 L), kept inside
+    the model (a 2-layer model: saliency 0, boost 1)."""
+    if num_layers < 2:
+        raise ValueError(f"GIFT needs at least 2 decoder layers (a saliency layer before a boost layer), "
+                         f"the model has {num_layers}")
+    sal = min(max(1, round(0.34 * num_layers)), num_layers - 2) if num_layers >= 3 else 0
+    return (sal,), tuple(range(sal + 1, min(num_layers, max(sal + 2, round(0.69 * num_layers) + 1))))
 
 
 def half(n: int) -> int:
@@ -47,7 +51,7 @@ def half(n: int) -> int:
 
 
 @dataclass
-class GIFT(Method):
+class GIFT(MethodConfig):
     """GIFT (defaults: the model preset in configs/models; LLaVA-1.5-7B: alpha 5, saliency layer 11,
     boost layers 12..22; models without a preset: `default_layers` and alpha 5).
 
@@ -64,19 +68,75 @@ class GIFT(Method):
     beta: float = 1.0
     use_spacy: bool | None = None
 
-    name: ClassVar[str] = "gift"
+    name = "gift"
 
-    def validate(self, adapter: "Adapter") -> None:
-        preset = (adapter.preset or {}).get("gift")
+    def bind(self, target: Target) -> "GIFTRuntime":
+        return GIFTRuntime(self, target)
+
+    @staticmethod
+    def saliency(state: CallState, row: int = 0, index: int | None = None) -> torch.Tensor | None:
+        """S_hat over the image tokens of batch row `row` in the call of `state` (None: no map for that row)."""
+        return state.record(GIFT, index).saliency(row)
+
+
+@dataclass
+class GIFTRow:
+    """One batch row as GIFT saw it: the query span, its informative tokens (host), why it was left alone."""
+
+    span: tuple[int, int] | None
+    informative: torch.Tensor | None
+    note: str = ""
+
+
+@dataclass
+class GIFTRecord:
+    """What GIFT found in one call: per batch row its span and informative tokens (`rows`), the
+    saliency S_hat over prompt positions (`saliency_map`, (B, P), on the image tokens) and whether the
+    row got a boost map (`has_map`, (B,) bool; False for a flat map or no informative word)."""
+
+    alpha: float
+    rows: list[GIFTRow]
+    image_positions: list[torch.Tensor]
+    saliency_map: torch.Tensor
+    has_map: torch.Tensor
+    frozen: bool = field(default=False, repr=False)
+
+    def freeze(self) -> None:
+        if not self.frozen:
+            self.saliency_map, self.has_map = self.saliency_map.clone(), self.has_map.clone()
+            self.frozen = True
+
+    def saliency(self, row: int = 0) -> torch.Tensor | None:
+        """S_hat over the image tokens of batch row `row` (None when that row got no saliency)."""
+        if self.rows[row].informative is None or not bool(self.rows[row].informative.any()):
+            return None
+        return self.saliency_map[row, self.image_positions[row].to(self.saliency_map.device)].cpu()
+
+    def note(self, row: int = 0) -> str:
+        """Why batch row `row` was not boosted ('' when it was)."""
+        info = self.rows[row]
+        if info.note:
+            return info.note
+        return "" if bool(self.has_map[row]) else "flat saliency (max == min): no boost"
+
+
+class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
+    """GIFT bound to a model: resolved alpha and layers; per call the saliency and the boost matrices."""
+
+    def __init__(self, config: GIFT, target: Target):
+        super().__init__(config, target)
+        adapter = target.adapter
         n = adapter.num_layers
+        preset = (adapter.preset or {}).get("gift")
         if preset:
             lo, hi = preset["boost_layers"]
             sal, boost, alpha = tuple(preset["saliency_layers"]), tuple(range(lo, hi + 1)), preset["alpha"]
         else:
             (sal, boost), alpha = default_layers(n), 5.0
-        self.alpha = alpha if self.alpha is None else float(self.alpha)
-        self.saliency_layers = tuple(sal if self.saliency_layers is None else self.saliency_layers)
-        self.boost_layers = tuple(boost if self.boost_layers is None else self.boost_layers)
+        self.alpha = float(alpha if config.alpha is None else config.alpha)
+        self.beta = float(config.beta)
+        self.saliency_layers = tuple(sal if config.saliency_layers is None else config.saliency_layers)
+        self.boost_layers = tuple(boost if config.boost_layers is None else config.boost_layers)
         if not self.alpha >= 0:
             raise ValueError(f"GIFT alpha must be >= 0, got {self.alpha}")
         for what, layers in (("saliency_layers", self.saliency_layers), ("boost_layers", self.boost_layers)):
@@ -86,6 +146,12 @@ class GIFT(Method):
             if bad:
                 raise ValueError(f"GIFT {what} {bad} are outside the model's {n} decoder layers")
         self._sal, self._boost = frozenset(self.saliency_layers), frozenset(self.boost_layers)
+        self._buffers = Buffers()
+        self._top = half(adapter.num_heads)
+
+    def resolved(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "saliency_layers": list(self.saliency_layers),
+                "boost_layers": list(self.boost_layers)}
 
     @property
     def needs_prepass(self) -> bool:
@@ -95,152 +161,128 @@ class GIFT(Method):
     def prepass_until(self) -> int | None:
         return max(self._sal) if self.alpha > 0 and self.needs_prepass else None
 
-    # -- per call ---------------------------------------------------------------------------
-    def on_prefill(self, state: CallState) -> None:
-        rows: list[dict[str, Any]] = []
+    # -- per call ---------------------------------------------------------------------------------
+    def begin(self, state: CallState) -> GIFTRecord:
+        if self.record is not None:
+            self.record.freeze()
+        rows: list[GIFTRow] = []
         for row in state.rows:
-            info: dict[str, Any] = {"span": row.query_span, "informative": None, "note": ""}
             if not row.has_image:
-                info["note"] = row.note
+                rows.append(GIFTRow(row.query_span, None, row.note))
             elif row.query_span is None:
-                info["note"] = "no user text after the image: no saliency, no boost"
+                rows.append(GIFTRow(None, None, "no user text after the image: no saliency, no boost"))
             else:
-                flags = (informative_tokens(row.query_pieces, self.use_spacy) if row.query_pieces is not None
+                flags = (informative_tokens(row.query_pieces, self.config.use_spacy) if row.query_pieces is not None
                          else [True] * (row.query_span[1] - row.query_span[0]))
-                info["informative"] = torch.tensor(flags, dtype=torch.bool)
-                if not any(flags):
-                    info["note"] = "no informative word in the question: saliency is flat, attention unchanged"
-            rows.append(info)
-        state.records[self.name] = {"rows": rows, "saliency": {}, "M": None, "r": {}, "alpha": self.alpha}
+                note = "" if any(flags) else "no informative word in the question: saliency is flat, attention unchanged"
+                rows.append(GIFTRow(row.query_span, torch.tensor(flags, dtype=torch.bool), note))
+        b, p, dev = state.batch_size, state.prompt_len, state.device
+        #: the rows GIFT acts on (an informative token in the question)
+        self._acting = [i for i, info in enumerate(rows) if info.informative is not None and bool(info.informative.any())]
+        self._shifts: dict[int, dict[int, torch.Tensor]] = {}  # saliency layer -> batch row -> (N_img,)
+        self._built = False
+        #: (B, 1, P, 3) columns [image, M on the image, query span] and (B, 1, 2, P) rows [(M - 1) on the image, span]
+        self._columns = self._buffers.zeros("columns", (b, 1, p, 3), torch.float32, dev)
+        self._update = self._buffers.zeros("update", (b, 1, 2, p), torch.float32, dev)
+        return GIFTRecord(self.alpha, rows, [r.image_positions for r in state.rows],
+                          self._buffers.zeros("saliency", (b, p), torch.float32, dev),
+                          self._buffers.zeros("has_map", (b,), torch.bool, dev))
 
-    @staticmethod
-    def _spans(state: CallState) -> list[tuple[int, int]]:
-        """Query spans of the rows with at least one informative token (the rows GIFT can act on)."""
-        rows = state.records[GIFT.name]["rows"]
-        return [info["span"] for info in rows if info["informative"] is not None and bool(info["informative"].any())]
-
-    def eager_rows(self, state: CallState, layer: int, q_start: int, q_len: int) -> torch.Tensor | None:
-        rec = state.records[self.name]
-        if not self.alpha or not self._spans(state) or (rec["M"] is not None and all(m is None for m in rec["M"])):
+    # -- the capability -----------------------------------------------------------------------------
+    def rows(self, block: Block, state: CallState) -> range | None:
+        if not self.alpha or not self._acting:
             return None  # nothing to boost: the fast path, exactly
-        rows = []
-        if layer in self._sal and state.phase in ("prefill", "prepass") and state.records[self.name]["M"] is None:
-            spans = self._spans(state)
-            before = [state.previous_token(layer, b, info["span"][0]) for b, info in enumerate(rec["rows"])
-                      if info["informative"] is not None and bool(info["informative"].any())]
-            lo = max(min(before) - q_start, 0)  # from the token before the first span token
-            hi = min(max(s[1] for s in spans) - q_start, q_len)
-            rows.append(torch.arange(lo, hi))
-        if layer in self._boost and state.phase != "prepass":
-            rows.append(torch.arange(q_len - 1, q_len) if state.phase == "prefill" else torch.arange(q_len))
-        rows = [r for r in rows if len(r)]
-        return torch.cat(rows) if rows else None
+        layer = block.layer
+        if block.phase is Phase.DECODE:
+            return range(block.q_len) if layer in self._boost else None
+        lo, hi = block.q_len, 0
+        if layer in self._sal and not self._built:
+            info = self.record.rows
+            starts = [state.previous_token(layer, b, info[b].span[0]) for b in self._acting]
+            lo = max(min(starts) - block.q_start, 0)  # from the token before the first span token
+            hi = min(max(info[b].span[1] for b in self._acting) - block.q_start, block.q_len)
+        if layer in self._boost and block.phase is Phase.PREFILL:
+            lo, hi = min(lo, block.q_len - 1), block.q_len
+        return range(lo, hi) if lo < hi else None
 
-    def probs(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        rec = state.records[self.name]
-        if layer in self._sal and rec["M"] is None and state.phase in ("prefill", "prepass"):
-            self._gaze_shifts(state, layer, positions, probs)
-        if layer in self._boost and state.phase != "prepass":
-            if rec["M"] is None:
-                rec["M"] = self._boost_map(state)
-            probs = self._boost_rows(state, layer, positions, probs)
+    def edit(self, block: Block, state: CallState, rows: Rows, probs: torch.Tensor) -> torch.Tensor:
+        layer = block.layer
+        if block.phase is not Phase.DECODE and layer in self._sal and not self._built:
+            self._gaze_shifts(state, layer, rows.positions, probs)
+            if set(self._shifts) == self._sal:
+                self._build_map(state)
+        if layer in self._boost and block.phase is not Phase.PREPASS:
+            if not self._built:
+                self._build_map(state)
+            if block.phase is Phase.DECODE:
+                self._boost_rows(probs)
+            elif int(rows.positions[-1]) == state.prompt_len - 1:  # the last prompt position
+                self._boost_rows(probs[:, :, -1:])
         return probs
 
-    # -- saliency ---------------------------------------------------------------------------
+    # -- saliency (prefill or pre-pass, once per call) ----------------------------------------------
     def _gaze_shifts(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> None:
-        rec = state.records[self.name]
-        per_row = rec["saliency"].setdefault(layer, {})
-        where = {int(p): k for k, p in enumerate(positions.tolist())}
-        for info, row in zip(rec["rows"], state.rows):
-            flags = info["informative"]
-            if flags is None or not bool(flags.any()):
-                continue
-            start, end = info["span"]
-            kept = [i for i, f in zip(range(start, end), flags.tolist()) if f]
-            cur = torch.tensor([where[i] for i in kept])
-            before = state.previous_token(layer, row.index, start)  # pruning may have removed start - 1
-            prev = torch.tensor([where[i - 1 if i > start else before] for i in kept])
-            image = row.image_positions.to(probs.device)
-            a = probs[row.index][:, :, image]  # (H, R, N_img)
+        per_row = self._shifts.setdefault(layer, {})
+        where = {p: k for k, p in enumerate(positions.tolist())}
+        for b in self._acting:
+            info, row = self.record.rows[b], state.rows[b]
+            start, end = info.span
+            kept = [i for i, f in zip(range(start, end), info.informative.tolist()) if f]
+            before = state.previous_token(layer, b, start)  # pruning may have removed start - 1
+            cur = torch.tensor([where[i] for i in kept], device=probs.device)
+            prev = torch.tensor([where[i - 1 if i > start else before] for i in kept], device=probs.device)
+            a = probs[b][:, :, row.image_positions.to(probs.device)]  # (H, R, N_img)
             shift = (a[:, cur] - a[:, prev]).clamp_min(0)  # (H, kept rows, N_img)
             heads = shift.sum((1, 2)).topk(half(shift.shape[0])).indices
-            per_row[row.index] = shift[heads].mean((0, 1)).cpu()  # (N_img,)
+            per_row[b] = shift[heads].mean((0, 1))  # (N_img,)
 
-    def _boost_map(self, state: CallState) -> list[torch.Tensor | None]:
-        """Per batch row, M over its image tokens (None: no boost for that row)."""
-        rec = state.records[self.name]
-        maps: list[torch.Tensor | None] = []
-        for row in state.rows:
-            parts = [rec["saliency"][layer][row.index] for layer in sorted(rec["saliency"])
-                     if row.index in rec["saliency"][layer]]
+    def _build_map(self, state: CallState) -> None:
+        """S_hat and M per batch row, into the call's matrices (rows without a map stay zero)."""
+        self._built = True
+        rec = self.record
+        for b in self._acting:
+            parts = [self._shifts[layer][b] for layer in sorted(self._shifts) if b in self._shifts[layer]]
             if not parts:
-                maps.append(None)
                 continue
             s = torch.stack(parts).mean(0)
             mean, std = s.mean(), s.std(unbiased=False)
-            s = s.clamp(float(mean - 3 * std), float(mean + 3 * std))
+            s = s.clamp(mean - 3 * std, mean + 3 * std)
             lo, hi = s.min(), s.max()
-            if not hi > lo:  # S_hat = 0 everywhere, M = 1: nothing to boost
-                rec["rows"][row.index]["note"] = "flat saliency (max == min): no boost"
-                rec["rows"][row.index]["saliency"] = torch.zeros_like(s)
-                maps.append(None)
-                continue
-            s_hat = (s - lo) / (hi - lo)
-            rec["rows"][row.index]["saliency"] = s_hat
-            maps.append(torch.exp(self.alpha * s_hat))
-        return maps
+            ok = hi > lo  # a flat map gives S_hat = 0, M = 1: nothing to boost (a tensor: no host read)
+            s_hat = torch.where(ok, (s - lo) / torch.where(ok, hi - lo, 1.0), 0.0)
+            image = state.rows[b].image_positions.to(s.device)
+            start, end = rec.rows[b].span
+            rec.saliency_map[b, image] = s_hat
+            rec.has_map[b] = ok
+            m = torch.exp(self.alpha * s_hat)
+            self._columns[b, 0, image, 0] = 1.0
+            self._columns[b, 0, image, 1] = m
+            self._columns[b, 0, start:end, 2] = 1.0
+            self._update[b, 0, 0, image] = (m - 1) * ok
+            self._update[b, 0, 1, start:end] = ok.float()
 
-    # -- boost ------------------------------------------------------------------------------
-    def _boost_rows(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """The boost on the rows at the last prompt position (prefill) or every row (decode), all
-        batch rows at once; rows without a map are left as they are."""
-        rec = state.records[self.name]
-        if state.phase == "decode":
-            k = slice(None)
-        else:
-            hit = (positions == state.prompt_len - 1).nonzero().flatten()
-            if not len(hit):
-                return probs
-            k = slice(int(hit[0]), int(hit[0]) + 1)
-        image, span, m, has_map = self._boost_masks(state, probs.device)  # (B, 1, 1, P) x 3, (B,)
-        prompt = image.shape[-1]
-        a = probs[:, :, k, :prompt]  # (B, H, R, P)
-        heads = probs.shape[1]
-        top = half(heads)
-        vis = torch.zeros(a.shape[:-1], dtype=torch.bool, device=a.device)  # (B, H, R)
-        vis.scatter_(1, (a * image).sum(-1).topk(top, dim=1).indices, True)
-        qry = torch.zeros_like(vis)
-        qry.scatter_(1, (a * span).sum(-1).topk(top, dim=1).indices, True)
-        boosted = torch.where(vis[..., None], a * m, a)
-        on_image = (vis[..., None] * image)
-        ratio = (boosted * on_image).sum((1, 3)) / (a * on_image).sum((1, 3)).clamp_min(1e-30)  # (B, R)
-        scaled = torch.where((qry[..., None] * span) > 0, boosted * (self.beta * ratio)[:, None, :, None], boosted)
-        touched = (vis | qry) & has_map[:, None, None]
-        rest = probs[:, :, k, prompt:]
-        total = scaled.sum(-1, keepdim=True) + rest.sum(-1, keepdim=True)
-        probs[:, :, k, :prompt] = torch.where(touched[..., None], scaled / total, a)
-        probs[:, :, k, prompt:] = torch.where(touched[..., None], rest / total, rest)
-        rec["r"].setdefault(layer, []).append(ratio.cpu())
-        return probs
+    # -- boost ------------------------------------------------------------------------------------
+    def _boost_rows(self, probs: torch.Tensor) -> None:
+        """The boost of rows `probs` (B, H, R, K), all batch rows at once, in place.
 
-    def _boost_masks(self, state: CallState, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(B, 1, 1, P) image and query-span masks and M (1 outside the image); (B,) rows with a map."""
-        rec = state.records[self.name]
-        if "masks" not in rec:
-            image = state.image_mask(device).float()
-            span = torch.zeros_like(image)
-            m = torch.ones_like(image)
-            for row, mb in zip(state.rows, rec["M"]):
-                if mb is not None:
-                    m[row.index, row.image_positions] = mb.to(device)
-                    start, end = rec["rows"][row.index]["span"]
-                    span[row.index, start:end] = 1.0
-            has_map = torch.tensor([mb is not None for mb in rec["M"]], device=device)
-            rec["masks"] = (image[:, None, None], span[:, None, None], m[:, None, None], has_map)
-        return rec["masks"]
-
-    @staticmethod
-    def saliency(state: CallState, row: int = 0) -> torch.Tensor | None:
-        """S_hat over the image tokens of batch row `row` (None when that row got no saliency)."""
-        rec = state.records.get(GIFT.name)
-        return None if rec is None else rec["rows"][row].get("saliency")
+        columns @ A gives per (head, row) its image mass, boosted image mass sum A M and query-span
+        mass; the top floor(H/2) heads by image mass (vis) and by span mass (qry) are ranked on that
+        unmodified row. With r = sum_vis sum A M / sum_vis sum A over the image, each entry becomes
+        A_j f_j, f_j - 1 = vis (M_j - 1) [j in I] + qry (beta r - 1) [j in span], i.e. one product
+        [vis, qry (beta r - 1)] @ update; the row is divided by its new sum 1 + sum_j A_j (f_j - 1).
+        Unselected heads and rows without a map have f = 1 and a sum of exactly 1: they are unchanged.
+        """
+        h = probs.shape[1]
+        p = self._columns.shape[2]
+        a = probs[..., :p]
+        mass = torch.matmul(a, self._columns)  # (B, H, R, 3): image, boosted image, span
+        kth = h - self._top + 1  # the top-th largest is the (H - top + 1)-th smallest
+        vis = (mass[..., 0] >= mass[..., 0].kthvalue(kth, dim=1, keepdim=True).values).float()
+        qry = (mass[..., 2] >= mass[..., 2].kthvalue(kth, dim=1, keepdim=True).values).float()
+        sums = (vis[..., None] * mass[..., :2]).sum(1, keepdim=True)  # (B, 1, R, 2)
+        ratio = sums[..., 1] / sums[..., 0].clamp_min(1e-30)
+        coef = torch.stack([vis, qry * (self.beta * ratio - 1)], -1)  # (B, H, R, 2)
+        change = a * torch.matmul(coef, self._update)
+        total = change.sum(-1, keepdim=True).add_(1.0)
+        a.add_(change)
+        probs.div_(total)

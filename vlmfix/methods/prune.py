@@ -1,4 +1,4 @@
-"""Attention-based visual token pruning: FastV and multi-stage (PyramidDrop-style); specs/pruning.md.
+"""Attention-based visual token pruning: FastV and multi-stage (PyramidDrop-style).
 
 One scoring path for both: at each stage layer L, the image tokens still present are scored by the
 attention they receive at layer L - 1 (fp32 eager rows, averaged over heads): FastV from the last
@@ -14,7 +14,13 @@ Forms:
   that stay masked as keys.
 - "mask": nothing is removed; dropped tokens are masked out as keys from layer L on (reference).
 Each stage is recorded as a `SlotMap` in `CallState.slot_maps` (slot -> original position, and
-the positions still present).
+the positions still present), and in the call's `PruneRecord` (`state.record(FastVPrune)`).
+
+Cost: the scoring, the selection and the slot maps happen once per stage at the prefill. Decoding
+steps carry no pruning hooks; the replaced mask of a step is built once (at the first pruned
+layer) and reused by the later layers. Under a static cache (compiled generation) only the mask
+form runs: in-place pruning shortens the KV cache of the pruned layers, which a static cache
+cannot hold, and attach says so at the prefill.
 
 Composition with VAR and GIFT: methods name tokens by prompt position. In the mask form nothing
 moves; in the in-place form a `SlotView` (vlmfix/slots.py) hands every method its rows and keys in
@@ -34,14 +40,15 @@ only (generate only reads the last one).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
 from ..slots import SlotView
-from ..state import CallState, SlotMap
-from .base import Method
+from ..state import SlotMap
+from .base import (Block, CallState, EditsRows, MethodConfig, MovesTokens, Phase, ReadsInputs, ReplacesMask, Rows,
+                   Runtime, Target)
 from .debias import Debias, Trend, content_size, padding_fractions
 
 if TYPE_CHECKING:
@@ -69,81 +76,100 @@ def _allowed(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
-class _Pruner(Method):
-    """Shared machinery of FastVPrune and StagedPrune (see the module docstring)."""
+@dataclass
+class PruneStage:
+    """One pruning stage: from `layer` on, batch row b keeps the image tokens at prompt positions
+    `kept[b]` (`budget[b]` of them), ranked by `scores[b]` (over that row's image tokens)."""
 
-    name: ClassVar[str] = "prune"
-    order: ClassVar[int] = -1  # scores the raw attention rows, before VAR / GIFT edit them
-    scoring: ClassVar[str] = "last"  # "last": last prompt token; "text": text rows after the image
+    layer: int
+    kept: list[torch.Tensor]
+    budget: list[int]
+    scores: list[torch.Tensor]
 
-    debias: Debias | None
+
+@dataclass
+class PruneRecord:
+    """What a pruner did in one call: its form, stage layers, budgets per stage and row, the stages
+    run (`stages`), each row's padding fractions (or None) and whether it had anything to drop."""
+
     form: str
+    layers: tuple[int, ...]
+    budgets: list[list[int]]
+    pad_frac: list[torch.Tensor | None]
+    active: bool
+    stages: list[PruneStage] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
+    def kept(self, row: int = 0, stage: int = -1) -> torch.Tensor | None:
+        """Prompt positions of the image tokens batch row `row` kept after `stage` (None: nothing was pruned)."""
+        return self.stages[stage].kept[row] if self.stages else None
+
+
+class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
+    """FastVPrune and StagedPrune bound to a model (see the module docstring)."""
+
+    order = -1  # scores the raw attention rows, before VAR / GIFT edit them
+
+    def __init__(self, config: "FastVPrune | StagedPrune", target: Target, layers: tuple[int, ...],
+                 budget: Any, scoring: str):
+        super().__init__(config, target)
+        adapter = target.adapter
+        self.form, self.debias, self.scoring, self._budget = config.form, config.debias, scoring, budget
         if isinstance(self.debias, dict):  # from a YAML preset
             self.debias = Debias(**self.debias)
-
-    # -- configuration ----------------------------------------------------------------------------
-    def _stage_layers(self) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def _budget(self, stage: int, n: int) -> int:
-        raise NotImplementedError
-
-    def _check_common(self, adapter: "Adapter") -> None:
+        name = type(config).__name__
         if self.form not in FORMS:
-            raise ValueError(f"{type(self).__name__} form must be one of {FORMS}, got {self.form!r}")
+            raise ValueError(f"{name} form must be one of {FORMS}, got {self.form!r}")
         if self.debias is not None and not isinstance(self.debias, Debias):
-            raise TypeError(f"{type(self).__name__} debias must be a vlmfix.Debias or None")
+            raise TypeError(f"{name} debias must be a vlmfix.Debias or None")
         implementation = adapter.text_config._attn_implementation
         if implementation not in (None, "eager", "sdpa"):
             raise ValueError(
-                f"{type(self).__name__} needs the decoder on 'sdpa' or 'eager' attention (4-D masks), not "
+                f"{name} needs the decoder on 'sdpa' or 'eager' attention (4-D masks), not "
                 f"{implementation!r}; load the model with attn_implementation='sdpa'."
             )
-        for layer in self._stage_layers():
+        for layer in layers:
             if not 1 <= layer < adapter.num_layers:
                 raise ValueError(
-                    f"{type(self).__name__} layer {layer} is out of range: it must be in 1 .. {adapter.num_layers - 1} "
+                    f"{name} layer {layer} is out of range: it must be in 1 .. {adapter.num_layers - 1} "
                     f"(scores come from the layer before; the model has {adapter.num_layers} decoder layers)"
                 )
-        self._layers = self._stage_layers()
-        self._first = min(self._layers)
+        self.layers = layers
+        self._first = min(layers)
         self._num_layers = adapter.num_layers
         self._geometry, self._background = _padding_geometry(adapter)
         names = " ".join(str(getattr(c, "_name_or_path", "") or "") for c in (adapter.config, adapter.text_config))
-        self._trend: Trend | None = self.debias.resolve(names, self.preset_key) if self.debias else None
+        self.trend: Trend | None = self.debias.resolve(names, config.preset_key) if self.debias else None
 
-    @property
-    def preset_key(self) -> str:
-        return "fastv" if self.scoring == "last" else "staged"
+    def resolved(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"layers": list(self.layers)}
+        if isinstance(self.config, FastVPrune) and self.config.keep is None and self.config.keep_ratio is None:
+            out["keep"] = FastVPrune.default_keep
+        if self.trend is not None:
+            out["trend"] = {"family": self.trend.family, **self.trend.named()}
+        return out
 
-    def check_combination(self, methods: Sequence[Method]) -> None:
-        if any(isinstance(m, _Pruner) for m in methods if m is not self):
+    def check_combination(self, others: Sequence[Runtime]) -> None:
+        if any(isinstance(r, PrunerRuntime) for r in others):
             raise ValueError("attach at most one pruner (FastVPrune or StagedPrune)")
 
     # -- per call ---------------------------------------------------------------------------------
-    def _rec(self, state: CallState) -> dict[str, Any]:
-        return state.records[self.name]
-
-    def on_prefill(self, state: CallState) -> None:
+    def begin(self, state: CallState) -> PruneRecord:
         b, p = state.batch_size, state.prompt_len
-        budgets = [[self._budget(s, len(r.image_positions)) for r in state.rows] for s in range(len(self._layers))]
+        budgets = [[self._budget(s, len(r.image_positions)) for r in state.rows] for s in range(len(self.layers))]
         everything = torch.ones(b, p, dtype=torch.bool)
-        state.records[self.name] = {
-            "form": self.form,
-            "layers": self._layers,
-            "stages": [],  # per stage: {"layer", "kept": [original positions per row], "budget", "scores"}
-            "budgets": budgets,
-            "pad_frac": [None] * b,
-            "active": any(bud < len(r.image_positions) for stage in budgets for bud, r in zip(stage, state.rows)),
-            "masks": {},
-            "views": {},
-            "start": SlotMap(0, torch.arange(p).expand(b, p), everything, None, everything),
-        }
+        self._start = SlotMap(0, torch.arange(p).expand(b, p), everything, None, everything)
+        self._masks: dict[str, Any] = {}
+        self._views: dict[tuple, SlotView] = {}
+        active = any(bud < len(r.image_positions) for stage in budgets for bud, r in zip(stage, state.rows))
+        return PruneRecord(self.form, self.layers, budgets, [None] * b, active)
 
-    def on_inputs(self, state: CallState, inputs: dict[str, Any]) -> None:
-        rec = self._rec(state)
+    def after_prefill(self, state: CallState) -> None:
+        """The prompt positions still present after each stage, on the model's device, for the
+        decoding steps' masks (mask form)."""
+        self._alive = {m.layer: m.alive.to(state.device) for m in state.slot_maps}
+
+    def read_inputs(self, state: CallState, inputs: dict[str, Any]) -> None:
+        rec = self.record
         if self.debias is None or not self.debias.padding or self._geometry != "pad" or self._background is None:
             return
         pixels = inputs.get("pixel_values")
@@ -161,42 +187,40 @@ class _Pruner(Method):
             frac = torch.zeros(len(row.image_positions))
             grid = torch.cat([seg.grid_positions().flatten() for seg in row.segments])
             frac[torch.searchsorted(row.image_positions, grid)] = torch.cat(fracs)
-            rec["pad_frac"][row.index] = frac
+            rec.pad_frac[row.index] = frac
             if bool((frac > self.debias.padding_threshold).any()):
-                rec["active"] = True
+                rec.active = True
 
     # -- scoring (layer L - 1), in prompt positions (see `view`) -----------------------------------
-    def eager_rows(self, state: CallState, layer: int, q_start: int, q_len: int) -> torch.Tensor | None:
-        rec = self._rec(state)
-        if state.phase != "prefill" or not rec["active"] or layer + 1 not in self._layers:
+    def rows(self, block: Block, state: CallState) -> range | None:
+        if block.phase is not Phase.PREFILL or not self.record.active or block.layer + 1 not in self.layers:
             return None
         if self.scoring == "last":
-            return torch.tensor([q_len - 1])
-        first = min(r.after_image for r in state.rows if r.has_image) - q_start
-        return torch.arange(first, q_len) if first < q_len else None
+            return range(block.q_len - 1, block.q_len)
+        first = state.first_after_image - block.q_start
+        return range(first, block.q_len) if first < block.q_len else None
 
-    def probs(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    def edit(self, block: Block, state: CallState, rows: Rows, probs: torch.Tensor) -> torch.Tensor:
         """Score image positions: mean over heads, then over the scoring rows of each batch row (the
         last prompt token, or the text after that row's image; other methods' rows are ignored);
         reads `probs`, changes nothing."""
-        rec = self._rec(state)
-        if state.phase != "prefill" or layer + 1 not in self._layers:
+        if block.phase is not Phase.PREFILL or block.layer + 1 not in self.layers:
             return probs
-        stage = self._layers.index(layer + 1)
-        prev = state.slot_map(layer) or rec["start"]
+        stage = self.layers.index(block.layer + 1)
+        prev = state.slot_map(block.layer) or self._start
         p = state.prompt_len
         if self.scoring == "last":
             start = torch.full((state.batch_size,), p - 1)
         else:
             start = torch.tensor([r.after_image if r.has_image else p for r in state.rows])
-        weights = (positions.cpu()[None, :] >= start[:, None]).float()  # (B, R)
-        per_head = probs[..., :p].mean(1).cpu()  # (B, R, P)
+        weights = (rows.positions[None, :] >= start[:, None]).float()  # (B, R)
+        per_head = probs[..., :p].mean(1).cpu()  # (B, R, P): the one host read of a stage
         scores = (per_head * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
         self._select(state, stage, scores * prev.alive, prev)
         return probs
 
     def _select(self, state: CallState, stage: int, scores: torch.Tensor, prev: SlotMap) -> None:
-        rec = self._rec(state)
+        rec = self.record
         alive = prev.alive.clone()
         kept_rows, budgets = [], []
         for row in state.rows:
@@ -208,11 +232,11 @@ class _Pruner(Method):
             cand = img[alive[row.index, img]]
             index = torch.searchsorted(img, cand)
             s = scores[row.index, cand]
-            budget = rec["budgets"][stage][row.index]
+            budget = rec.budgets[stage][row.index]
             if self.debias is not None:
                 x = index.double() / max(len(img) - 1, 1)
-                frac = rec["pad_frac"][row.index]
-                s, content = self.debias.transform(s, x, None if frac is None else frac[index], self._trend)
+                frac = rec.pad_frac[row.index]
+                s, content = self.debias.transform(s, x, None if frac is None else frac[index], self.trend)
                 budget = min(budget, max(int(content.sum()), 1))
             budget = min(budget, len(cand))
             kept = cand[torch.topk(s, budget).indices].sort().values
@@ -220,9 +244,8 @@ class _Pruner(Method):
             alive[row.index, kept] = True
             kept_rows.append(kept)
             budgets.append(budget)
-        rec["stages"].append({"layer": self._layers[stage], "kept": kept_rows, "budget": budgets,
-                              "scores": [scores[r.index, r.image_positions] for r in state.rows]})
-        layer = self._layers[stage]
+        layer = self.layers[stage]
+        rec.stages.append(PruneStage(layer, kept_rows, budgets, [scores[r.index, r.image_positions] for r in state.rows]))
         if self.form == "mask":
             state.slot_maps.append(SlotMap(layer, prev.pos, alive, None, alive))
             return
@@ -236,23 +259,23 @@ class _Pruner(Method):
         state.slot_maps.append(SlotMap(layer, prev.pos.gather(1, index), keep.gather(1, index), index, alive))
 
     # -- in-place: the view in prompt positions, and slicing the prefill inputs of layers >= L ------
-    def view(self, state: CallState, layer: int, q_len: int, kv_len: int) -> SlotView | None:
+    def view(self, block: Block, state: CallState) -> SlotView | None:
         if self.form != "inplace":
             return None
-        m = state.slot_map(layer)
+        m = state.slot_map(block.layer)
         if m is None:
             return None
-        cache = self._rec(state)["views"]
-        key = (m.layer, state.phase, state.step, q_len, kv_len)
-        if key not in cache:
-            cache.clear()
-            cache[key] = SlotView(m, state.prompt_len, state.phase, q_len, kv_len)
-        return cache[key]
+        key = (m.layer, block.phase, block.q_len, block.kv_len)
+        view = self._views.get(key)
+        if view is None:
+            self._views.clear()
+            view = self._views[key] = SlotView(m, state.prompt_len, block.phase, block.q_len, block.kv_len)
+        return view
 
-    def hooked_layers(self) -> tuple[int, ...]:
+    def moved_layers(self) -> tuple[int, ...]:
         return tuple(range(self._first, self._num_layers)) if self.form == "inplace" else ()
 
-    def before_layer(self, state: CallState, layer: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def before_layer(self, layer: int, state: CallState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         m = state.slot_map(layer)
         if m is None:
             return None
@@ -268,35 +291,49 @@ class _Pruner(Method):
         full = state.prompt_len
         pe = kwargs.get("position_embeddings")
         if pe is not None and pe[0].shape[-2] == full:
-            kwargs["position_embeddings"] = tuple(_take(t, m.pos, -2) for t in pe)
+            kwargs["position_embeddings"] = self._gathered(("pe", m.layer), lambda: tuple(_take(t, m.pos, -2) for t in pe))
         ids = kwargs.get("position_ids")
         if isinstance(ids, torch.Tensor) and ids.shape[-1] == full:
-            kwargs["position_ids"] = _take(ids, m.pos, -1)
+            kwargs["position_ids"] = self._gathered(("ids", m.layer), lambda: _take(ids, m.pos, -1))
         return args, kwargs
 
+    def _gathered(self, key: tuple, make: Any) -> Any:
+        """What `make()` gives, once per stage and call (every layer of a stage gathers the same)."""
+        if key not in self._masks:
+            self._masks[key] = make()
+        return self._masks[key]
+
     # -- masks of layers >= L ---------------------------------------------------------------------
-    def mask(self, state: CallState, layer: int, q_start: int, q_len: int, key_len: int,
-             attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-        m = state.slot_map(layer)
+    def mask(self, block: Block, state: CallState, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        m = state.slot_map(block.layer)
         if m is None:
             return None
-        cache = self._rec(state)["masks"]
-        key = (m.layer, state.phase, state.step, q_len, key_len)
+        if torch.compiler.is_compiling():  # a compiled decoding step: the mask form, from the prefill's tensors
+            return self._build_mask(block, state, m, attention_mask)
+        cache = self._masks
+        key = (m.layer, block.phase, block.q_len, block.kv_len)
         # the model's mask object itself is held (not its id, which a freed mask's successor may reuse)
         if cache.get("key") != key or cache.get("source") is not attention_mask:
-            cache.update(key=key, source=attention_mask,
-                         mask=self._build_mask(state, m, q_start, q_len, key_len, attention_mask, device))
+            cache.update(key=key, source=attention_mask, mask=self._build_mask(block, state, m, attention_mask))
         return cache["mask"]
 
-    def _build_mask(self, state: CallState, m: SlotMap, q_start: int, q_len: int, key_len: int,
-                    attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    def _build_mask(self, block: Block, state: CallState, m: SlotMap,
+                    attention_mask: torch.Tensor | None) -> torch.Tensor:
         b, p = state.batch_size, state.prompt_len
+        q_len, key_len = block.q_len, block.kv_len
+        device = state.device if attention_mask is None else attention_mask.device
+        if block.phase is Phase.DECODE and self.form == "mask":
+            # the model's mask (every generated token and the prompt), less the dropped prompt tokens
+            keys = torch.ones(b, key_len, dtype=torch.bool, device=device)
+            keys[:, :p] = self._alive[m.layer]
+            allowed = _allowed(attention_mask, q_len, key_len, device) & keys[:, None, None, :]
+            return _as_mask_of(allowed, attention_mask)
         slots = m.pos.shape[1]
         extra = key_len - slots  # generated tokens in the cache (in-place) / beyond the prompt (mask form)
         tail = torch.arange(p, p + extra).expand(b, extra)
         kmap = torch.cat([m.pos, tail], 1)
         kvalid = torch.cat([m.valid, torch.ones(b, extra, dtype=torch.bool)], 1)
-        if state.phase == "prefill" and self.form == "inplace":
+        if block.phase is Phase.PREFILL and self.form == "inplace":
             qmap, orig_q, orig_k = m.pos, p, p
         else:
             qmap, orig_q, orig_k = torch.arange(q_len).expand(b, q_len), q_len, p + extra
@@ -304,15 +341,20 @@ class _Pruner(Method):
         rows = torch.arange(b, device=device)[:, None, None]
         new = allowed[rows, 0, qmap[:, :, None].to(device), kmap[:, None, :].to(device)]  # (B, Q, K)
         new = new & kvalid[:, None, :].to(device)
-        empty = ~new.any(-1)  # (B, Q): let such rows attend to themselves
-        if bool(empty.any()):
-            own = torch.arange(q_len, device=device) + q_start
-            new[empty] = torch.nn.functional.one_hot(own, key_len).bool()[None].expand(b, -1, -1)[empty]
-        new = new[:, None]
-        if attention_mask is not None and attention_mask.dtype.is_floating_point:
-            dtype = attention_mask.dtype
-            return torch.zeros(new.shape, dtype=dtype, device=device).masked_fill_(~new, torch.finfo(dtype).min)
-        return new
+        if block.phase is not Phase.DECODE:  # a prompt row left with no key (left padding) attends to itself
+            empty = ~new.any(-1)  # (B, Q)
+            if bool(empty.any()):
+                own = torch.arange(q_len, device=device) + (key_len - q_len)
+                new[empty] = torch.nn.functional.one_hot(own, key_len).bool()[None].expand(b, -1, -1)[empty]
+        return _as_mask_of(new[:, None], attention_mask)
+
+
+def _as_mask_of(allowed: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """`allowed` (bool, True = attend) in the form of the model's mask `like` (additive when it is float)."""
+    if like is not None and like.dtype.is_floating_point:
+        return torch.zeros(allowed.shape, dtype=like.dtype, device=allowed.device).masked_fill_(
+            ~allowed, torch.finfo(like.dtype).min)
+    return allowed
 
 
 def _padding_geometry(adapter: "Adapter") -> tuple[str, torch.Tensor | None]:
@@ -336,13 +378,14 @@ def _check_ratio(owner: str, ratio: float) -> None:
 
 
 @dataclass
-class FastVPrune(_Pruner):
+class FastVPrune(MethodConfig):
     """FastV (paper: layer 2; budgets of 64 / 128 / 192 of LLaVA-1.5's 576).
 
     - layer: K; tokens are scored at layer K - 1 by the last prompt token and dropped from K on;
     - keep: image tokens kept per image row (128 when neither keep nor keep_ratio is given); or
       keep_ratio in (0, 1], the share of each row's image tokens (not both);
-    - debias: a `Debias()` or None; form: "inplace" (speed) or "mask" (reference).
+    - debias: a `Debias()` or None; form: "inplace" (speed) or "mask" (reference; the form that
+      runs under a static cache / compiled generation).
     """
 
     layer: int = 2
@@ -351,34 +394,35 @@ class FastVPrune(_Pruner):
     debias: Debias | None = None
     form: str = "inplace"
 
-    name: ClassVar[str] = "prune"
+    name = "fastv"
+    preset_key: ClassVar[str] = "fastv"  # the trend presets' pruner name
     default_keep: ClassVar[int] = 128
-    scoring: ClassVar[str] = "last"
 
-    def _stage_layers(self) -> tuple[int, ...]:
+    def stage_layers(self) -> tuple[int, ...]:
         return (int(self.layer),)
 
-    def validate(self, adapter: "Adapter") -> None:
-        if self.keep_ratio is not None:
-            if self.keep is not None:
-                raise ValueError(f"FastVPrune takes keep or keep_ratio, not both (got keep={self.keep}, "
-                                 f"keep_ratio={self.keep_ratio}); set the other to None")
-            _check_ratio("FastVPrune", self.keep_ratio)
-            return self._check_common(adapter)
-        if self.keep is None:
-            self.keep = self.default_keep  # resolved at attach, as GIFT resolves its layers
-        if isinstance(self.keep, bool) or int(self.keep) != self.keep or self.keep <= 0:
-            raise ValueError(f"FastVPrune keep must be a positive number of tokens, got {self.keep!r}")
-        self._check_common(adapter)
+    def bind(self, target: Target) -> PrunerRuntime:
+        keep, ratio = self.keep, self.keep_ratio
+        if ratio is not None:
+            if keep is not None:
+                raise ValueError(f"FastVPrune takes keep or keep_ratio, not both (got keep={keep}, "
+                                 f"keep_ratio={ratio}); set the other to None")
+            _check_ratio("FastVPrune", ratio)
 
-    def _budget(self, stage: int, n: int) -> int:
-        if self.keep_ratio is not None:
-            return min(n, max(1, math.ceil(self.keep_ratio * n - 1e-9)))
-        return min(n, int(self.keep))
+            def budget(stage: int, n: int) -> int:
+                return min(n, max(1, math.ceil(ratio * n - 1e-9)))
+        else:
+            keep = self.default_keep if keep is None else keep
+            if isinstance(keep, bool) or int(keep) != keep or keep <= 0:
+                raise ValueError(f"FastVPrune keep must be a positive number of tokens, got {keep!r}")
+
+            def budget(stage: int, n: int) -> int:
+                return min(n, int(keep))
+        return PrunerRuntime(self, target, self.stage_layers(), budget, "last")
 
 
 @dataclass
-class StagedPrune(_Pruner):
+class StagedPrune(MethodConfig):
     """Multi-stage pruning (PyramidDrop-style): at each of `layers`, keep `keep_ratios` (of the
     image's tokens, strictly decreasing) ranked by the mean attention of the text after the image."""
 
@@ -387,14 +431,14 @@ class StagedPrune(_Pruner):
     debias: Debias | None = None
     form: str = "inplace"
 
-    name: ClassVar[str] = "prune"
-    scoring: ClassVar[str] = "text"
+    name = "staged"
+    preset_key: ClassVar[str] = "staged"
 
-    def _stage_layers(self) -> tuple[int, ...]:
+    def stage_layers(self) -> tuple[int, ...]:
         return tuple(int(x) for x in self.layers)
 
-    def validate(self, adapter: "Adapter") -> None:
-        layers, ratios = self._stage_layers(), tuple(float(r) for r in self.keep_ratios)
+    def bind(self, target: Target) -> PrunerRuntime:
+        layers, ratios = self.stage_layers(), tuple(float(r) for r in self.keep_ratios)
         if not layers or len(layers) != len(ratios):
             raise ValueError(f"StagedPrune needs one keep ratio per layer, got layers {layers} and ratios {ratios}")
         if any(b <= a for a, b in zip(layers, layers[1:])):
@@ -403,21 +447,27 @@ class StagedPrune(_Pruner):
             _check_ratio("StagedPrune", r)
         if any(b >= a for a, b in zip(ratios, ratios[1:])):
             raise ValueError(f"StagedPrune keep_ratios must be strictly decreasing, got {ratios}")
-        self._ratios = ratios
-        self._check_common(adapter)
 
-    def _budget(self, stage: int, n: int) -> int:
-        return min(n, max(1, math.ceil(self._ratios[stage] * n - 1e-9)))
+        def budget(stage: int, n: int) -> int:
+            return min(n, max(1, math.ceil(ratios[stage] * n - 1e-9)))
+        return PrunerRuntime(self, target, layers, budget, "text")
+
+
+PRUNERS = (FastVPrune, StagedPrune)
+
+
+def prune_record(state: CallState) -> PruneRecord:
+    """The record of the pruner attached in the call of `state`."""
+    for cls in PRUNERS:
+        if state.has_record(cls):
+            return state.record(cls)
+    raise ValueError("no pruner was attached in this call")
 
 
 def kept_tokens(state: CallState, row: int = 0, stage: int = -1) -> torch.Tensor:
     """Original positions of the image tokens batch row `row` kept after `stage` (all when no pruning ran)."""
-    rec = state.records.get(_Pruner.name)
-    if rec is None:
-        raise ValueError("no pruner was attached in this call")
-    if not rec["stages"]:
-        return state.rows[row].image_positions
-    return rec["stages"][stage]["kept"][row]
+    kept = prune_record(state).kept(row, stage)
+    return state.rows[row].image_positions if kept is None else kept
 
 
-__all__ = ["FastVPrune", "StagedPrune", "kept_tokens"]
+__all__ = ["FastVPrune", "PruneRecord", "PruneStage", "StagedPrune", "kept_tokens", "prune_record"]

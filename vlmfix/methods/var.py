@@ -1,5 +1,5 @@
 """VAR: Visual Attention Redistribution (Kang et al., "See What You Are Told: Visual Attention
-Sink in Large Multimodal Models", ICLR 2025; specs/var.md).
+Sink in Large Multimodal Models", ICLR 2025).
 
 For one batch row, layer l, query head h and query row i, with post-softmax fp32 attention A,
 image positions I, sinks S_l (phi > tau over the prompt), visual sinks V_l = S_l & I and visual
@@ -13,26 +13,29 @@ non-sinks N_l = I \\ V_l:
   nothing moves when sum_N A = 0. Rows still sum to 1.
 
 Applies in layers 2 .. L-2 (or `layers`), on prefill rows from the first token after the last
-image token to the end of the prompt, and on every decoding step. The released reference code
+image token to the end of the prompt, and on every decoding step.
+
+Cost: the sets become, per layer and once per call, two small matrices over the prompt positions
+(`VARRuntime._prepare`), so that selecting and redistributing every (head, row) pair of a layer
+call is two batched products and a few element-wise ops, with no Python loop and no host read. The released reference code
 multiplies sinks by p and moves 1 - p (its "p = 0.6" moves 40%); vlmfix follows the paper.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
-from ..state import CallState
-from .base import Method
+from .base import Block, Buffers, CallState, EditsRows, MethodConfig, Phase, Rows, Runtime, Target
 
-if TYPE_CHECKING:
-    from ..adapters import Adapter
+#: the smallest positive fp32 number: `x >= TINY` is `x > 0` for a non-negative sum
+TINY = float(torch.finfo(torch.float32).smallest_normal) * 2.0 ** -23
 
 
 @dataclass
-class VAR(Method):
+class VAR(MethodConfig):
     """Visual attention redistribution (paper defaults: tau 20, rho 0.5, p 0.6, m_min 0.2).
 
     - tau: sink threshold on phi (number, "scaled", "bos:F"; None = the one attach resolved for
@@ -52,141 +55,186 @@ class VAR(Method):
     sources: str = "all"
     layers: Sequence[int] | None = None
 
-    name: ClassVar[str] = "var"
-    uses_sinks: ClassVar[bool] = True
+    name = "var"
 
-    def validate(self, adapter: "Adapter") -> None:
+    def bind(self, target: Target) -> "VARRuntime":
+        return VARRuntime(self, target)
+
+    @staticmethod
+    def summary(state: CallState, index: int | None = None) -> dict[int, dict[str, list]]:
+        """`VARRecord.summary` of the VAR attached in the call of `state` ({} when none was)."""
+        return state.record(VAR, index).summary() if state.has_record(VAR) else {}
+
+
+@dataclass
+class VARRecord:
+    """What VAR did in one call, per VAR layer (`layers`, in order): the visual sinks V_l per batch
+    row (`visual`, (n, B, P) bool), the image-centric (head, row) pairs it edited (`pairs`, (n, B)),
+    and, summed over those pairs (heads, rows and decoding steps), sum_S A / sum_N A x A_j (`gain`,
+    (n, B, P)); with `weight` = p [j in N_l] that makes the attention each position received,
+    `received` = gain x weight (the sum over positions is the attention mass moved)."""
+
+    layers: tuple[int, ...]
+    visual: torch.Tensor
+    pairs: torch.Tensor
+    gain: torch.Tensor
+    weight: torch.Tensor
+    frozen: bool = field(default=False, repr=False)
+
+    @property
+    def received(self) -> torch.Tensor:
+        return self.gain * self.weight
+
+    def freeze(self) -> None:
+        """Copy the tensors out of the runtime's buffers (before a next call reuses them)."""
+        if not self.frozen:
+            self.visual, self.pairs, self.gain, self.weight = (
+                t.clone() for t in (self.visual, self.pairs, self.gain, self.weight))
+            self.frozen = True
+
+    def summary(self) -> dict[int, dict[str, list]]:
+        """Per layer: visual sinks per row, attention mass moved per row (= received by the visual
+        non-sinks), image-centric (head, row) pairs per row."""
+        visual, pairs, moved = self.visual.sum(-1).cpu(), self.pairs.cpu(), self.received.sum(-1).cpu()
+        return {layer: {"visual_sinks": visual[k].long().tolist(), "moved": moved[k].tolist(),
+                        "image_centric": pairs[k].long().tolist()} for k, layer in enumerate(self.layers)}
+
+    def moved_map(self, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention received (B, P), visual sinks (B, P) bool) at `layer`, or summed / united over layers."""
+        ks = [self.layers.index(layer)] if layer is not None else list(range(len(self.layers)))
+        return self.received[ks].sum(0).cpu(), self.visual[ks].any(0).cpu()
+
+
+class VARRuntime(Runtime, EditsRows):
+    """VAR bound to a model: resolved layers and tau; per call, its matrices and record (see `edit`)."""
+
+    uses_sinks = True
+
+    def __init__(self, config: VAR, target: Target):
         from ..sinks import check_tau
 
-        num_layers = adapter.num_layers
-        if self.tau is not None:
-            self.tau = check_tau(self.tau, adapter.hidden_size)
-        for field, value in (("rho", self.rho), ("p", self.p), ("m_min", self.m_min)):
+        super().__init__(config, target)
+        n = target.adapter.num_layers
+        self.tau = target.tau if config.tau is None else check_tau(config.tau, target.adapter.hidden_size)
+        for name, value in (("rho", config.rho), ("p", config.p), ("m_min", config.m_min)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"VAR {field} must be in [0, 1], got {value}")
-        if self.sources not in ("all", "visual"):
-            raise ValueError(f"VAR sources must be 'all' or 'visual', got {self.sources!r}")
-        if self.layers is None:
-            self._layers = frozenset(range(2, num_layers - 1))
+                raise ValueError(f"VAR {name} must be in [0, 1], got {value}")
+        if config.sources not in ("all", "visual"):
+            raise ValueError(f"VAR sources must be 'all' or 'visual', got {config.sources!r}")
+        if config.layers is None:
+            layers = tuple(range(2, n - 1))
         else:
-            bad = [x for x in self.layers if not 0 <= x < num_layers]
+            bad = [x for x in config.layers if not 0 <= x < n]
             if bad:
-                raise ValueError(f"VAR layers {bad} are outside the model's {num_layers} decoder layers")
-            self._layers = frozenset(self.layers)
+                raise ValueError(f"VAR layers {bad} are outside the model's {n} decoder layers")
+            layers = tuple(sorted(set(int(x) for x in config.layers)))
+        self.layers = layers
+        self._index = {layer: k for k, layer in enumerate(layers)}
+        self._buffers = Buffers()
+        self._active: frozenset[int] = frozenset()
+        self._limits: dict[torch.device, torch.Tensor] = {}
 
-    def on_prefill(self, state: CallState) -> None:
-        starts = [r.after_image for r in state.rows if r.has_image]
-        # first: the first position after any row's image (None: no image), once per call
-        state.records[self.name] = {"masks": {}, "heads": {}, "gain": {}, "active": {}, "rows": {}, "limits": {},
-                                    "first": min(starts) if starts else None}
+    def resolved(self) -> dict:
+        return {"tau": self.tau, "layers": list(self.layers)}
 
-    def eager_rows(self, state: CallState, layer: int, q_start: int, q_len: int) -> torch.Tensor | None:
-        first = state.records[self.name]["first"]
-        if (self.p == 0 or first is None or layer not in self._layers or state.phase == "prepass"
-                or not self._has_visual(state, layer)):
-            return None  # nothing VAR could move here: the fast path, exactly
-        first = max(first - q_start, 0)
-        if first >= q_len:
-            return None
-        cached = state.records[self.name]["rows"]  # one tensor per block shape: every decoding step reuses one
-        if (first, q_len) not in cached:
-            cached[first, q_len] = torch.arange(first, q_len)
-        return cached[first, q_len]
+    # -- per call ---------------------------------------------------------------------------------
+    def begin(self, state: CallState) -> VARRecord:
+        if self.record is not None:
+            self.record.freeze()
+        n, b, p, dev = len(self.layers), state.batch_size, state.prompt_len, state.device
+        self._first = state.first_after_image
+        self._prepared: set[int] = set()
+        self._row_ok: dict[tuple, torch.Tensor] = {}
+        #: per layer: columns [T, image I, non-sinks N, sources] (P, 4) and update rows [-p sources, p N] (2, P)
+        self._columns = self._buffers.zeros("columns", (n, b, p, 4), torch.float32, dev)
+        self._update = self._buffers.zeros("update", (n, b, 2, p), torch.float32, dev)
+        return VARRecord(self.layers, self._buffers.zeros("visual", (n, b, p), torch.bool, dev),
+                         self._buffers.zeros("pairs", (n, b), torch.float32, dev),
+                         self._buffers.zeros("gain", (n, b, p), torch.float32, dev), self._update[:, :, 1])
 
-    def _has_visual(self, state: CallState, layer: int) -> bool:
-        """Whether any row has a visual sink at `layer` (VAR selects no head where none has)."""
-        active = state.records[self.name]["active"]
-        if layer not in active:
-            sinks = state.sink_mask(layer, self.tau)
-            active[layer] = sinks is not None and bool((sinks & state.image_mask()).any())
-        return active[layer]
+    def after_prefill(self, state: CallState) -> None:
+        """One host read per call: the layers with a visual sink, where eager decoding steps act."""
+        if self.layers:
+            has = self.record.visual.flatten(1).any(1).tolist()
+            self._active = frozenset(layer for layer, h in zip(self.layers, has) if h)
 
-    def _masks(self, state: CallState, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """For `layer`, built once per call: masks over the prompt positions that reduce `probs` to
-        two products with the rows A.
+    def _prepare(self, state: CallState, layer: int) -> None:
+        """Fill layer `layer`'s matrices from its sinks S_l (once per call, in the prefill).
 
-        - (B, P, 5) float columns [T, visual sinks V_l, image I, visual non-sinks N_l, sources] with
-          T = (1 - rho) [j in I] - [j in V_l]: A @ them gives per (head, row) t, sum_V A, m, sum_N A
-          and sum_sources A, where t = (1 - rho) m - sum_V A, so that
-          r = 1 - sum_V A / (m + 1e-6) >= rho  <=>  t >= -(1 - rho) 1e-6;
-        - (B, 2, P) rows [-p [j in sources], p [j in N_l]]: [1, sum_sources A / sum_N A] @ them is
-          the relative change of each entry of an image-centric row.
-
-        N_l is left empty in a batch row without visual sinks: sum_N A = 0 there, which leaves all
-        its heads unselected, as V_l = {} does.
+        columns @ A gives per (head, row): t = (1 - rho) m - sum_V A, m = sum_I A, sum_N A and
+        sum_sources A, where r = 1 - sum_V A / (m + 1e-6) >= rho <=> t >= -(1 - rho) 1e-6; and
+        [1, sum_sources A / sum_N A] @ update is the relative change of each entry of an image-centric
+        row. N_l is left empty in a batch row without visual sinks (sum_N A = 0: no pair selected).
         """
-        rec = state.records[self.name]["masks"]
-        if layer not in rec:
-            sinks = state.sink_mask(layer, self.tau).to(device)
-            image = state.image_mask(device)
-            visual = sinks & image
-            source = (sinks if self.sources == "all" else visual).float()
-            non = (image & ~visual & visual.any(-1, keepdim=True)).float()
-            image, visual = image.float(), visual.float()
-            columns = torch.stack([(1 - self.rho) * image - visual, visual, image, non, source], dim=-1)
-            rec[layer] = (columns, torch.stack([-self.p * source, self.p * non], dim=1))
-        return rec[layer]
+        k = self._index[layer]
+        self._prepared.add(layer)
+        cfg = self.config
+        sinks = state.sink_mask(layer, self.tau)
+        image = state.image_mask(sinks.device)
+        visual = sinks & image
+        source = (sinks if cfg.sources == "all" else visual).float()
+        non = (image & ~visual & visual.any(-1, keepdim=True)).float()
+        self.record.visual[k].copy_(visual)
+        image_f = image.float()
+        self._columns[k].copy_(torch.stack([(1 - cfg.rho) * image_f - visual.float(), image_f, non, source], -1))
+        self._update[k].copy_(torch.stack([-cfg.p * source, cfg.p * non], 1))
 
-    def _after_image(self, state: CallState, device: torch.device) -> torch.Tensor:
-        """(B,) first position after each row's image (beyond any position for a text-only row)."""
-        rec = state.records[self.name]
-        if "after" not in rec:
-            far = state.prompt_len + 10**9
-            rec["after"] = torch.tensor([r.after_image if r.has_image else far for r in state.rows], device=device)
-        return rec["after"]
+    # -- the capability -----------------------------------------------------------------------------
+    def rows(self, block: Block, state: CallState) -> range | None:
+        layer = block.layer
+        if self.config.p == 0 or self._first is None or layer not in self._index or block.phase is Phase.PREPASS:
+            return None  # nothing VAR could move here: the fast path, exactly
+        if block.phase is Phase.DECODE:
+            if not torch.compiler.is_compiling() and layer not in self._active:
+                return None  # no visual sink in this layer (read once after the prefill)
+            return range(block.q_len)
+        if layer not in self._prepared:
+            self._prepare(state, layer)
+        first = max(self._first - block.q_start, 0)
+        return range(first, block.q_len) if first < block.q_len else None
 
-    def probs(self, state: CallState, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """Selection and redistribution of the rows (B, H, R, K), in place, all (head, row) pairs at once.
+    def edit(self, block: Block, state: CallState, rows: Rows, probs: torch.Tensor) -> torch.Tensor:
+        """Selection and redistribution of every (head, row) pair of `probs` (B, H, R, K), in place.
 
-        One product gives each pair's t, sum_V A, m, sum_N A, sum_sources A (see `_masks`); the pair
-        is chosen iff t >= -(1 - rho) 1e-6, m >= m_min and sum_N A > 0 (and, at the prefill, its row
+        One product gives each pair's t, m, sum_N A, sum_sources A (see `_prepare`); the pair is
+        chosen iff t >= -(1 - rho) 1e-6, m >= m_min and sum_N A > 0 (and, at the prefill, its row
         comes after the batch row's image). A chosen pair's prompt entries become
         A'_j = A_j * (1 - p [j in sources] + p [j in N_l] sum_sources A / sum_N A),
         the bracket minus 1 being a second product; other pairs are left exactly as they are.
-        Records per layer: image-centric pairs (B,) and attention received per position (B, P).
         """
-        b, h, r, k = probs.shape
-        prompt = min(k, state.prompt_len)
-        columns, update = self._masks(state, layer, probs.device)
-        if prompt < state.prompt_len:
-            columns, update = columns[:, :prompt], update[..., :prompt]
-        a = probs[..., :prompt]
-        flat = a.reshape(b, h * r, prompt)
-        sums = torch.bmm(flat, columns)  # (B, H * R, 5): t, sum_V A, m, sum_N A, sum_sources A
-        rec = state.records[self.name]
-        limits = rec["limits"].get(probs.device)  # lower bounds of t, sum_V A (none), m
-        if limits is None:
-            limits = rec["limits"][probs.device] = torch.tensor([-(1 - self.rho) * 1e-6, -torch.inf, self.m_min],
-                                                                 device=probs.device)
-        chosen = (sums[..., :3] >= limits).all(-1) & (sums[..., 3] > 0)
-        if state.phase == "prefill":  # prompt rows before a batch row's image end stay as they are
-            row_ok = positions.to(probs.device)[None, :] >= self._after_image(state, probs.device)[:, None]
-            chosen = (chosen.view(b, h, r) & row_ok[:, None]).view(b, h * r)
+        k = self._index[block.layer]
+        b, h, r, kv = probs.shape
+        p = state.prompt_len
+        a = probs[..., :p] if kv > p else probs
+        flat = a.reshape(b, h * r, p)  # a view: the rows of a (B, H, R) block are contiguous up to the key stride
+        sums = torch.bmm(flat, self._columns[k])  # (B, H * R, 4): t, m, sum_N A, sum_sources A
+        chosen = (sums[..., :3] >= self._limit(probs.device)).all(-1, keepdim=True)
+        if block.phase is Phase.PREFILL:  # prompt rows before a batch row's image end stay as they are
+            chosen = chosen & self._rows_after_image(state, rows, h, probs.device)
         # [1, sum_sources A / sum_N A] for chosen pairs, 0 for the others (whose NaN when sum_N A = 0 is dropped)
-        coef = torch.where(chosen[..., None], sums[..., 3:] / sums[..., 3:4], 0.0)
-        if layer not in rec["heads"]:
-            rec["heads"][layer] = torch.zeros(b, dtype=torch.long, device=probs.device)
-            rec["gain"][layer] = torch.zeros(b, state.prompt_len, device=probs.device)
-        rec["heads"][layer] += chosen.sum(-1)
-        received = rec["gain"][layer][:, None, :prompt]  # += sum over pairs of A_j * gain, j in N_l
-        received.addcmul_(torch.bmm(coef[..., 1:].transpose(1, 2), flat), update[:, 1:])
-        a.addcmul_(a, torch.bmm(coef, update).view(b, h, r, prompt))
+        coef = torch.where(chosen, sums[..., 2:] / sums[..., 2:3], 0.0)
+        rec = self.record  # what the pairs receive, from the rows before the edit
+        rec.pairs[k].add_(chosen.view(b, -1).sum(-1))
+        rec.gain[k].unsqueeze(1).baddbmm_(coef[..., 1:].transpose(1, 2), flat)
+        a.addcmul_(a, torch.bmm(coef, self._update[k]).view(b, h, r, p))
         return probs
 
-    @staticmethod
-    def summary(state: CallState) -> dict[int, dict[str, list]]:
-        """Per layer: visual sinks per row, attention mass moved per row (= received by the visual
-        non-sinks), image-centric (head, row) pairs."""
-        rec = state.records.get(VAR.name)
-        if rec is None:
-            return {}
-        out = {}
-        zeros = torch.zeros(state.batch_size)
-        for layer in sorted(rec["masks"]):
-            visual = rec["masks"][layer][0][..., 1]
-            out[layer] = {
-                "visual_sinks": visual.sum(-1).long().tolist(),
-                "moved": rec["gain"][layer].sum(-1).cpu().tolist() if layer in rec["gain"] else zeros.tolist(),
-                "image_centric": torch.as_tensor(rec["heads"].get(layer, zeros)).long().cpu().tolist(),
-            }
-        return out
+    def _limit(self, device: torch.device) -> torch.Tensor:
+        """Lower bounds of (t, m, sum_N A): -(1 - rho) 1e-6, m_min and the smallest positive number."""
+        limit = self._limits.get(device)
+        if limit is None:
+            cfg = self.config
+            limit = self._limits[device] = torch.tensor([-(1 - cfg.rho) * 1e-6, cfg.m_min, TINY], device=device)
+        return limit
+
+    def _rows_after_image(self, state: CallState, rows: Rows, heads: int, device: torch.device) -> torch.Tensor:
+        """(B, H * R, 1) bool: whether each prefill row comes after its batch row's image (once per rows)."""
+        key = (tuple(rows.positions[[0, -1]].tolist()), rows.count, heads)
+        got = self._row_ok.get(key)
+        if got is None:
+            far = state.prompt_len + 1
+            after = torch.tensor([r.after_image if r.has_image else far for r in state.rows])
+            ok = rows.positions[None, :] >= after[:, None]  # (B, R)
+            got = self._row_ok[key] = ok[:, None].expand(-1, heads, -1).reshape(len(state.rows), -1, 1).to(device)
+        return got
+

@@ -1,0 +1,249 @@
+"""Host cost of vlmfix: LLaVA-1.5-7B's layout at a narrow width, so that the CPU times the Python and
+dispatch work that an eager GPU waits on.
+
+Eager decoding of a 7B on a GPU is host-bound: a step takes some 23-28 ms per token while reading
+the weights takes about 3 ms, the rest being the host launching ~1000 kernels one by one. A model
+with the 7B's layout (32 layers, 32 heads, 576 image tokens, BOS + 576 + 40 prompt tokens,
+vocabulary 32064) but width 256 (head dim 8) makes its arithmetic small on the CPU, so its time is
+mostly that host work: every extra operator or host read vlmfix adds per layer shows up here. (Not
+all of it: on one thread of a 2-core machine a plain decode step took ~31 ms at width 256 against
+~12 ms at width 64, where the 32 layers' weights fit in the cache; `--width 64` leaves less
+arithmetic to dilute the ratios.)
+Random weights, fp32, one thread; tau is set so that about 10 % of the image tokens are sinks
+(see bench/var_7b.py), the sink dims are LLaVA-1.5-7B's folded into the width.
+
+It prints, against the plain model in the same run (interleaved, medians over repeats):
+- eager prefill (generate 1 token) and decode per token ((t(N) - t(1)) / (N - 1)) ratios for
+  attach with no methods, VAR, GIFT, VAR + GIFT, FastV keep 128 and StagedPrune;
+- compiled decode (static cache, torch.compile fullgraph) ratios for VAR and GIFT, or why the
+  compilation failed;
+- aten operator counts (vlmfix.profiling.OpCounter) of one decode step, total and per layer, and
+  the host reads (device syncs) of the prefill and of a decode step.
+
+    python bench/host.py [--width 256] [--new-tokens 16] [--repeats 5] [--no-compile]
+    python bench/host.py --smoke                  (4 layers, 1 repeat, 4 new tokens: checks the script)
+    python bench/host.py --device cuda [--batch B] (the real 7B width, bf16, CLIP ViT-L; ~60 GB with compile)
+
+Targets: attach with no methods <= 1.02 (prefill and decode); VAR decode <= 1.05, prefill <= 1.10;
+GIFT decode <= 1.03; FastV keep 128 prefill <= 0.40, decode <= 0.85; compiled VAR and GIFT
+decode <= 1.03 of compiled plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections import Counter
+from typing import Callable
+
+import torch
+from common import busy_tau, interleaved, timed
+from torch._dynamo.utils import counters
+from transformers import CLIPVisionConfig, CompileConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from var_7b import IMAGE, inputs_for
+
+import vlmfix
+from vlmfix.presets import model_preset
+from vlmfix.profiling import OpCounter, count_ops
+
+TARGETS = {  # (variant, "prefill" | "decode" | "compiled decode") -> ratio to plain
+    ("none", "prefill"): 1.02, ("none", "decode"): 1.02, ("VAR", "prefill"): 1.10, ("VAR", "decode"): 1.05,
+    ("GIFT", "decode"): 1.03, ("FastV keep 128", "prefill"): 0.40, ("FastV keep 128", "decode"): 0.85,
+    ("VAR", "compiled decode"): 1.03, ("GIFT", "compiled decode"): 1.03,
+}
+
+
+def say(*parts: object) -> None:
+    print(*parts, flush=True)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def llava_layout(device: str, layers: int, width: int, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5-7B's layout: 32 heads at any `width` (the 7B's FFN at width 4096, else 2 x width);
+    a CLIP ViT-L/14-336 at width 4096, else a 1-layer 32-wide CLIP with the same 576 patches."""
+    text = LlamaConfig(vocab_size=32064, hidden_size=width, intermediate_size=11008 if width == 4096 else 2 * width,
+                       num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    big = width == 4096
+    vision = CLIPVisionConfig(hidden_size=1024 if big else 32, intermediate_size=4096 if big else 64,
+                              num_hidden_layers=24 if big else 1, num_attention_heads=16 if big else 2,
+                              image_size=336, patch_size=14, projection_dim=768)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    config._name_or_path = "llava-hf/llava-1.5-7b-hf"  # picks the model preset (sink dims) at width 4096
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype)
+    model.config._name_or_path = config._name_or_path
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    return model.eval()
+
+
+def generator(model, inputs: dict, tokens: int, **kwargs) -> Callable[[], object]:
+    return lambda: model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **kwargs)
+
+
+def verdict(variant: str, phase: str, ratio: float) -> str:
+    target = TARGETS.get((variant, phase))
+    if target is None:
+        return ""
+    return f"(<= {target} {'ok' if ratio <= target else 'ABOVE TARGET'})"
+
+
+def attach_kwargs(model, methods: list, sink_dims: dict) -> dict:
+    """{} when `methods` attach to `model` without sink dims, else `sink_dims` (attach cannot discover
+    them here, having no tokenizer): the variants that need none track no sinks."""
+    try:
+        vlmfix.attach(model, None, methods).detach()
+        return {}
+    except vlmfix.VlmfixError:
+        vlmfix.attach(model, None, methods, **sink_dims).detach()
+        return sink_dims
+
+
+def attachable(model, variants: dict, sink_dims: dict) -> dict:
+    """{name: (methods, attach kwargs)} of the variants that attach to `model`; the others are
+    reported and left out."""
+    kept = {}
+    for name, methods in variants.items():
+        try:
+            kept[name] = (methods, {} if methods is None else attach_kwargs(model, methods, sink_dims))
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
+            say(f"  {name}: cannot attach: {first_line(exc)}")
+    return kept
+
+
+def eager_times(model, inputs: dict, variants: dict, n: int, repeats: int) -> None:
+    """Interleaved prefill and decode-per-token times of every variant; prints ratios to plain."""
+    runs = {}
+    for name, (methods, kwargs) in variants.items():
+        attach = () if methods is None else (methods, model, None, kwargs)
+        runs[(name, 1)] = (generator(model, inputs, 1), *attach)
+        runs[(name, n)] = (generator(model, inputs, n), *attach)
+    t = interleaved(runs, repeats)
+    prefill = {name: t[(name, 1)] for name in variants}
+    decode = {name: (t[(name, n)] - t[(name, 1)]) / (n - 1) for name in variants}
+    say(f"  plain: prefill {1000 * prefill['plain']:.1f} ms, decode {1000 * decode['plain']:.2f} ms per token")
+    say(f"  {'variant':<16}{'prefill':>9}{'decode':>9}")
+    for name in variants:
+        p, d = prefill[name] / prefill["plain"], decode[name] / decode["plain"]
+        say(f"  {name:<16}{p:>9.3f}{d:>9.3f}  {verdict(name, 'prefill', p)} {verdict(name, 'decode', d)}".rstrip())
+
+
+def compiled_times(model, inputs: dict, variants: dict, n: int, repeats: int) -> None:
+    """Decode per token under transformers' compiled generation (static cache, fullgraph), each variant on
+    its own copy of the model, attached throughout, so that interleaving never invalidates a graph."""
+    cc = CompileConfig(fullgraph=True)
+    cc._compile_all_devices = True  # compile on the CPU too
+    runs, handles = {}, []
+    try:
+        for name, (methods, kwargs) in variants.items():
+            twin = copy.deepcopy(model)
+            if methods is not None:
+                handles.append(vlmfix.attach(twin, None, methods, **kwargs))
+            gens = {k: generator(twin, inputs, k, cache_implementation="static", compile_config=cc) for k in (1, n)}
+            say(f"  compiling {name} ...")
+            try:
+                timed(gens[n])
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
+                say(f"  {name}: compile failed: {first_line(exc)}")
+                continue
+            runs[(name, 1)], runs[(name, n)] = (gens[1],), (gens[n],)
+        if ("plain", n) not in runs:
+            return
+        say("  timing compiled generation ...")
+        graphs = counters["stats"]["unique_graphs"]
+        t = interleaved(runs, repeats)
+        if counters["stats"]["unique_graphs"] != graphs:
+            say("  warning: recompiled while timing, so the times below include compilation")
+        decode = {name: (t[(name, n)] - t[(name, 1)]) / (n - 1) for name, k in runs if k == n}
+        say(f"  compiled plain: decode {1000 * decode['plain']:.2f} ms per token")
+        for name in decode:
+            if name != "plain":
+                ratio = decode[name] / decode["plain"]
+                say(f"  compiled {name:<7} decode {ratio:.3f}  {verdict(name, 'compiled decode', ratio)}")
+    finally:
+        for handle in handles:
+            handle.detach()
+        torch._dynamo.reset()  # let go of the copies' graphs (and so of their weights)
+
+
+def op_counts(model, inputs: dict, variants: dict, layers: int) -> None:
+    """Operators of one decode step (a 1-token forward on the prefill's cache) and host reads of the prefill."""
+    say(f"  {'variant':<16}{'total':>7}{'compute':>8}{'host rd':>8}  {'per layer: total':>16}{'compute':>8}"
+        f"{'host rd':>8}  {'prefill host rd':>15}")
+    plain: Counter | None = None
+    for name, (methods, kwargs) in variants.items():
+        handle = None if methods is None else vlmfix.attach(model, None, methods, **kwargs)
+        try:
+            with torch.inference_mode():
+                with OpCounter() as prefill:
+                    out = model(**inputs, use_cache=True)
+                ids = out.logits[:, -1:].argmax(-1)
+                mask = torch.cat([inputs["attention_mask"], torch.ones_like(ids)], dim=1)
+                step = count_ops(model, input_ids=ids, attention_mask=mask, cache=out.cache)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
+            say(f"  {name:<16}failed: {first_line(exc)}")
+            continue
+        finally:
+            if handle is not None:
+                handle.detach()
+        say(f"  {name:<16}{step.total:>7}{step.compute:>8}{step.host_reads:>8}  {step.total / layers:>16.1f}"
+            f"{step.compute / layers:>8.1f}{step.host_reads / layers:>8.2f}  {prefill.host_reads:>15}")
+        if plain is None:
+            plain = step.counts
+        else:
+            extra = (step.counts - plain).most_common(6)
+            if extra:
+                say(f"  {'':<16}most added: " + ", ".join(f"{op.removeprefix('aten.')} +{k}" for op, k in extra))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu (width 256, fp32) or cuda (the real 7B, bf16)")
+    ap.add_argument("--width", type=int, default=None, help="decoder width (default 256 on the CPU, 4096 on cuda)")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled-generation timings")
+    ap.add_argument("--smoke", action="store_true", help="4 layers, 1 repeat, 4 new tokens: checks the script")
+    args = ap.parse_args()
+    layers, repeats, n = (4, 1, 4) if args.smoke else (32, args.repeats, args.new_tokens)
+    width = args.width or (4096 if args.device == "cuda" else 256)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    torch.set_num_threads(1)
+    say(f"building LLaVA-1.5-7B layout: {layers} layers, width {width}, {dtype}, {args.device}, batch {args.batch}")
+    model = llava_layout(args.device, layers, width, dtype)
+    inputs = inputs_for(args.device, args.batch, dtype)
+    preset = model_preset(model.config._name_or_path, width)
+    dims = {} if preset else {"sink_dims": [d % width for d in model_preset("llava-1.5-7b", 4096)["sink_dims"]]}
+
+    say("finding tau (10 % of the image tokens sinks) ...")
+    tau = busy_tau(model, inputs, dims)
+    say(f"  tau = {tau:.3f}, sink dims {dims.get('sink_dims') or preset['sink_dims']}")
+    variants = {
+        "plain": None, "none": [], "VAR": [vlmfix.VAR(tau=tau)], "GIFT": [vlmfix.GIFT()],
+        "VAR+GIFT": [vlmfix.VAR(tau=tau), vlmfix.GIFT()], "FastV keep 128": [vlmfix.FastVPrune(keep=128)],
+        "StagedPrune": [vlmfix.StagedPrune() if layers == 32 else vlmfix.StagedPrune(layers=(1, 2, 3))],
+    }
+    say("checking that each variant attaches ...")
+    variants = attachable(model, variants, dims)
+
+    def some(*names: str) -> dict:
+        return {k: variants[k] for k in names if k in variants}
+
+    say(f"eager generate, {n} new tokens, medians of {repeats} interleaved repeats ...")
+    eager_times(model, inputs, variants, n, repeats)
+    if not args.no_compile:
+        say(f"compiled generate (static cache, fullgraph), {n} new tokens ...")
+        compiled_times(model, inputs, some("plain", "VAR", "GIFT"), n, repeats)
+    say(f"aten operators of one decode step ({layers} layers) ...")
+    op_counts(model, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128"), layers)
+
+
+if __name__ == "__main__":
+    main()
