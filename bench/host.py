@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
+import time
 from collections import Counter
 from typing import Callable
 
@@ -135,33 +137,37 @@ def eager_times(model, inputs: dict, variants: dict, n: int, repeats: int) -> No
 
 
 def compiled_times(model, inputs: dict, variants: dict, n: int, repeats: int) -> None:
-    """Decode per token under transformers' compiled generation (static cache, fullgraph), each variant on
-    its own copy of the model, attached throughout, so that interleaving never invalidates a graph."""
+    """Decode step times under transformers' compiled generation (static cache, fullgraph), each variant on
+    its own copy of the model, attached throughout, so that interleaving never invalidates a graph. Each
+    compiled step (transformers' `_compiled_call`) is timed on its own; the prefill, eager, is not."""
     cc = CompileConfig(fullgraph=True)
     cc._compile_all_devices = True  # compile on the CPU too
-    runs, handles = {}, []
+    gens, steps, handles = {}, {}, []
     try:
         for name, (methods, kwargs) in variants.items():
             twin = copy.deepcopy(model)
             if methods is not None:
                 handles.append(vlmfix.attach(twin, None, methods, **kwargs))
-            gens = {k: generator(twin, inputs, k, cache_implementation="static", compile_config=cc) for k in (1, n)}
+            gen = generator(twin, inputs, n, cache_implementation="static", compile_config=cc)
             say(f"  compiling {name} ...")
             try:
-                timed(gens[n])
+                timed(gen)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
                 say(f"  {name}: compile failed: {first_line(exc)}")
                 continue
-            runs[(name, 1)], runs[(name, n)] = (gens[1],), (gens[n],)
-        if ("plain", n) not in runs:
+            steps[name] = time_steps(twin, steps.setdefault(name, []))
+            gens[name] = gen
+        if "plain" not in gens:
             return
         say("  timing compiled generation ...")
         graphs = counters["stats"]["unique_graphs"]
-        t = interleaved(runs, repeats)
+        for name in gens:
+            steps[name].clear()
+        interleaved({name: (gen,) for name, gen in gens.items()}, repeats)
         if counters["stats"]["unique_graphs"] != graphs:
             say("  warning: recompiled while timing, so the times below include compilation")
-        decode = {name: (t[(name, n)] - t[(name, 1)]) / (n - 1) for name, k in runs if k == n}
-        say(f"  compiled plain: decode {1000 * decode['plain']:.2f} ms per token")
+        decode = {name: statistics.median(times) for name, times in steps.items() if times}
+        say(f"  compiled plain: decode {1000 * decode['plain']:.2f} ms per step (median of {len(steps['plain'])})")
         for name in decode:
             if name != "plain":
                 ratio = decode[name] / decode["plain"]
@@ -170,6 +176,27 @@ def compiled_times(model, inputs: dict, variants: dict, n: int, repeats: int) ->
         for handle in handles:
             handle.detach()
         torch._dynamo.reset()  # let go of the copies' graphs (and so of their weights)
+
+
+def time_steps(model, into: list) -> list:
+    """Time every call of `model`'s compiled forward (the decode steps of compiled generation) into `into`."""
+    compiled = model._compiled_call
+
+    def timed_step(*args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        out = compiled(*args, **kwargs)
+        sync()
+        into.append(time.perf_counter() - start)
+        return out
+
+    model._compiled_call = timed_step
+    return into
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def op_counts(model, inputs: dict, variants: dict, layers: int) -> None:

@@ -1,4 +1,4 @@
-"""A slow reference implementation of specs/gift.md, the explicit two-pass way:
+"""A slow reference implementation of GIFT as the paper specifies it (see vlmfix/methods/gift.py), the explicit two-pass way:
 
 1. a full prefill with every attention map (eager attention, output_attentions) builds the
    saliency map with plain loops over layers, heads and query rows;

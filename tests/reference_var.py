@@ -1,4 +1,4 @@
-"""A slow reference implementation of specs/var.md, independent of vlmfix's attention path.
+"""A slow reference implementation of VAR as the paper specifies it (see vlmfix/methods/var.py), independent of vlmfix's attention path.
 
 It registers its own attention function ("var_reference"): full eager attention for every row
 (all attention maps materialised), then plain Python loops over batch rows, heads and query rows

@@ -13,7 +13,8 @@ from vlmfix.methods import parse_methods
 from vlmfix.demo.assemble import prompt_for
 from vlmfix.demo.check import check_model
 from vlmfix.demo.lora import LoRALinear, add_lora, lora_state, merge_lora
-from vlmfix.demo.train import POPE_SUFFIX, conversation, encode, yes_no_question
+from vlmfix.demo.prompts import POPE_SUFFIX, yes_no_question
+from vlmfix.demo.train import conversation, encode
 
 METHOD_SPECS = ["var", "gift", "fastv:quarter-debiased", "var,gift,fastv:quarter-debiased"]
 SETTINGS = dict(max_new_tokens=4, do_sample=False)

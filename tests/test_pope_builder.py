@@ -1,4 +1,4 @@
-"""POPE builder (specs/pope.md negative sampling), loaders of official / HF files, COCO loader errors."""
+"""POPE builder (the paper's negative sampling), loaders of official / HF files, COCO loader errors."""
 
 from __future__ import annotations
 

@@ -93,7 +93,8 @@ class Attached:
             r.check_combination([o for o in self.runtimes if o is not r])
         self.editors = tuple(r for r in self.runtimes if isinstance(r, EditsRows))
         self.maskers = tuple(r for r in self.runtimes if isinstance(r, ReplacesMask))
-        self.movers = tuple(r for r in self.runtimes if isinstance(r, MovesTokens))
+        #: runtimes that move tokens in this configuration (a pruner in mask form moves none)
+        self.movers = tuple(r for r in self.runtimes if isinstance(r, MovesTokens) and r.moved_layers())
         self.readers = tuple(r for r in self.runtimes if isinstance(r, ReadsInputs))
         self.prepassers = tuple(r for r in self.runtimes if isinstance(r, NeedsPrepass))
         #: whether any layer call may leave the fast path

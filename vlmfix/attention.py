@@ -18,7 +18,7 @@ The mask function registered beside each name is the previous implementation's o
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from transformers import AttentionInterface
@@ -27,9 +27,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .eager import additive_bias, biased_scores, grouped_scores, grouped_values, mask_scores_, serial_if_small
 from .methods.base import Block, Phase, Rows
-
-if TYPE_CHECKING:
-    from .attach import Attached
 
 NAME = "vlmfix"
 #: the attribute of an attached decoder's attention modules that holds their `Route`
@@ -41,7 +38,8 @@ class Route:
 
     __slots__ = ("handle", "layer", "fallback")
 
-    def __init__(self, handle: "Attached", layer: int, fallback: Callable):
+    def __init__(self, handle: Any, layer: int, fallback: Callable):
+        """`handle`: the `vlmfix.attach.Attached` that owns the module (not imported here: attach sits above)."""
         self.handle, self.layer, self.fallback = handle, layer, fallback
 
 
@@ -86,7 +84,8 @@ def vlmfix_attention(
         return route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     q_len, kv_len = query.shape[2], key.shape[2]
     phase = state.phase
-    block = Block(route.layer, phase, None if phase is Phase.DECODE else kv_len - q_len, q_len, kv_len)
+    # a prefill starts on an empty cache (a static cache's keys are its full length: kv_len - q_len is not the start)
+    block = Block(route.layer, phase, None if phase is Phase.DECODE else 0, q_len, kv_len)
     for runtime in handle.maskers:
         replaced = runtime.mask(block, state, attention_mask)
         if replaced is not None:
@@ -156,4 +155,4 @@ def union_rows(ranges: list[range], block: Block) -> Rows:
         index = torch.tensor(merged)
         if block.q_start is not None:
             positions = index + block.q_start
-    return Rows(index, positions, len(merged))
+    return Rows(index, positions, len(merged), merged[-1])

@@ -1,4 +1,4 @@
-"""Fit a pruner's position trend on a calibration set (`vlmfix calibrate-trend`; specs/pruning.md).
+"""Fit a pruner's position trend on a calibration set (`vlmfix calibrate-trend`; arXiv 2508.17807).
 
 For every calibration prompt the pruner's own first-stage scores are read: the raw (un-debiased)
 attention each image token receives at layer L - 1, averaged over heads (FastV: from the last

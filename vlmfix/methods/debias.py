@@ -1,4 +1,4 @@
-"""Attention debiasing for visual token pruning (arXiv 2508.17807; specs/pruning.md).
+"""Attention debiasing for visual token pruning (arXiv 2508.17807).
 
 A pruner-agnostic transform of image-token scores before ranking:
 

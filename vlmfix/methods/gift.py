@@ -181,9 +181,9 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         self._acting = [i for i, info in enumerate(rows) if info.informative is not None and bool(info.informative.any())]
         self._shifts: dict[int, dict[int, torch.Tensor]] = {}  # saliency layer -> batch row -> (N_img,)
         self._built = False
-        #: (B, 1, P, 3) columns [image, M on the image, query span] and (B, 1, 2, P) rows [(M - 1) on the image, span]
-        self._columns = self._buffers.zeros("columns", (b, 1, p, 3), torch.float32, dev)
-        self._update = self._buffers.zeros("update", (b, 1, 2, p), torch.float32, dev)
+        #: (B, P, 3) columns [image, M on the image, query span] and (B, 2, P) rows [(M - 1) on the image, span]
+        self._columns = self._buffers.zeros("columns", (b, p, 3), torch.float32, dev)
+        self._update = self._buffers.zeros("update", (b, 2, p), torch.float32, dev)
         return GIFTRecord(self.alpha, rows, [r.image_positions for r in state.rows],
                           self._buffers.zeros("saliency", (b, p), torch.float32, dev),
                           self._buffers.zeros("has_map", (b,), torch.bool, dev))
@@ -216,7 +216,7 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
                 self._build_map(state)
             if block.phase is Phase.DECODE:
                 self._boost_rows(probs)
-            elif int(rows.positions[-1]) == state.prompt_len - 1:  # the last prompt position
+            elif rows.last + block.q_start == state.prompt_len - 1:  # the last prompt position
                 self._boost_rows(probs[:, :, -1:])
         return probs
 
@@ -255,11 +255,11 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
             rec.saliency_map[b, image] = s_hat
             rec.has_map[b] = ok
             m = torch.exp(self.alpha * s_hat)
-            self._columns[b, 0, image, 0] = 1.0
-            self._columns[b, 0, image, 1] = m
-            self._columns[b, 0, start:end, 2] = 1.0
-            self._update[b, 0, 0, image] = (m - 1) * ok
-            self._update[b, 0, 1, start:end] = ok.float()
+            self._columns[b, image, 0] = 1.0
+            self._columns[b, image, 1] = m
+            self._columns[b, start:end, 2] = 1.0
+            self._update[b, 0, image] = (m - 1) * ok
+            self._update[b, 1, start:end] = ok.float()
 
     # -- boost ------------------------------------------------------------------------------------
     def _boost_rows(self, probs: torch.Tensor) -> None:
@@ -272,17 +272,17 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         [vis, qry (beta r - 1)] @ update; the row is divided by its new sum 1 + sum_j A_j (f_j - 1).
         Unselected heads and rows without a map have f = 1 and a sum of exactly 1: they are unchanged.
         """
-        h = probs.shape[1]
-        p = self._columns.shape[2]
+        b, h, r, _ = probs.shape
+        p = self._columns.shape[1]
         a = probs[..., :p]
-        mass = torch.matmul(a, self._columns)  # (B, H, R, 3): image, boosted image, span
+        mass = torch.bmm(a.reshape(b, h * r, p), self._columns).view(b, h, r, 3)  # image, boosted image, span
+        ranked = mass[..., ::2]  # (B, H, R, 2): image and span mass, ranked over the heads at once
         kth = h - self._top + 1  # the top-th largest is the (H - top + 1)-th smallest
-        vis = (mass[..., 0] >= mass[..., 0].kthvalue(kth, dim=1, keepdim=True).values).float()
-        qry = (mass[..., 2] >= mass[..., 2].kthvalue(kth, dim=1, keepdim=True).values).float()
-        sums = (vis[..., None] * mass[..., :2]).sum(1, keepdim=True)  # (B, 1, R, 2)
-        ratio = sums[..., 1] / sums[..., 0].clamp_min(1e-30)
-        coef = torch.stack([vis, qry * (self.beta * ratio - 1)], -1)  # (B, H, R, 2)
-        change = a * torch.matmul(coef, self._update)
+        coef = (ranked >= ranked.kthvalue(kth, dim=1, keepdim=True).values).float()  # [vis, qry] per (head, row)
+        sums = (coef[..., :1] * mass[..., :2]).sum(1, keepdim=True)  # (B, 1, R, 2) over the vis heads
+        ratio = sums[..., 1:] / sums[..., :1].clamp_min(1e-30)
+        coef[..., 1:].mul_((ratio.mul_(self.beta) if self.beta != 1.0 else ratio).sub_(1.0))  # [vis, qry (beta r - 1)]
+        change = a * torch.bmm(coef.view(b, h * r, 2), self._update).view(b, h, r, p)
         total = change.sum(-1, keepdim=True).add_(1.0)
         a.add_(change)
         probs.div_(total)

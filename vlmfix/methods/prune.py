@@ -167,6 +167,8 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
         """The prompt positions still present after each stage, on the model's device, for the
         decoding steps' masks (mask form)."""
         self._alive = {m.layer: m.alive.to(state.device) for m in state.slot_maps}
+        self._no_filler = {m.layer: self.form == "inplace" and bool(m.valid.all()) for m in state.slot_maps}
+        self._dtype = next(self.target.adapter.decoder_layers.parameters()).dtype
 
     def read_inputs(self, state: CallState, inputs: dict[str, Any]) -> None:
         rec = self.record
@@ -310,6 +312,8 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
             return None
         if torch.compiler.is_compiling():  # a compiled decoding step: the mask form, from the prefill's tensors
             return self._build_mask(block, state, m, attention_mask)
+        if block.phase is Phase.DECODE and block.q_len == 1 and attention_mask is None and self._no_filler[m.layer]:
+            return None  # in place, every slot a real token and no padding: the lone row sees every key
         cache = self._masks
         key = (m.layer, block.phase, block.q_len, block.kv_len)
         # the model's mask object itself is held (not its id, which a freed mask's successor may reuse)
@@ -327,7 +331,7 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
             keys = torch.ones(b, key_len, dtype=torch.bool, device=device)
             keys[:, :p] = self._alive[m.layer]
             allowed = _allowed(attention_mask, q_len, key_len, device) & keys[:, None, None, :]
-            return _as_mask_of(allowed, attention_mask)
+            return _as_mask_of(allowed, attention_mask, self._dtype)
         slots = m.pos.shape[1]
         extra = key_len - slots  # generated tokens in the cache (in-place) / beyond the prompt (mask form)
         tail = torch.arange(p, p + extra).expand(b, extra)
@@ -346,15 +350,18 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
             if bool(empty.any()):
                 own = torch.arange(q_len, device=device) + (key_len - q_len)
                 new[empty] = torch.nn.functional.one_hot(own, key_len).bool()[None].expand(b, -1, -1)[empty]
-        return _as_mask_of(new[:, None], attention_mask)
+        return _as_mask_of(new[:, None], attention_mask, self._dtype if block.phase is Phase.DECODE else None)
 
 
-def _as_mask_of(allowed: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
-    """`allowed` (bool, True = attend) in the form of the model's mask `like` (additive when it is float)."""
+def _as_mask_of(allowed: torch.Tensor, like: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`allowed` (bool, True = attend) in the form of the model's mask `like`: additive when it is float,
+    or when `dtype` is given (a decoding step's mask, built once per step: SDPA on a CPU would otherwise
+    convert a bool mask in every layer)."""
     if like is not None and like.dtype.is_floating_point:
-        return torch.zeros(allowed.shape, dtype=like.dtype, device=allowed.device).masked_fill_(
-            ~allowed, torch.finfo(like.dtype).min)
-    return allowed
+        dtype = like.dtype
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def _padding_geometry(adapter: "Adapter") -> tuple[str, torch.Tensor | None]:

@@ -132,7 +132,7 @@ class VARRuntime(Runtime, EditsRows):
         self._index = {layer: k for k, layer in enumerate(layers)}
         self._buffers = Buffers()
         self._active: frozenset[int] = frozenset()
-        self._limits: dict[torch.device, torch.Tensor] = {}
+        self._limits: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def resolved(self) -> dict:
         return {"tau": self.tau, "layers": list(self.layers)}
@@ -148,9 +148,13 @@ class VARRuntime(Runtime, EditsRows):
         #: per layer: columns [T, image I, non-sinks N, sources] (P, 4) and update rows [-p sources, p N] (2, P)
         self._columns = self._buffers.zeros("columns", (n, b, p, 4), torch.float32, dev)
         self._update = self._buffers.zeros("update", (n, b, 2, p), torch.float32, dev)
-        return VARRecord(self.layers, self._buffers.zeros("visual", (n, b, p), torch.bool, dev),
-                         self._buffers.zeros("pairs", (n, b), torch.float32, dev),
-                         self._buffers.zeros("gain", (n, b, p), torch.float32, dev), self._update[:, :, 1])
+        record = VARRecord(self.layers, self._buffers.zeros("visual", (n, b, p), torch.bool, dev),
+                           self._buffers.zeros("pairs", (n, b), torch.float32, dev),
+                           self._buffers.zeros("gain", (n, b, p), torch.float32, dev), self._update[:, :, 1])
+        #: per layer, the views a layer call uses (taken once here, not per call)
+        self._views = [(self._columns[k], self._update[k], record.pairs[k].view(b, 1, 1),
+                        record.gain[k].view(b, 1, p)) for k in range(n)]
+        return record
 
     def after_prefill(self, state: CallState) -> None:
         """One host read per call: the layers with a visual sink, where eager decoding steps act."""
@@ -202,39 +206,43 @@ class VARRuntime(Runtime, EditsRows):
         A'_j = A_j * (1 - p [j in sources] + p [j in N_l] sum_sources A / sum_N A),
         the bracket minus 1 being a second product; other pairs are left exactly as they are.
         """
-        k = self._index[block.layer]
+        columns, update, pairs, gain = self._views[self._index[block.layer]]
         b, h, r, kv = probs.shape
         p = state.prompt_len
         a = probs[..., :p] if kv > p else probs
         flat = a.reshape(b, h * r, p)  # a view: the rows of a (B, H, R) block are contiguous up to the key stride
-        sums = torch.bmm(flat, self._columns[k])  # (B, H * R, 4): t, m, sum_N A, sum_sources A
-        chosen = (sums[..., :3] >= self._limit(probs.device)).all(-1, keepdim=True)
+        sums = torch.bmm(flat, columns)  # (B, H * R, 4): t, m, sum_N A, sum_sources A
+        limit, zero = self._constants(probs.device)
+        chosen = (sums[..., :3] >= limit).all(-1, keepdim=True)
         if block.phase is Phase.PREFILL:  # prompt rows before a batch row's image end stay as they are
             chosen = chosen & self._rows_after_image(state, rows, h, probs.device)
         # [1, sum_sources A / sum_N A] for chosen pairs, 0 for the others (whose NaN when sum_N A = 0 is dropped)
-        coef = torch.where(chosen, sums[..., 2:] / sums[..., 2:3], 0.0)
-        rec = self.record  # what the pairs receive, from the rows before the edit
-        rec.pairs[k].add_(chosen.view(b, -1).sum(-1))
-        rec.gain[k].unsqueeze(1).baddbmm_(coef[..., 1:].transpose(1, 2), flat)
-        a.addcmul_(a, torch.bmm(coef, self._update[k]).view(b, h, r, p))
+        ratio = sums[..., 2:]
+        coef = torch.where(chosen, ratio / ratio[..., :1], zero)
+        pairs.add_(chosen.sum((1, 2), keepdim=True))  # the record, from the rows before the edit
+        gain.baddbmm_(coef[..., 1:].transpose(1, 2), flat)
+        a.addcmul_(a, torch.bmm(coef, update).view(b, h, r, p))
         return probs
 
-    def _limit(self, device: torch.device) -> torch.Tensor:
-        """Lower bounds of (t, m, sum_N A): -(1 - rho) 1e-6, m_min and the smallest positive number."""
-        limit = self._limits.get(device)
-        if limit is None:
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lower bounds of (t, m, sum_N A): -(1 - rho) 1e-6, m_min and the smallest positive number; and 0."""
+        got = self._limits.get(device)
+        if got is None:
             cfg = self.config
-            limit = self._limits[device] = torch.tensor([-(1 - cfg.rho) * 1e-6, cfg.m_min, TINY], device=device)
-        return limit
+            got = self._limits[device] = (torch.tensor([-(1 - cfg.rho) * 1e-6, cfg.m_min, TINY], device=device),
+                                          torch.zeros((), device=device))
+        return got
 
     def _rows_after_image(self, state: CallState, rows: Rows, heads: int, device: torch.device) -> torch.Tensor:
-        """(B, H * R, 1) bool: whether each prefill row comes after its batch row's image (once per rows)."""
-        key = (tuple(rows.positions[[0, -1]].tolist()), rows.count, heads)
-        got = self._row_ok.get(key)
+        """(B, H * R, 1) bool: whether each prefill row comes after its batch row's image (once per row range)."""
+        key = (rows.index.start, rows.index.stop, heads) if isinstance(rows.index, slice) else None
+        got = self._row_ok.get(key) if key is not None else None
         if got is None:
             far = state.prompt_len + 1
             after = torch.tensor([r.after_image if r.has_image else far for r in state.rows])
             ok = rows.positions[None, :] >= after[:, None]  # (B, R)
-            got = self._row_ok[key] = ok[:, None].expand(-1, heads, -1).reshape(len(state.rows), -1, 1).to(device)
+            got = ok[:, None].expand(-1, heads, -1).reshape(len(state.rows), -1, 1).to(device)
+            if key is not None:
+                self._row_ok[key] = got
         return got
 

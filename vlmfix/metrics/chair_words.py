@@ -1,7 +1,7 @@
 """The word tables of CHAIR (Rohrbach et al., "Object Hallucination in Image Captioning",
 EMNLP 2018).
 
-Transcribed from ``specs/chair.md``, quirks included, so that numbers stay comparable with the
+Transcribed from the reference evaluation code's tables, quirks included, so that numbers stay comparable with the
 published tables:
 
 - ``SYNONYMS``: one line per COCO object, node word first, entries split on ", " exactly as the
