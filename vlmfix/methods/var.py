@@ -145,8 +145,8 @@ class VARRuntime(Runtime, EditsRows):
         self._first = state.first_after_image
         self._prepared: set[int] = set()
         self._row_ok: dict[tuple, torch.Tensor] = {}
-        #: per layer: columns [T, image I, non-sinks N, sources] (P, 4) and update rows [-p sources, p N] (2, P)
-        self._columns = self._buffers.zeros("columns", (n, b, p, 4), torch.float32, dev)
+        #: per layer: rows [T, image I, non-sinks N, sources] (4, P) and update rows [-p sources, p N] (2, P)
+        self._columns = self._buffers.zeros("columns", (n, b, 4, p), torch.float32, dev)
         self._update = self._buffers.zeros("update", (n, b, 2, p), torch.float32, dev)
         record = VARRecord(self.layers, self._buffers.zeros("visual", (n, b, p), torch.bool, dev),
                            self._buffers.zeros("pairs", (n, b), torch.float32, dev),
@@ -165,7 +165,7 @@ class VARRuntime(Runtime, EditsRows):
     def _prepare(self, state: CallState, layer: int) -> None:
         """Fill layer `layer`'s matrices from its sinks S_l (once per call, in the prefill).
 
-        columns @ A gives per (head, row): t = (1 - rho) m - sum_V A, m = sum_I A, sum_N A and
+        columns . A gives per (head, row): t = (1 - rho) m - sum_V A, m = sum_I A, sum_N A and
         sum_sources A, where r = 1 - sum_V A / (m + 1e-6) >= rho <=> t >= -(1 - rho) 1e-6; and
         [1, sum_sources A / sum_N A] @ update is the relative change of each entry of an image-centric
         row. N_l is left empty in a batch row without visual sinks (sum_N A = 0: no pair selected).
@@ -180,7 +180,7 @@ class VARRuntime(Runtime, EditsRows):
         non = (image & ~visual & visual.any(-1, keepdim=True)).float()
         self.record.visual[k].copy_(visual)
         image_f = image.float()
-        self._columns[k].copy_(torch.stack([(1 - cfg.rho) * image_f - visual.float(), image_f, non, source], -1))
+        self._columns[k].copy_(torch.stack([(1 - cfg.rho) * image_f - visual.float(), image_f, non, source], 1))
         self._update[k].copy_(torch.stack([-cfg.p * source, cfg.p * non], 1))
 
     # -- the capability -----------------------------------------------------------------------------
@@ -211,17 +211,18 @@ class VARRuntime(Runtime, EditsRows):
         p = state.prompt_len
         a = probs[..., :p] if kv > p else probs
         flat = a.reshape(b, h * r, p)  # a view: the rows of a (B, H, R) block are contiguous up to the key stride
-        sums = torch.bmm(flat, columns)  # (B, H * R, 4): t, m, sum_N A, sum_sources A
+        # (B, 4, H * R): t, m, sum_N A, sum_sources A (four wide rows: a narrow (H R, 4) product is slow on CPUs)
+        sums = torch.bmm(columns, flat.transpose(1, 2))
         limit, zero = self._constants(probs.device)
-        chosen = (sums[..., :3] >= limit).all(-1, keepdim=True)
+        chosen = (sums[:, :3] >= limit).all(1, keepdim=True)  # (B, 1, H * R)
         if block.phase is Phase.PREFILL:  # prompt rows before a batch row's image end stay as they are
             chosen = chosen & self._rows_after_image(state, rows, h, probs.device)
         # [1, sum_sources A / sum_N A] for chosen pairs, 0 for the others (whose NaN when sum_N A = 0 is dropped)
-        ratio = sums[..., 2:]
-        coef = torch.where(chosen, ratio / ratio[..., :1], zero)
+        ratio = sums[:, 2:]
+        coef = torch.where(chosen, ratio / ratio[:, :1], zero)  # (B, 2, H * R)
         pairs.add_(chosen.sum((1, 2), keepdim=True))  # the record, from the rows before the edit
-        gain.baddbmm_(coef[..., 1:].transpose(1, 2), flat)
-        a.addcmul_(a, torch.bmm(coef, update).view(b, h, r, p))
+        gain.baddbmm_(coef[:, 1:], flat)
+        a.addcmul_(a, torch.bmm(coef.transpose(1, 2), update).view(b, h, r, p))
         return probs
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,19 +230,19 @@ class VARRuntime(Runtime, EditsRows):
         got = self._limits.get(device)
         if got is None:
             cfg = self.config
-            got = self._limits[device] = (torch.tensor([-(1 - cfg.rho) * 1e-6, cfg.m_min, TINY], device=device),
+            got = self._limits[device] = (torch.tensor([[-(1 - cfg.rho) * 1e-6], [cfg.m_min], [TINY]], device=device),
                                           torch.zeros((), device=device))
         return got
 
     def _rows_after_image(self, state: CallState, rows: Rows, heads: int, device: torch.device) -> torch.Tensor:
-        """(B, H * R, 1) bool: whether each prefill row comes after its batch row's image (once per row range)."""
+        """(B, 1, H * R) bool: whether each prefill row comes after its batch row's image (once per row range)."""
         key = (rows.index.start, rows.index.stop, heads) if isinstance(rows.index, slice) else None
         got = self._row_ok.get(key) if key is not None else None
         if got is None:
             far = state.prompt_len + 1
             after = torch.tensor([r.after_image if r.has_image else far for r in state.rows])
             ok = rows.positions[None, :] >= after[:, None]  # (B, R)
-            got = ok[:, None].expand(-1, heads, -1).reshape(len(state.rows), -1, 1).to(device)
+            got = ok[:, None].expand(-1, heads, -1).reshape(len(state.rows), 1, -1).to(device)
             if key is not None:
                 self._row_ok[key] = got
         return got
