@@ -15,8 +15,9 @@ Random weights, fp32, one thread; tau is set so that about 10 % of the image tok
 It prints, against the plain model in the same run (interleaved, medians over repeats):
 - eager prefill (generate 1 token) and decode per token ((t(N) - t(1)) / (N - 1)) ratios for
   attach with no methods, VAR, GIFT, VAR + GIFT, FastV keep 128 and StagedPrune;
-- compiled decode (static cache, torch.compile fullgraph) ratios for VAR and GIFT, or why the
-  compilation failed;
+- compiled decode (static cache, torch.compile fullgraph): the median time of a compiled decoding
+  step (each call of transformers' compiled forward timed on its own) for VAR and GIFT against
+  plain, or why the compilation failed;
 - aten operator counts (vlmfix.profiling.OpCounter) of one decode step, total and per layer, and
   the host reads (device syncs) of the prefill and of a decode step.
 

@@ -43,7 +43,7 @@ def debias_share(model, processor, inputs, keep: int, calls: int = 5) -> float:
                 spent[0] += time.perf_counter() - start
         return wrapper
 
-    patched = [(debias_module.Debias, "transform"), (prune.FastVPrune, "on_inputs")]
+    patched = [(debias_module.Debias, "transform"), (prune.PrunerRuntime, "read_inputs")]
     originals = [getattr(owner, name) for owner, name in patched]
     for (owner, name), fn in zip(patched, originals):
         setattr(owner, name, timed_call(fn))
