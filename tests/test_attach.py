@@ -85,6 +85,9 @@ def test_attach_twice_is_refused(family, model):
     with vlmfix.attach(model):
         with pytest.raises(vlmfix.VlmfixError, match="already attached"):
             vlmfix.attach(model)
+    with vlmfix.attach(model, None, vlmfix.FastVPrune()):  # a pruner hears the real reason, not "needs sdpa"
+        with pytest.raises(vlmfix.VlmfixError, match="already attached"):
+            vlmfix.attach(model, None, vlmfix.StagedPrune(layers=(1,), keep_ratios=(0.5,)))
     with vlmfix.attach(model):  # after detach it attaches again
         pass
 

@@ -77,6 +77,11 @@ class Attached:
         self.model = model
         self.processor = processor
         self.adapter: Adapter = get_adapter(model, processor)
+        if any(getattr(m, attention.ROUTE, None) is not None for m in self._attention_modules()):
+            raise VlmfixError(
+                "this model is already attached; call .detach() on the existing handle (or leave its "
+                "`with` block) before attaching again."
+            )
         for m in methods:
             if not isinstance(m, MethodConfig):
                 raise TypeError(f"attach expects vlmfix methods (VAR(), GIFT(), ...), got {type(m).__name__}")
@@ -139,11 +144,6 @@ class Attached:
         config = self.model.config
         text = self.adapter.text_config
         modules = self._attention_modules()
-        if any(getattr(m, attention.ROUTE, None) is not None for m in modules):
-            raise VlmfixError(
-                "this model is already attached; call .detach() on the existing handle (or leave its "
-                "`with` block) before attaching again."
-            )
         key = _text_config_key(config, text)
         if key is None:
             raise VlmfixError(f"cannot find the text sub-config of {type(self.model).__name__}")

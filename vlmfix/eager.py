@@ -127,8 +127,21 @@ def biased_scores(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor, sc
     return torch.baddbmm(bias, grouped, keys, alpha=scaling).float().view(b, h, r, k)
 
 
+#: On a CPU, a product with fewer output columns than this runs transposed (`grouped_values`)
+NARROW = 16
+
+
 def grouped_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """probs (B, H, R, K) times grouped value heads (B, KV, K, D) -> (B, H, R, D), without copying V."""
+    """probs (B, H, R, K) times grouped value heads (B, KV, K, D) -> (B, H, R, D), without copying V.
+
+    With narrow heads (D < NARROW) on a CPU and several rows, the product runs as (V^T probs^T)^T: CPU
+    BLAS kernels are several times slower on a (R, K) x (K, D) product with a handful of output
+    columns than on its transpose (measured 1.2 ms against 0.3 ms for 32 x 40 rows, 616 keys, D = 8).
+    """
     b, h, r, k = probs.shape
     kv, d = value.shape[1], value.shape[-1]
-    return torch.bmm(probs.reshape(b * kv, (h // kv) * r, k), value.reshape(b * kv, k, d)).view(b, h, r, d)
+    p = probs.reshape(b * kv, (h // kv) * r, k)
+    v = value.reshape(b * kv, k, d)
+    if d < NARROW and r > 1 and probs.device.type == "cpu":
+        return torch.bmm(v.transpose(1, 2), p.transpose(1, 2)).transpose(1, 2).reshape(b, h, r, d)
+    return torch.bmm(p, v).view(b, h, r, d)

@@ -222,7 +222,8 @@ class VARRuntime(Runtime, EditsRows):
         coef = torch.where(chosen, ratio / ratio[:, :1], zero)  # (B, 2, H * R)
         pairs.add_(chosen.sum((1, 2), keepdim=True))  # the record, from the rows before the edit
         gain.baddbmm_(coef[:, 1:], flat)
-        a.addcmul_(a, torch.bmm(coef.transpose(1, 2), update).view(b, h, r, p))
+        coef = coef.transpose(1, 2)  # (B, H * R, 2); many prompt rows: contiguous, a strided (R, 2) operand is slow
+        a.addcmul_(a, torch.bmm(coef if r == 1 else coef.contiguous(), update).view(b, h, r, p))
         return probs
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
