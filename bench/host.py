@@ -13,8 +13,9 @@ Random weights, fp32, one thread; tau is set so that about 10 % of the image tok
 (see bench/var_7b.py), the sink dims are LLaVA-1.5-7B's folded into the width.
 
 It prints, against the plain model in the same run (interleaved, medians over repeats):
-- eager prefill (generate 1 token) and decode per token ((t(N) - t(1)) / (N - 1)) ratios for
-  attach with no methods, VAR, GIFT, VAR + GIFT, FastV keep 128 and StagedPrune;
+- eager prefill (generate 1 token) and decode-per-token ratios (the interval between consecutive
+  one-token forwards of generate, medians over tokens and repeats) for attach with no methods, VAR,
+  GIFT, VAR + GIFT, FastV keep 128 and StagedPrune;
 - compiled decode (static cache, torch.compile fullgraph): the median time of a compiled decoding
   step (each call of transformers' compiled forward timed on its own) for VAR and GIFT against
   plain, or why the compilation failed;
@@ -121,20 +122,55 @@ def attachable(model, variants: dict, sink_dims: dict) -> dict:
 
 
 def eager_times(model, inputs: dict, variants: dict, n: int, repeats: int) -> None:
-    """Interleaved prefill and decode-per-token times of every variant; prints ratios to plain."""
-    runs = {}
-    for name, (methods, kwargs) in variants.items():
-        attach = () if methods is None else (methods, model, None, kwargs)
-        runs[(name, 1)] = (generator(model, inputs, 1), *attach)
-        runs[(name, n)] = (generator(model, inputs, n), *attach)
-    t = interleaved(runs, repeats)
-    prefill = {name: t[(name, 1)] for name in variants}
-    decode = {name: (t[(name, n)] - t[(name, 1)]) / (n - 1) for name in variants}
-    say(f"  plain: prefill {1000 * prefill['plain']:.1f} ms, decode {1000 * decode['plain']:.2f} ms per token")
-    say(f"  {'variant':<16}{'prefill':>9}{'decode':>9}")
+    """Interleaved prefill times (generate 1 token) and decode times per token of every variant; prints
+    ratios to plain. A token's time is the interval between the starts of two consecutive one-token
+    forwards of `generate(n tokens)` (a model pre-hook): the step and generate's own work around it,
+    with the prefill's noise kept out; medians over tokens and repeats."""
+    starts: list[float] = []
+    ends: list[float] = []
+
+    def start(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1:
+            sync()
+            starts.append(time.perf_counter())
+
+    def stop(module, args, kwargs, output):
+        if len(starts) > len(ends):
+            sync()
+            ends.append(time.perf_counter())
+
+    hooks = [model.register_forward_pre_hook(start, with_kwargs=True, prepend=True),
+             model.register_forward_hook(stop, with_kwargs=True, always_call=True)]
+    prefill_runs, decode_steps, forwards = {}, {}, {}
+    try:
+        for name, (methods, kwargs) in variants.items():
+            attach = () if methods is None else (methods, model, None, kwargs)
+            prefill_runs[name] = (generator(model, inputs, 1), *attach)
+        prefill = interleaved(prefill_runs, repeats)
+        for name, (methods, kwargs) in variants.items():  # warm-up
+            timed(generator(model, inputs, n), *(() if methods is None else (methods, model, None, kwargs)))
+        decode_steps = {name: [] for name in variants}
+        forwards = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, (methods, kwargs) in variants.items():
+                starts.clear()
+                ends.clear()
+                timed(generator(model, inputs, n), *(() if methods is None else (methods, model, None, kwargs)))
+                decode_steps[name].extend(b - a for a, b in zip(starts, starts[1:]))
+                forwards[name].extend(b - a for a, b in zip(starts, ends))
+    finally:
+        for h in hooks:
+            h.remove()
+    decode = {name: statistics.median(v) for name, v in decode_steps.items()}
+    forward = {name: statistics.median(v) for name, v in forwards.items()}
+    say(f"  plain: prefill {1000 * prefill['plain']:.1f} ms, decode {1000 * decode['plain']:.2f} ms per token, of "
+        f"which the forward {1000 * forward['plain']:.2f} ms (medians of {len(decode_steps['plain'])})")
+    say(f"  {'variant':<16}{'prefill':>9}{'decode':>9}{'forward':>9}   (decode: per token; forward: the step alone)")
     for name in variants:
-        p, d = prefill[name] / prefill["plain"], decode[name] / decode["plain"]
-        say(f"  {name:<16}{p:>9.3f}{d:>9.3f}  {verdict(name, 'prefill', p)} {verdict(name, 'decode', d)}".rstrip())
+        p, d, f = prefill[name] / prefill["plain"], decode[name] / decode["plain"], forward[name] / forward["plain"]
+        say(f"  {name:<16}{p:>9.3f}{d:>9.3f}{f:>9.3f}  {verdict(name, 'prefill', p)} "
+            f"{verdict(name, 'decode', d)}".rstrip())
 
 
 def compiled_times(model, inputs: dict, variants: dict, n: int, repeats: int) -> None:
