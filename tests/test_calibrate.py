@@ -143,6 +143,8 @@ def test_world_images_errors(tmp_path):
     assert [p.name for p in world_images(tmp_path, 1)] == ["a.png"]
     with pytest.raises(ValueError, match=">= 1"):
         world_images(tmp_path, 0)
+    with pytest.raises(ValueError, match=r"--n 3 asks for more images than .* \(2\); pass --n 2 or fewer"):
+        world_images(tmp_path, 3)
     with pytest.raises(ValueError, match="text-only"):
         next(image_inputs(object(), ["a.png"]))
 

@@ -83,3 +83,12 @@ def test_generate_with_gift_writes_saliency_map(tmp_path, capsys):
                  "--prompt", "Is there a red ball next to the yellow box?", "--out", str(tmp_path)]) == 0
     assert "GIFT saliency" in capsys.readouterr().out
     assert Image.open(tmp_path / "gift_saliency.png").size[0] == 24 * 24
+
+
+def test_version(capsys):
+    from vlmfix import __version__
+    from vlmfix.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"vlmfix {__version__}"

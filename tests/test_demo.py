@@ -184,3 +184,42 @@ def test_results_report_and_sink_profile(demo, tmp_path):
         pope, chair, none, meta)
     some = {2: {"share": 0.25, "image_phi": 30.0, "text_phi": 23.0}, 3: {"share": 0.5, "image_phi": 31.0, "text_phi": 23.0}}
     assert "Highest shares: layer 3 50 %, layer 2 25 %." in report(pope, chair, some, meta)
+
+
+def test_demo_results_by_default_writes_under_out_not_docs(tmp_path, monkeypatch):
+    """`vlmfix demo results` with default arguments leaves committed files alone: the report goes to
+    out/demo-results/results.md (the evaluation itself is stubbed: only where things land is checked)."""
+    from types import SimpleNamespace
+
+    import vlmfix.cli_eval
+    import vlmfix.data.world
+    import vlmfix.demo.load
+    from vlmfix import cli
+    from vlmfix.demo import results
+
+    config = SimpleNamespace(_name_or_path="demo", text_config=SimpleNamespace(hidden_size=7))
+    monkeypatch.setattr(vlmfix.demo.load, "load_demo", lambda weights=None: (SimpleNamespace(config=config), None))
+    monkeypatch.setattr(vlmfix.data.world, "generate_world", lambda *a, **k: None)
+    monkeypatch.setattr(vlmfix.cli_eval, "run", lambda task, cfg, model, processor: {
+        "results": {s: {"sentences": []} for s in results.METHOD_SETS}})
+    monkeypatch.setattr(results, "sink_profile", lambda *a: {})
+    monkeypatch.setattr(results, "sink_plot", lambda sinks, tau, path: path.write_text("plot"))
+    monkeypatch.setattr(results, "report", lambda *a: "report")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "demo-results").mkdir(parents=True)
+    assert cli.main(["demo", "results", "--images", "2"]) == 0
+    assert (tmp_path / "out" / "demo-results" / "results.md").read_text() == "report"
+    assert (tmp_path / "out" / "demo-results" / "results_sink_phi.png").exists()
+    assert not (tmp_path / "docs").exists()
+    assert cli.main(["demo", "results", "--images", "2", "--doc", "docs/results.md"]) == 0  # only when named
+    assert (tmp_path / "docs" / "results.md").read_text() == "report"
+
+
+def test_demo_train_refuses_fewer_images_than_a_batch(tmp_path):
+    from dataclasses import replace
+
+    from vlmfix.demo.train import Recipe, train
+
+    with pytest.raises(ValueError, match=r"--n-images 16 is fewer than one training batch .* --n-images 48 or more"):
+        train(tmp_path, replace(Recipe(), steps=2, pretrain_steps=2, n_images=16))
+    assert not any(tmp_path.iterdir()), "nothing is written for a recipe that cannot run"

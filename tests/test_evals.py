@@ -234,7 +234,7 @@ def test_bad_inputs_fail_before_loading_the_model(world, tmp_path, capsys):
                   "--captions", str(tmp_path / "captions.json"), "--n-images", "2", *base], capsys)
     assert "captions of 1 image(s) absent from the instances annotations" in err and "first image_id 99" in err
     err = _fails(["eval", "chair", "--data", str(world), "--n-images", "9", *base], capsys)
-    assert "n_images is 9 but" in err and "has 4 images" in err
+    assert "n_images is 9 but" in err and "has 4 images" in err and "--n-images 4 or fewer" in err
     (tmp_path / "ids.json").write_text("[1, 3, 1]")
     err = _fails(["eval", "chair", "--data", str(world), "--image-ids", str(tmp_path / "ids.json"), *base], capsys)
     assert "chair: item id '1' occurs twice" in err

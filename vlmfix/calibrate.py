@@ -184,6 +184,9 @@ def world_images(folder: str | Path, n: int | None = None) -> list[Path]:
         raise ValueError(f"{instances} lists no images; nothing to calibrate on")
     if n is not None and n < 1:
         raise ValueError(f"the number of calibration images must be >= 1, got {n}")
+    if n is not None and n > len(images):  # as `vlmfix eval chair --n-images`: a count beyond the data is an error
+        raise ValueError(f"--n {n} asks for more images than {instances} lists ({len(images)}); pass --n "
+                         f"{len(images)} or fewer")
     paths = [folder / "images" / im["file_name"] for im in sorted(images, key=lambda im: im["id"])][:n]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -262,7 +265,8 @@ def add_calibrate_parser(sub: Any) -> None:
     c.add_argument("--pruner", default="fastv",
                    help="fastv | staged, or NAME:PRESET of configs/methods (its first layer is the one scored)")
     c.add_argument("--family", default="exp", choices=("exp", "cubic"), help="trend family (default exp)")
-    c.add_argument("--n", type=int, default=100, help="number of images, the first N by id (default 100)")
+    c.add_argument("--n", type=int, default=100, help="number of images, the first N by id (default 100; more than "
+                                                      "the folder holds is an error, as for eval chair --n-images)")
     c.add_argument("--question", default=DEFAULT_QUESTION, help="the user's text with each image")
     c.add_argument("--match", help="comma-separated model-name substrings the preset applies to "
                    "(default: the model's name)")

@@ -207,7 +207,10 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="vlmfix", description="Attention-sink tools for transformers VLMs.")
+    parser.add_argument("--version", action="version", version=f"vlmfix {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sinks", help="report sink dimensions, visual sink tokens and their attention share")
     p.add_argument("--model", default="demo",

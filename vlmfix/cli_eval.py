@@ -257,7 +257,8 @@ def _chosen_ids(config: dict, pool: list[int], source: str) -> list[int]:
     if n is None:
         return sorted(pool)
     if n > len(pool):
-        raise ValueError(f"n_images is {n} but {source} has {len(pool)} images")
+        raise ValueError(f"n_images is {n} but {source} has {len(pool)} images: pass --n-images {len(pool)} or fewer "
+                         "(or leave it out for all of them)")
     return sorted(random.Random(config["seed"]).sample(sorted(pool), n))
 
 

@@ -2,7 +2,7 @@
 
     vlmfix demo                      # describe a bundled EmojiCOCO image: plain, VAR, GIFT, pruning; heat maps
     vlmfix demo train --out DIR      # the training recipe (demo.safetensors, log, loss curve, check)
-    vlmfix demo results              # POPE + CHAIR for every method on 500 held-out images -> docs/results.md
+    vlmfix demo results              # POPE + CHAIR for every method on 500 held-out images -> out/demo-results/results.md
 """
 
 from __future__ import annotations
@@ -115,9 +115,10 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--n-images", type=int, help="training scenes (default: the recipe's)")
     t.add_argument("--seed", type=int)
     t.set_defaults(func=cmd_train)
-    r = actions.add_parser("results", help="POPE + CHAIR for every method on held-out images -> docs/results.md")
-    r.add_argument("--out", default="out/demo-results")
-    r.add_argument("--doc", default="docs/results.md")
+    r = actions.add_parser("results", help="POPE + CHAIR for every method on held-out images -> <out>/results.md")
+    r.add_argument("--out", default="out/demo-results", help="results folder (resumable; default out/demo-results)")
+    r.add_argument("--doc", default=None, help="where the markdown report goes (default <out>/results.md; "
+                                              "docs/results.md regenerates the committed report)")
     r.add_argument("--images", type=int, default=500)
     r.add_argument("--batch-size", type=int, help="default: 128 with a GPU, 16 on the CPU")
     r.add_argument("--max-new-tokens", type=int, default=128)

@@ -187,10 +187,11 @@ def report(pope: Mapping[str, Any], chair: Mapping[str, Any], sinks: Mapping[int
     ]) + "\n"
 
 
-def run_results(out: str | Path = "out/demo-results", doc: str | Path = "docs/results.md", images: int = 500,
+def run_results(out: str | Path = "out/demo-results", doc: str | Path | None = None, images: int = 500,
                 batch_size: int | None = None, max_new_tokens: int = 128, share_images: int = 50,
                 weights: str | Path | None = None, command: str = "vlmfix demo results") -> dict[str, Any]:
-    """Run the whole table (resumable: rerun the same command after a crash) and write `doc`.
+    """Run the whole table (resumable: rerun the same command after a crash) and write `doc` (default
+    `<out>/results.md`, its sink plot beside it: a committed report is rewritten only when named).
     `batch_size` None: 128 with a GPU, 16 on the CPU."""
     from datetime import date
 
@@ -200,7 +201,8 @@ def run_results(out: str | Path = "out/demo-results", doc: str | Path = "docs/re
     from .load import load_demo
 
     start = time.perf_counter()
-    out, doc = Path(out), Path(doc)
+    out = Path(out)
+    doc = out / "results.md" if doc is None else Path(doc)
     world = out / "emojicoco-heldout"
     if not (world / "instances.json").is_file():
         generate_world(world, images, seed=0)

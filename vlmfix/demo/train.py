@@ -73,6 +73,16 @@ class Recipe:
     weight_decay: float = 0.0
     bf16: bool = False  # bfloat16 autocast: faster only where the CPU has bf16 units (not AVX2-only ones)
     checkpoint_every: int = 50
+
+    def check(self) -> None:
+        """Raise ValueError for a recipe that cannot run (before anything is loaded or drawn)."""
+        for name in ("n_images", "steps", "pretrain_steps", "batch", "pretrain_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"the recipe's {name} must be >= 1, got {getattr(self, name)}")
+        need = max(self.batch, self.pretrain_batch)
+        if self.n_images < need:
+            raise ValueError(f"--n-images {self.n_images} is fewer than one training batch draws ({self.pretrain_batch} "
+                             f"images a stage-1 step, {self.batch} a stage-2 step): give --n-images {need} or more")
     check_images: int = 100
 
 
@@ -361,6 +371,7 @@ def train(out: str | Path, recipe: Recipe | None = None, device: str = "cpu") ->
     from .plots import loss_plot
 
     recipe = recipe or Recipe()
+    recipe.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe_path = out / "recipe.json"
