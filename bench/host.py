@@ -43,8 +43,8 @@ from typing import Callable
 import torch
 from common import busy_tau, interleaved, timed
 from torch._dynamo.utils import counters
-from transformers import CLIPVisionConfig, CompileConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-from var_7b import IMAGE, inputs_for
+from transformers import CompileConfig
+from var_7b import inputs_for, llava_layout
 
 import vlmfix
 from vlmfix.presets import model_preset
@@ -64,27 +64,6 @@ def say(*parts: object) -> None:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-def llava_layout(device: str, layers: int, width: int, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    """LLaVA-1.5-7B's layout: 32 heads at any `width` (the 7B's FFN at width 4096, else 2 x width);
-    a CLIP ViT-L/14-336 at width 4096, else a 1-layer 32-wide CLIP with the same 576 patches."""
-    text = LlamaConfig(vocab_size=32064, hidden_size=width, intermediate_size=11008 if width == 4096 else 2 * width,
-                       num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32,
-                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    big = width == 4096
-    vision = CLIPVisionConfig(hidden_size=1024 if big else 32, intermediate_size=4096 if big else 64,
-                              num_hidden_layers=24 if big else 1, num_attention_heads=16 if big else 2,
-                              image_size=336, patch_size=14, projection_dim=768)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    config._name_or_path = "llava-hf/llava-1.5-7b-hf"  # picks the model preset (sink dims) at width 4096
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(dtype)
-    model.config._name_or_path = config._name_or_path
-    model.generation_config.eos_token_id = None  # random weights: never stop early
-    return model.eval()
 
 
 def generator(model, inputs: dict, tokens: int, **kwargs) -> Callable[[], object]:

@@ -25,24 +25,32 @@ import vlmfix
 IMAGE = 32000
 
 
-def llava_7b(device: str, smoke: bool = False) -> LlavaForConditionalGeneration:
-    """LLaVA-1.5-7B's shapes (smoke: the same layout, 4 narrow layers, to check the script on a CPU)."""
-    width, layers, ffn, heads = (128, 4, 256, 4) if smoke else (4096, 32, 11008, 32)
-    text = LlamaConfig(vocab_size=32064, hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    vision = CLIPVisionConfig(hidden_size=64 if smoke else 1024, intermediate_size=128 if smoke else 4096,
-                              num_hidden_layers=2 if smoke else 24, num_attention_heads=16, image_size=336,
-                              patch_size=14, projection_dim=768)
+def llava_layout(device: str, layers: int, width: int, dtype: torch.dtype,
+                 heads: int = 32) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5-7B's layout with `heads` heads at any `width` (the 7B's FFN at width 4096, else 2 x width);
+    a CLIP ViT-L/14-336 at width 4096, else a 1-layer 32-wide CLIP with the same 576 patches."""
+    text = LlamaConfig(vocab_size=32064, hidden_size=width, intermediate_size=11008 if width == 4096 else 2 * width,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    big = width == 4096
+    vision = CLIPVisionConfig(hidden_size=1024 if big else 32, intermediate_size=4096 if big else 64,
+                              num_hidden_layers=24 if big else 1, num_attention_heads=16 if big else 2,
+                              image_size=336, patch_size=14, projection_dim=768)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE, vision_feature_layer=-2,
                          vision_feature_select_strategy="default")
-    config._name_or_path = "llava-hf/llava-1.5-7b-hf"  # picks the model preset (sink dims)
+    config._name_or_path = "llava-hf/llava-1.5-7b-hf"  # picks the model preset (sink dims) at width 4096
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+        model = LlavaForConditionalGeneration(config).to(dtype)
     model.config._name_or_path = config._name_or_path
     model.generation_config.eos_token_id = None  # random weights: never stop early
     return model.eval()
+
+
+def llava_7b(device: str, smoke: bool = False) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5-7B's shapes in bf16 (smoke: the same layout, 4 narrow layers, to check the script on a CPU)."""
+    return llava_layout(device, 4, 128, torch.bfloat16, heads=4) if smoke else \
+        llava_layout(device, 32, 4096, torch.bfloat16)
 
 
 def inputs_for(device: str, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from . import attention
-from .eager import additive_bias
 from .adapters import Adapter, get_adapter
+from .eager import additive_bias
 from .methods.base import (EditsRows, MethodConfig, MovesTokens, NeedsPrepass, Phase, ReadsInputs, ReplacesMask,
                            Runtime, Target)
 from .sinks import check_tau, find_sink_dims, scaled_tau, sink_scores
@@ -53,6 +53,11 @@ def _text_config_key(config: Any, text_config: Any) -> str | None:
 
 class _Stop(Exception):
     """Ends a pre-pass after its last layer."""
+
+
+def _cache_of(kwargs: dict) -> Any:
+    """The KV cache a model forward was given (`cache`; `past_key_values` before transformers 5), or None."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 class Attached:
@@ -212,7 +217,7 @@ class Attached:
         """Whether this forward is a prefill (see the module docstring). Reads a cache length on the
         host only for a multi-token forward on a cache this call already used (assisted decoding, a
         reused static cache)."""
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = _cache_of(kwargs)
         if cache is None or self.state is None or self._cache is None or self._cache() is not cache:
             return True
         if kwargs.get("pixel_values") is not None:
@@ -228,7 +233,7 @@ class Attached:
         if torch.compiler.is_compiling() or self._in_prepass or not self._starts_call(args, kwargs):
             return
         self._drop_prefill_hooks()  # a prefill that raised left them
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = _cache_of(kwargs)
         if self.movers and cache is not None and getattr(cache, "is_compileable", False):
             names = ", ".join(type(r.config).__name__ for r in self.movers)
             raise VlmfixError(

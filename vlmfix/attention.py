@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .eager import additive_bias, biased_scores, grouped_scores, grouped_values, mask_scores_, serial_if_small
+from .eager import biased_scores, grouped_scores, grouped_values, mask_scores_, serial_if_small
 from .methods.base import Block, Phase, Rows
 
 NAME = "vlmfix"
@@ -117,8 +117,9 @@ def vlmfix_attention(
             scores = view.scores(query, key, attention_mask, slots[0], scaling)
         else:
             q = query if whole else query[:, :, rows.index]
-            bias = handle.bias(attention_mask, b, key.shape[1], kv_len, query.dtype, query.device) if whole and phase is Phase.DECODE \
-                else None
+            bias = None
+            if whole and phase is Phase.DECODE:  # the step's mask as one additive bias, built once per step
+                bias = handle.bias(attention_mask, b, key.shape[1], kv_len, query.dtype, query.device)
             if bias is not None:
                 scores = biased_scores(q, key, bias, scaling)
             else:

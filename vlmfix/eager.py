@@ -91,10 +91,15 @@ def grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     Query head h reads key head h // (H / KV), as transformers' repeat_kv; the product runs per
     key head on the native dtype without copying K, then is cast to fp32 (as eager attention does).
     """
+    grouped, keys = _grouped(query, key)
+    return torch.bmm(grouped, keys).float().view(*query.shape[:3], key.shape[2])
+
+
+def _grouped(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query heads (B, H, R, D) as (B * KV, H / KV * R, D) beside their key head's K^T (B * KV, D, K): views."""
     b, h, r, d = query.shape
     kv, k = key.shape[1], key.shape[2]
-    grouped = query.reshape(b * kv, (h // kv) * r, d)
-    return torch.bmm(grouped, key.reshape(b * kv, k, d).transpose(1, 2)).float().view(b, h, r, k)
+    return query.reshape(b * kv, (h // kv) * r, d), key.reshape(b * kv, k, d).transpose(1, 2)
 
 
 def additive_bias(mask: torch.Tensor | None, batch: int, kv_heads: int, kv_len: int,
@@ -120,11 +125,8 @@ def additive_bias(mask: torch.Tensor | None, batch: int, kv_heads: int, kv_len: 
 def biased_scores(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor, scaling: float) -> torch.Tensor:
     """fp32 masked, scaled scores (B, H, R, K) in one product: bias + scaling * q.k^T on grouped key heads
     (bias from `additive_bias`, in the query's dtype; cast to fp32 after, as eager attention does)."""
-    b, h, r, d = query.shape
-    kv, k = key.shape[1], key.shape[2]
-    grouped = query.reshape(b * kv, (h // kv) * r, d)
-    keys = key.reshape(b * kv, k, d).transpose(1, 2)
-    return torch.baddbmm(bias, grouped, keys, alpha=scaling).float().view(b, h, r, k)
+    grouped, keys = _grouped(query, key)
+    return torch.baddbmm(bias, grouped, keys, alpha=scaling).float().view(*query.shape[:3], key.shape[2])
 
 
 #: On a CPU, a product with fewer output columns than this runs transposed (`grouped_values`)

@@ -167,6 +167,11 @@ class CallState:
     def batch_size(self) -> int:
         return len(self.rows)
 
+    def after_image_starts(self) -> torch.Tensor:
+        """(B,) CPU: the first position after each row's image; prompt_len (after every prompt row) for a
+        text-only row."""
+        return torch.tensor([r.after_image if r.has_image else self.prompt_len for r in self.rows])
+
     @property
     def first_after_image(self) -> int | None:
         """The first position after any batch row's image (None: no row has an image)."""

@@ -87,6 +87,11 @@ class GIFTRow:
     informative: torch.Tensor | None
     note: str = ""
 
+    @property
+    def acting(self) -> bool:
+        """Whether GIFT acts on this row: it has a question with an informative token."""
+        return self.informative is not None and bool(self.informative.any())
+
 
 @dataclass
 class GIFTRecord:
@@ -108,7 +113,7 @@ class GIFTRecord:
 
     def saliency(self, row: int = 0) -> torch.Tensor | None:
         """S_hat over the image tokens of batch row `row` (None when that row got no saliency)."""
-        if self.rows[row].informative is None or not bool(self.rows[row].informative.any()):
+        if not self.rows[row].acting:
             return None
         return self.saliency_map[row, self.image_positions[row].to(self.saliency_map.device)].cpu()
 
@@ -178,7 +183,7 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
                 rows.append(GIFTRow(row.query_span, torch.tensor(flags, dtype=torch.bool), note))
         b, p, dev = state.batch_size, state.prompt_len, state.device
         #: the rows GIFT acts on (an informative token in the question)
-        self._acting = [i for i, info in enumerate(rows) if info.informative is not None and bool(info.informative.any())]
+        self._acting = [i for i, info in enumerate(rows) if info.acting]
         self._shifts: dict[int, dict[int, torch.Tensor]] = {}  # saliency layer -> batch row -> (N_img,)
         self._built = False
         #: (B, P, 3) columns [image, M on the image, query span] and (B, 2, P) rows [(M - 1) on the image, span]

@@ -158,7 +158,9 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
         budgets = [[self._budget(s, len(r.image_positions)) for r in state.rows] for s in range(len(self.layers))]
         everything = torch.ones(b, p, dtype=torch.bool)
         self._start = SlotMap(0, torch.arange(p).expand(b, p), everything, None, everything)
-        self._masks: dict[str, Any] = {}
+        #: (key, the model's mask object, the replacement) of the last layer call; per stage, gathered positions
+        self._mask: tuple[tuple, torch.Tensor | None, torch.Tensor] | None = None
+        self._gathers: dict[tuple, Any] = {}
         self._views: dict[tuple, SlotView] = {}
         active = any(bud < len(r.image_positions) for stage in budgets for bud, r in zip(stage, state.rows))
         return PruneRecord(self.form, self.layers, budgets, [None] * b, active)
@@ -214,7 +216,7 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
         if self.scoring == "last":
             start = torch.full((state.batch_size,), p - 1)
         else:
-            start = torch.tensor([r.after_image if r.has_image else p for r in state.rows])
+            start = state.after_image_starts()
         weights = (rows.positions[None, :] >= start[:, None]).float()  # (B, R)
         per_head = probs[..., :p].mean(1).cpu()  # (B, R, P): the one host read of a stage
         scores = (per_head * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
@@ -301,9 +303,9 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
 
     def _gathered(self, key: tuple, make: Any) -> Any:
         """What `make()` gives, once per stage and call (every layer of a stage gathers the same)."""
-        if key not in self._masks:
-            self._masks[key] = make()
-        return self._masks[key]
+        if key not in self._gathers:
+            self._gathers[key] = make()
+        return self._gathers[key]
 
     # -- masks of layers >= L ---------------------------------------------------------------------
     def mask(self, block: Block, state: CallState, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -314,12 +316,11 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
             return self._build_mask(block, state, m, attention_mask)
         if block.phase is Phase.DECODE and block.q_len == 1 and attention_mask is None and self._no_filler[m.layer]:
             return None  # in place, every slot a real token and no padding: the lone row sees every key
-        cache = self._masks
         key = (m.layer, block.phase, block.q_len, block.kv_len)
         # the model's mask object itself is held (not its id, which a freed mask's successor may reuse)
-        if cache.get("key") != key or cache.get("source") is not attention_mask:
-            cache.update(key=key, source=attention_mask, mask=self._build_mask(block, state, m, attention_mask))
-        return cache["mask"]
+        if self._mask is None or self._mask[0] != key or self._mask[1] is not attention_mask:
+            self._mask = (key, attention_mask, self._build_mask(block, state, m, attention_mask))
+        return self._mask[2]
 
     def _build_mask(self, block: Block, state: CallState, m: SlotMap,
                     attention_mask: torch.Tensor | None) -> torch.Tensor:

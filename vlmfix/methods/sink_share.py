@@ -50,8 +50,7 @@ class SinkShareRuntime(Runtime, EditsRows):
         tau = self.target.tau if self.config.tau is None else self.config.tau
         sinks = state.sink_mask(block.layer, tau).to(probs.device)
         image = state.image_mask(probs.device)
-        after = torch.tensor([r.after_image if r.has_image else state.prompt_len + 1 for r in state.rows])
-        weight = (rows.positions[None, :] >= after[:, None]).to(probs)  # (B, R)
+        weight = (rows.positions[None, :] >= state.after_image_starts()[:, None]).to(probs)  # (B, R)
         p = state.prompt_len
         per_key = (probs[..., :p].sum(1) * weight[..., None]).sum(1)  # (B, P)
         on_image = (per_key * image).sum(-1)

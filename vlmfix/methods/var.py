@@ -222,8 +222,7 @@ class VARRuntime(Runtime, EditsRows):
         coef = torch.where(chosen, ratio / ratio[:, :1], zero)  # (B, 2, H * R)
         pairs.add_(chosen.sum((1, 2), keepdim=True))  # the record, from the rows before the edit
         gain.baddbmm_(coef[:, 1:], flat)
-        coef = coef.transpose(1, 2)  # (B, H * R, 2); many prompt rows: contiguous, a strided (R, 2) operand is slow
-        a.addcmul_(a, torch.bmm(coef if r == 1 else coef.contiguous(), update).view(b, h, r, p))
+        a.addcmul_(a, torch.bmm(coef.transpose(1, 2), update).view(b, h, r, p))
         return probs
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,9 +239,7 @@ class VARRuntime(Runtime, EditsRows):
         key = (rows.index.start, rows.index.stop, heads) if isinstance(rows.index, slice) else None
         got = self._row_ok.get(key) if key is not None else None
         if got is None:
-            far = state.prompt_len + 1
-            after = torch.tensor([r.after_image if r.has_image else far for r in state.rows])
-            ok = rows.positions[None, :] >= after[:, None]  # (B, R)
+            ok = rows.positions[None, :] >= state.after_image_starts()[:, None]  # (B, R)
             got = ok[:, None].expand(-1, heads, -1).reshape(len(state.rows), 1, -1).to(device)
             if key is not None:
                 self._row_ok[key] = got
