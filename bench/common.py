@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import statistics
+import sys
 import threading
 import time
 from typing import Callable, Sequence
@@ -53,10 +54,12 @@ def timed(fn: Callable[[], object], methods: Sequence | None = None, model=None,
 def interleaved(variants: dict[str, tuple], repeats: int) -> dict[str, float]:
     """Median seconds per variant (each a tuple of `timed`'s arguments), running the variants in
     turn `repeats` times, so that machine noise hits all alike."""
+    print(f"  warm-up: {', '.join(variants)}", file=sys.stderr, flush=True)
     for args in variants.values():  # warm-up
         timed(*args)
     samples: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
+    for rep in range(repeats):
+        print(f"  repeat {rep + 1}/{repeats}", file=sys.stderr, flush=True)
         for name, args in variants.items():
             samples[name].append(timed(*args))
     return {k: statistics.median(v) for k, v in samples.items()}
@@ -163,3 +166,18 @@ def report(title: str, res: dict, targets: dict[str, float]) -> None:
     for key, target in targets.items():
         verdict = "ok" if res[key] <= target else "ABOVE TARGET"
         print(f"  {key}: {res[key]:.3f} (target <= {target}) {verdict}")
+
+
+def word_tokenizer(vocab_size: int, specials: dict[int, str] | None = None):
+    """A real fast tokenizer for random-weight models: id i is the word "w<i>" (every one informative for
+    GIFT, none a turn-end marker, so GIFT's question runs from the image to the end of the prompt), ids 0, 1,
+    2 and those in `specials` are special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    named = {0: "<pad>", 1: "<s>", 2: "</s>", **(specials or {})}
+    vocab = {named.get(i, f"w{i}"): i for i in range(vocab_size)}
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   extra_special_tokens=[n for i, n in sorted(named.items()) if i > 2])

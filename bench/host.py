@@ -41,10 +41,10 @@ from collections import Counter
 from typing import Callable
 
 import torch
-from common import busy_tau, interleaved, timed
+from common import busy_tau, interleaved, timed, word_tokenizer
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
-from var_7b import inputs_for, llava_layout
+from var_7b import IMAGE, inputs_for, llava_layout
 
 import vlmfix
 from vlmfix.presets import model_preset
@@ -77,30 +77,27 @@ def verdict(variant: str, phase: str, ratio: float) -> str:
     return f"(<= {target} {'ok' if ratio <= target else 'ABOVE TARGET'})"
 
 
-def attach_kwargs(model, methods: list, sink_dims: dict) -> dict:
-    """{} when `methods` attach to `model` without sink dims, else `sink_dims` (attach cannot discover
-    them here, having no tokenizer): the variants that need none track no sinks."""
-    try:
-        vlmfix.attach(model, None, methods).detach()
-        return {}
-    except vlmfix.VlmfixError:
-        vlmfix.attach(model, None, methods, **sink_dims).detach()
-        return sink_dims
+def attach_kwargs(model, processor, methods: list, sink_dims: dict) -> dict:
+    """`sink_dims` for the variants that track sinks (VAR; random weights have no sinks to discover), {}
+    for the others, which then track none; checks that `methods` attach."""
+    kwargs = sink_dims if any(isinstance(m, vlmfix.VAR) for m in methods) else {}
+    vlmfix.attach(model, processor, methods, **kwargs).detach()
+    return kwargs
 
 
-def attachable(model, variants: dict, sink_dims: dict) -> dict:
+def attachable(model, processor, variants: dict, sink_dims: dict) -> dict:
     """{name: (methods, attach kwargs)} of the variants that attach to `model`; the others are
     reported and left out."""
     kept = {}
     for name, methods in variants.items():
         try:
-            kept[name] = (methods, {} if methods is None else attach_kwargs(model, methods, sink_dims))
+            kept[name] = (methods, {} if methods is None else attach_kwargs(model, processor, methods, sink_dims))
         except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
             say(f"  {name}: cannot attach: {first_line(exc)}")
     return kept
 
 
-def eager_times(model, inputs: dict, variants: dict, n: int, repeats: int) -> None:
+def eager_times(model, processor, inputs: dict, variants: dict, n: int, repeats: int) -> None:
     """Interleaved prefill times (generate 1 token) and decode times per token of every variant; prints
     ratios to plain. A token's time is the interval between the starts of two consecutive one-token
     forwards of `generate(n tokens)` (a model pre-hook): the step and generate's own work around it,
@@ -124,18 +121,18 @@ def eager_times(model, inputs: dict, variants: dict, n: int, repeats: int) -> No
     prefill_runs, decode_steps, forwards = {}, {}, {}
     try:
         for name, (methods, kwargs) in variants.items():
-            attach = () if methods is None else (methods, model, None, kwargs)
+            attach = () if methods is None else (methods, model, processor, kwargs)
             prefill_runs[name] = (generator(model, inputs, 1), *attach)
         prefill = interleaved(prefill_runs, repeats)
         for name, (methods, kwargs) in variants.items():  # warm-up
-            timed(generator(model, inputs, n), *(() if methods is None else (methods, model, None, kwargs)))
+            timed(generator(model, inputs, n), *(() if methods is None else (methods, model, processor, kwargs)))
         decode_steps = {name: [] for name in variants}
         forwards = {name: [] for name in variants}
         for _ in range(repeats):
             for name, (methods, kwargs) in variants.items():
                 starts.clear()
                 ends.clear()
-                timed(generator(model, inputs, n), *(() if methods is None else (methods, model, None, kwargs)))
+                timed(generator(model, inputs, n), *(() if methods is None else (methods, model, processor, kwargs)))
                 decode_steps[name].extend(b - a for a, b in zip(starts, starts[1:]))
                 forwards[name].extend(b - a for a, b in zip(starts, ends))
     finally:
@@ -152,7 +149,7 @@ def eager_times(model, inputs: dict, variants: dict, n: int, repeats: int) -> No
             f"{verdict(name, 'decode', d)}".rstrip())
 
 
-def compiled_times(model, inputs: dict, variants: dict, n: int, repeats: int) -> None:
+def compiled_times(model, processor, inputs: dict, variants: dict, n: int, repeats: int) -> None:
     """Decode step times under transformers' compiled generation (static cache, fullgraph), each variant on
     its own copy of the model, attached throughout, so that interleaving never invalidates a graph. Each
     compiled step (transformers' `_compiled_call`) is timed on its own; the prefill, eager, is not."""
@@ -163,7 +160,7 @@ def compiled_times(model, inputs: dict, variants: dict, n: int, repeats: int) ->
         for name, (methods, kwargs) in variants.items():
             twin = copy.deepcopy(model)
             if methods is not None:
-                handles.append(vlmfix.attach(twin, None, methods, **kwargs))
+                handles.append(vlmfix.attach(twin, processor, methods, **kwargs))
             gen = generator(twin, inputs, n, cache_implementation="static", compile_config=cc)
             say(f"  compiling {name} ...")
             try:
@@ -215,13 +212,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def op_counts(model, inputs: dict, variants: dict, layers: int) -> None:
+def op_counts(model, processor, inputs: dict, variants: dict, layers: int) -> None:
     """Operators of one decode step (a 1-token forward on the prefill's cache) and host reads of the prefill."""
     say(f"  {'variant':<16}{'total':>7}{'compute':>8}{'host rd':>8}  {'per layer: total':>16}{'compute':>8}"
         f"{'host rd':>8}  {'prefill host rd':>15}")
     plain: Counter | None = None
     for name, (methods, kwargs) in variants.items():
-        handle = None if methods is None else vlmfix.attach(model, None, methods, **kwargs)
+        handle = None if methods is None else vlmfix.attach(model, processor, methods, **kwargs)
         try:
             with torch.inference_mode():
                 with OpCounter() as prefill:
@@ -262,6 +259,7 @@ def main() -> None:
     say(f"building LLaVA-1.5-7B layout: {layers} layers, width {width}, {dtype}, {args.device}, batch {args.batch}")
     model = llava_layout(args.device, layers, width, dtype)
     inputs = inputs_for(args.device, args.batch, dtype)
+    tokenizer = word_tokenizer(model.config.text_config.vocab_size, {IMAGE: "<image>"})  # GIFT reads the question
     preset = model_preset(model.config._name_or_path, width)
     dims = {} if preset else {"sink_dims": [d % width for d in model_preset("llava-1.5-7b", 4096)["sink_dims"]]}
 
@@ -274,18 +272,18 @@ def main() -> None:
         "StagedPrune": [vlmfix.StagedPrune() if layers == 32 else vlmfix.StagedPrune(layers=(1, 2, 3))],
     }
     say("checking that each variant attaches ...")
-    variants = attachable(model, variants, dims)
+    variants = attachable(model, tokenizer, variants, dims)
 
     def some(*names: str) -> dict:
         return {k: variants[k] for k in names if k in variants}
 
     say(f"eager generate, {n} new tokens, medians of {repeats} interleaved repeats ...")
-    eager_times(model, inputs, variants, n, repeats)
+    eager_times(model, tokenizer, inputs, variants, n, repeats)
     if not args.no_compile:
         say(f"compiled generate (static cache, fullgraph), {n} new tokens ...")
-        compiled_times(model, inputs, some("plain", "VAR", "GIFT"), n, repeats)
+        compiled_times(model, tokenizer, inputs, some("plain", "VAR", "GIFT"), n, repeats)
     say(f"aten operators of one decode step ({layers} layers) ...")
-    op_counts(model, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128"), layers)
+    op_counts(model, tokenizer, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128"), layers)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import busy_tau, compare_generate, report
+from common import busy_tau, compare_generate, report, word_tokenizer
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vlmfix
@@ -74,6 +74,7 @@ def main() -> None:
     model = llava_7b(device, args.smoke)
     inputs = inputs_for(device, args.batch)
     extra = {"sink_dims": [5]} if args.smoke else {}  # the real shapes use LLaVA-1.5-7B's preset
+    tokenizer = word_tokenizer(model.config.text_config.vocab_size, {IMAGE: "<image>"})  # GIFT reads the question
     tau = busy_tau(model, inputs, extra)
     where = "CPU smoke run" if args.smoke else torch.cuda.get_device_name()
     print(f"LLaVA-1.5-7B shapes, random weights, bf16, {where}, batch {args.batch}; VAR tau = {tau:.3f}")
@@ -83,7 +84,7 @@ def main() -> None:
         ("FastV keep 128", [vlmfix.FastVPrune(keep=128)], {"prefill_ratio": 0.50, "decode_ratio": 0.85}),
     )
     for title, methods, targets in runs:
-        res = compare_generate(model, None, inputs, methods, args.new_tokens, args.repeats, attach_kwargs=extra)
+        res = compare_generate(model, tokenizer, inputs, methods, args.new_tokens, args.repeats, attach_kwargs=extra)
         report(f"{title}, 576 image tokens, {args.new_tokens} new tokens", res, targets)
 
 

@@ -2,7 +2,7 @@
 
     python evals/chair.py --data out/emojicoco --world-images 100 --n-images 50 --methods none var
     accelerate launch --multi_gpu --num_processes 8 evals/chair.py --model llava-hf/llava-1.5-7b-hf \\
-        --images /data/coco/val2014 --instances instances_val2014.json instances_train2014.json \\
+        --image-dir /data/coco/val2014 --instances instances_val2014.json instances_train2014.json \\
         --captions captions_val2014.json captions_train2014.json --n-images 500 --max-new-tokens 512
 """
 

@@ -2,7 +2,7 @@
 
     python evals/pope.py --data out/emojicoco --world-images 100 --methods none var gift
     accelerate launch --multi_gpu --num_processes 8 evals/pope.py --model llava-hf/llava-1.5-7b-hf \\
-        --images /data/coco/val2014 --pope-dir /data/POPE/output/coco --dtype float16
+        --image-dir /data/coco/val2014 --pope-dir /data/POPE/output/coco --dtype float16
 """
 
 import sys

@@ -19,10 +19,14 @@ TAU = 21.5  # between the content words' phi (< 20.5) and the planted tokens' (~
 
 
 @contextlib.contextmanager
-def planted_sinks(model, tokenizer, planted: dict[int, list[int]], seed: int = 0):
-    """While active, batch row b gets sinks at its image tokens number planted[b] (from layer 2 on)."""
-    vocab = tokenizer.convert_tokens_to_ids(["Ġ" + w for w in WORDS])
-    embeddings = model.get_input_embeddings().weight[vocab].detach()
+def planted_sinks(model, tokenizer, planted: dict[int, list[int]], seed: int = 0, *, sink_dim: int = SINK_DIM,
+                  value: float = 1000.0):
+    """While active, batch row b gets sinks at its image tokens number planted[b] (from layer 2 on): `value`
+    written into `sink_dim` (SmolLM2's by default). The features are the words' input embeddings as the
+    LM's embedding layer gives them (Gemma's scales them)."""
+    vocab = [tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in WORDS]
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings()(torch.tensor(vocab))
     image_id = model.config.image_token_id
     seen = {}
 
@@ -44,7 +48,7 @@ def planted_sinks(model, tokenizer, planted: dict[int, list[int]], seed: int = 0
         hidden = hidden.clone()
         for row, idx in planted.items():
             image = (ids[row] == image_id).nonzero().flatten()
-            hidden[row, image[idx], SINK_DIM] = 1000.0
+            hidden[row, image[idx], sink_dim] = value
         if args:
             return (hidden,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}

@@ -27,6 +27,13 @@ def eager_probs(query, key, value, attention_mask, scaling=None):
     return probs, v, q_start
 
 
+def visual_ids(model) -> set[int]:
+    """The ids of the visual tokens (image and, where the family takes video, video) of `model`."""
+    config = model.config
+    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    return {int(v) for v in (getattr(config, n, None) for n in names) if v is not None}
+
+
 def text_key(model) -> str:
     text = model.config.get_text_config()
     return next(k for k in model.config.sub_configs if getattr(model.config, k) is text)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from reference_attention import eager_probs, routed, text_key
+from reference_attention import eager_probs, routed, text_key, visual_ids
 
 NAME = "gift_reference"
 
@@ -31,10 +31,10 @@ def saliency(model, inputs, spans, informative, layers, alpha):
             attentions = model(**inputs, **extra, output_attentions=True).attentions
     finally:
         model.set_attn_implementation({key: previous})
-    image_id = model.config.image_token_id
+    visual = torch.tensor(sorted(visual_ids(model)))
     out = []
     for b in range(inputs["input_ids"].shape[0]):
-        image = (inputs["input_ids"][b] == image_id).nonzero().flatten().tolist()
+        image = torch.isin(inputs["input_ids"][b], visual).nonzero().flatten().tolist()
         rows = [i for i, keep in zip(range(*spans[b]), informative[b]) if keep] if spans[b] else []
         if not image or not rows:
             out.append(None)
@@ -63,7 +63,7 @@ def saliency(model, inputs, spans, informative, layers, alpha):
 
 class Booster:
     def __init__(self, model, inputs, spans, maps, boost_layers, beta=1.0):
-        self.image_id = model.config.image_token_id
+        self.visual = torch.tensor(sorted(visual_ids(model)))
         self.ids = inputs["input_ids"]
         self.prompt_len = self.ids.shape[1]
         self.spans, self.maps, self.layers, self.beta = spans, maps, set(boost_layers), beta
@@ -81,7 +81,7 @@ class Booster:
 
     def boost(self, a, b):
         heads = a.shape[0]
-        image = (self.ids[b] == self.image_id).nonzero().flatten().tolist()
+        image = torch.isin(self.ids[b], self.visual).nonzero().flatten().tolist()
         start, end = self.spans[b]
         m = self.maps[b][1]
         half = max(1, heads // 2)

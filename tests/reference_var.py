@@ -11,7 +11,7 @@ import contextlib
 import math
 
 import torch
-from reference_attention import eager_probs, routed
+from reference_attention import eager_probs, routed, visual_ids
 
 NAME = "var_reference"
 
@@ -75,8 +75,8 @@ class Reference:
         return probs
 
     def image_positions(self, b):
-        image_id = self.model.config.image_token_id
-        return [j for j in range(self.prompt_len) if int(self.ids[b, j]) == image_id]
+        visual = visual_ids(self.model)
+        return [j for j in range(self.prompt_len) if int(self.ids[b, j]) in visual]
 
     def row(self, row, image, sinks):
         """The spec on one post-softmax row: selection, then redistribution (a new tensor)."""

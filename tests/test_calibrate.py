@@ -143,7 +143,7 @@ def test_world_images_errors(tmp_path):
     assert [p.name for p in world_images(tmp_path, 1)] == ["a.png"]
     with pytest.raises(ValueError, match=">= 1"):
         world_images(tmp_path, 0)
-    with pytest.raises(ValueError, match=r"--n 3 asks for more images than .* \(2\); pass --n 2 or fewer"):
+    with pytest.raises(ValueError, match=r"--n-images 3 asks for more images than .* \(2\); pass --n-images 2 or fewer"):
         world_images(tmp_path, 3)
     with pytest.raises(ValueError, match="text-only"):
         next(image_inputs(object(), ["a.png"]))
@@ -169,7 +169,7 @@ def test_cli_calibrates_on_a_world(tmp_path, capsys):
         images.append({"id": i, "file_name": f"{i:06d}.png", "width": size[0], "height": size[1]})
     (world / "instances.json").write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
     out = tmp_path / "trends" / "smol__fastv.yaml"
-    assert main(["calibrate-trend", "--model", "smollm2-llava-small", "--data", str(world), "--n", "2",
+    assert main(["calibrate-trend", "--model", "smollm2-llava-small", "--data", str(world), "--n-images", "2",
                  "--match", "smol-calib", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "exp trend over 2 images" in printed and str(out) in printed

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from tiny import PAD, make_batch, make_model, prompts_two
+from tiny import PAD, make_batch, make_model, prompts_two, tokenizer
 
 import vlmfix
 from vlmfix.methods.prune import PrunerRuntime, kept_tokens, prune_record
@@ -23,7 +23,8 @@ def gift_prompts() -> list:
 
 
 def run(model, batch, methods, processor=None, **attach_kw):
-    with vlmfix.attach(model, processor, methods, **attach_kw) as fixed:
+    """(tokens, logits, state) of generate with `methods` attached (with the tiny tokenizer unless a processor is given)."""
+    with vlmfix.attach(model, tokenizer() if processor is None else processor, methods, **attach_kw) as fixed:
         out = fixed.generate(**batch, **GEN)
         state = fixed.last_state
     return out.sequences, torch.stack(out.logits), state

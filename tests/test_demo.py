@@ -207,11 +207,11 @@ def test_demo_results_by_default_writes_under_out_not_docs(tmp_path, monkeypatch
     monkeypatch.setattr(results, "report", lambda *a: "report")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out" / "demo-results").mkdir(parents=True)
-    assert cli.main(["demo", "results", "--images", "2"]) == 0
+    assert cli.main(["demo", "results", "--n-images", "2"]) == 0
     assert (tmp_path / "out" / "demo-results" / "results.md").read_text() == "report"
     assert (tmp_path / "out" / "demo-results" / "results_sink_phi.png").exists()
     assert not (tmp_path / "docs").exists()
-    assert cli.main(["demo", "results", "--images", "2", "--doc", "docs/results.md"]) == 0  # only when named
+    assert cli.main(["demo", "results", "--n-images", "2", "--doc", "docs/results.md"]) == 0  # only when named
     assert (tmp_path / "docs" / "results.md").read_text() == "report"
 
 

@@ -215,7 +215,7 @@ def test_bad_inputs_fail_before_loading_the_model(world, tmp_path, capsys):
     pope = tmp_path / "pope"
     pope.mkdir()
     shutil.copy(world / "coco_pope_random.json", pope)
-    real = ["eval", "pope", "--images", str(images), "--pope-dir", str(pope), *base]
+    real = ["eval", "pope", "--image-dir", str(images), "--pope-dir", str(pope), *base]
     err = _fails([*real, "--splits", "random"], capsys)
     assert "coco_pope_random.json: question_id 7: image '000002.png' not found in" in err
     (pope / "coco_pope_random.json").write_text("")
@@ -230,11 +230,13 @@ def test_bad_inputs_fail_before_loading_the_model(world, tmp_path, capsys):
     captions["images"].append({"id": 99, "file_name": "000099.png"})
     captions["annotations"].append({"id": 999, "image_id": 99, "caption": "A dog."})
     (tmp_path / "captions.json").write_text(json.dumps(captions))
-    err = _fails(["eval", "chair", "--images", str(world / "images"), "--instances", str(world / "instances.json"),
+    err = _fails(["eval", "chair", "--image-dir", str(world / "images"), "--instances", str(world / "instances.json"),
                   "--captions", str(tmp_path / "captions.json"), "--n-images", "2", *base], capsys)
     assert "captions of 1 image(s) absent from the instances annotations" in err and "first image_id 99" in err
     err = _fails(["eval", "chair", "--data", str(world), "--n-images", "9", *base], capsys)
     assert "n_images is 9 but" in err and "has 4 images" in err and "--n-images 4 or fewer" in err
+    err = _fails(["eval", "pope", "--data", str(world), "--limit", "25", "--splits", "random", *base], capsys)
+    assert "limit is 25 but" in err and "has 24 questions" in err and "--limit 24 or fewer" in err
     (tmp_path / "ids.json").write_text("[1, 3, 1]")
     err = _fails(["eval", "chair", "--data", str(world), "--image-ids", str(tmp_path / "ids.json"), *base], capsys)
     assert "chair: item id '1' occurs twice" in err

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_gift import Booster, boosted, saliency
-from tiny import FAMILIES, PAD, make_batch, make_model
+from tiny import FAMILIES, PAD, QUESTION, chat_after, make_batch, make_model, tokenizer
 
 import vlmfix
+from vlmfix.attention import ROUTE
 from vlmfix.methods.gift import default_layers
 from vlmfix.words import informative_tokens, informative_words
 
@@ -66,8 +67,8 @@ def test_gift_matches_reference_on_tiny_models(family, order):
         dict(saliency_layers=(2,), boost_layers=(1, 2, 3))
     gift = vlmfix.GIFT(alpha=3.0, **layers)
     plain = generate(model, batch, pad_token_id=PAD)
-    ours, state = check_against_reference(model, None, batch, gift, dict(pad_token_id=PAD))
-    with vlmfix.attach(model, None, gift) as fixed:
+    ours, state = check_against_reference(model, tokenizer(), batch, gift, dict(pad_token_id=PAD))
+    with vlmfix.attach(model, tokenizer(), gift) as fixed:
         assert fixed.runtimes[0].needs_prepass == (order == "prepass")
     assert not torch.equal(ours[1], plain[1]), "GIFT changed nothing in this construction"
 
@@ -100,9 +101,33 @@ def test_alpha_zero_is_the_model_alone(family):
     model = make_model(family)
     batch = make_batch(family, model, prompts())
     plain = generate(model, batch, pad_token_id=PAD)
-    with vlmfix.attach(model, None, vlmfix.GIFT(alpha=0.0, saliency_layers=(1,), boost_layers=(2, 3))):
+    with vlmfix.attach(model, tokenizer(), vlmfix.GIFT(alpha=0.0, saliency_layers=(1,), boost_layers=(2, 3))):
         got = generate(model, batch, pad_token_id=PAD)
     assert torch.equal(plain[0], got[0]) and torch.equal(plain[1], got[1])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_bare_tokenizer_gives_the_question_span_and_words(family):
+    """A tokenizer passed where the processor goes is used: the query span ends at the turn-end marker
+    (the assistant header is not the question), only informative words count, and GIFT equals the reference."""
+    model = make_model(family)
+    batch = make_batch(family, model, [([1, 5], (60, 90), chat_after(QUESTION)),
+                                       ([1, 12, 13], (90, 60), chat_after(" What is the colour of the dog?"))])
+    gift = vlmfix.GIFT(alpha=3.0, saliency_layers=(1,), boost_layers=(2, 3))
+    _, state = check_against_reference(model, tokenizer(), batch, gift, dict(pad_token_id=PAD))
+    start, end = state.rows[0].query_span
+    assert tokenizer().decode(batch["input_ids"][0, start:end]) == QUESTION
+    assert spans_and_flags(state)[1] == [[False, False, False, True, True, False, False, True, False],
+                                         [False, False, False, True, False, False, True, False]]
+
+
+def test_gift_without_a_tokenizer_is_refused():
+    model = make_model("llava")
+    with pytest.raises(vlmfix.VlmfixError, match="GIFT reads the user's question as words.*processor or its tokenizer"):
+        vlmfix.attach(model, None, vlmfix.GIFT())
+    with pytest.raises(vlmfix.VlmfixError, match="got LlavaConfig"):
+        vlmfix.attach(model, model.config, [vlmfix.VAR(), vlmfix.GIFT()], sink_dims=[0])
+    assert not any(hasattr(m.self_attn, ROUTE) for m in model.model.language_model.layers)  # nothing attached
 
 
 @pytest.mark.smollm2
@@ -144,4 +169,4 @@ def test_depth_rule_and_presets():
                                         (dict(boost_layers=()), "empty")])
 def test_gift_bad_config(bad, match):
     with pytest.raises(ValueError, match=match):
-        vlmfix.attach(make_model("llava"), None, vlmfix.GIFT(**bad))
+        vlmfix.attach(make_model("llava"), tokenizer(), vlmfix.GIFT(**bad))

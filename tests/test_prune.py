@@ -220,6 +220,18 @@ def test_bad_debias():
     assert vlmfix.Debias(trend={"family": "exp", "mu": 1, "sigma": 2}).trend == Trend("exp", (1.0, 2.0))
 
 
+def test_keep_beyond_the_image_is_noted():
+    """A keep count sized for 576 tokens on a 25-token image prunes nothing, and the record says so."""
+    model = make_model("llava")
+    batch = make_batch("llava", model, prompts_two())
+    _, _, state = run(model, batch, vlmfix.FastVPrune(keep=30))
+    assert prune_record(state).notes == [
+        f"row {b}: keep 30 >= its 25 image tokens, so nothing is pruned (keep counts are sized for LLaVA-1.5's "
+        "576 tokens; keep_ratio scales with the image)" for b in (0, 1)]
+    _, _, state = run(model, batch, vlmfix.FastVPrune(keep=5))
+    assert prune_record(state).notes == []
+
+
 def test_kept_heatmap(tmp_path):
     from vlmfix.viz import kept_heatmap
 
@@ -282,5 +294,7 @@ def test_smol_llava_padding_debias(small_smol_llava):
         kept = kept_tokens(fixed.last_state)
         grid = fixed.last_state.rows[0].segments[0].grid_positions()
     assert rec.stages[0].budget == [48]
+    assert rec.notes == ["row 0, layer 2: budget 100 lowered to 48 by the padding cap (only 48 candidate patches "
+                         "are not padding)"]
     assert set(kept.tolist()) == set(grid[4:8].flatten().tolist())
     assert torch.equal(rec.pad_frac[0].view(12, 12)[4:8], torch.zeros(4, 12))

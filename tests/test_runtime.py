@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 import transformers
-from tiny import FAMILIES, IMAGE, PAD, VEND, VSTART, _text, _vision, make_batch, make_model, prompts_two
+from tiny import FAMILIES, IMAGE, PAD, VEND, VSTART, _text, _vision, make_batch, make_model, prompts_two, tokenizer
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -83,7 +83,7 @@ def test_config_unchanged_by_attach_and_reusable():
 
     first = make_model("llava")
     batch = make_batch("llava", first, prompts_two())
-    with vlmfix.attach(first, None, configs, sink_dims=SINK_DIMS) as fixed:
+    with vlmfix.attach(first, tokenizer(), configs, sink_dims=SINK_DIMS) as fixed:
         assert {id(r.config) for r in fixed.runtimes} == {id(c) for c in configs}, "runtimes keep the user's configs"
         on_first = fixed.generate(**batch, **GEN)
         first_runtimes = fixed.runtimes
@@ -92,16 +92,16 @@ def test_config_unchanged_by_attach_and_reusable():
     # the same instances on a model of another family
     second = make_model("qwen2_vl", seed=1)
     batch2 = make_batch("qwen2_vl", second, prompts_two())
-    with vlmfix.attach(second, None, configs, sink_dims=SINK_DIMS) as fixed:
+    with vlmfix.attach(second, tokenizer(), configs, sink_dims=SINK_DIMS) as fixed:
         assert not {id(r) for r in fixed.runtimes} & {id(r) for r in first_runtimes}, "runtimes are per attach"
         reused = fixed.generate(**batch2, **GEN)
     assert [(dataclasses.asdict(c), repr(c)) for c in configs] == before
     # ... behave there exactly as brand-new configs
-    with vlmfix.attach(second, None, [vlmfix.VAR(), vlmfix.GIFT(), vlmfix.FastVPrune()], sink_dims=SINK_DIMS) as fixed:
+    with vlmfix.attach(second, tokenizer(), [vlmfix.VAR(), vlmfix.GIFT(), vlmfix.FastVPrune()], sink_dims=SINK_DIMS) as fixed:
         assert torch.equal(fixed.generate(**batch2, **GEN), reused)
     # ... and on both models at once
-    with vlmfix.attach(first, None, configs, sink_dims=SINK_DIMS) as a, \
-            vlmfix.attach(second, None, configs, sink_dims=SINK_DIMS) as b:
+    with vlmfix.attach(first, tokenizer(), configs, sink_dims=SINK_DIMS) as a, \
+            vlmfix.attach(second, tokenizer(), configs, sink_dims=SINK_DIMS) as b:
         assert torch.equal(b.generate(**batch2, **GEN), reused)
         assert torch.equal(a.generate(**batch, **GEN), on_first)
     assert [(dataclasses.asdict(c), repr(c)) for c in configs] == before
@@ -113,7 +113,7 @@ def test_two_var_instances_act_with_their_own_settings():
     batch = make_batch("llava", model, prompts_two())
 
     def run(methods):
-        with torch.no_grad(), vlmfix.attach(model, None, methods, sink_dims=SINK_DIMS) as fixed:
+        with torch.no_grad(), vlmfix.attach(model, tokenizer(), methods, sink_dims=SINK_DIMS) as fixed:
             logits = fixed(**batch).logits
         return logits, fixed.last_state
 
@@ -164,7 +164,7 @@ def test_compiled_static_cache_generation_equals_attached_eager(family, methods)
     batch = make_batch(family, model, compile_prompts(family))
     batch2 = other_batch(family, model, compile_prompts(family))
     plain = generate(model, batch, **EAGER_STATIC)
-    with vlmfix.attach(model, None, METHODS[methods](), sink_dims=SINK_DIMS) as fixed:
+    with vlmfix.attach(model, tokenizer(), METHODS[methods](), sink_dims=SINK_DIMS) as fixed:
         dynamic = generate(fixed, batch)
         state = fixed.last_state
         if "var" in methods:
@@ -259,7 +259,7 @@ def tiny_llava(layers: int) -> torch.nn.Module:
 def host_reads(model, batch, methods) -> tuple[int, int, object, bool]:
     """Host reads of one prefill forward and of one decoding step (on the prefill's cache), the
     call's state and whether VAR edited pairs in that step."""
-    fixed = model if methods is None else vlmfix.attach(model, None, methods, sink_dims=SINK_DIMS)
+    fixed = model if methods is None else vlmfix.attach(model, tokenizer(), methods, sink_dims=SINK_DIMS)
     try:
         with torch.no_grad():
             with OpCounter() as prefill:

@@ -3,6 +3,8 @@ with hand-built inputs (image placeholders expanded as each family's processor w
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from transformers import (
     CLIPVisionConfig,
@@ -78,6 +80,17 @@ def image_tokens(family: str, model, size: tuple[int, int]) -> tuple[int, dict]:
     return h * w // 4, {"pixel_values": torch.randn(h * w, 3 * 2 * 14 * 14, generator=g), "image_grid_thw": grid}
 
 
+def left_pad(seqs: list[list[int]]) -> dict:
+    """{"input_ids", "attention_mask"} of `seqs` left-padded with PAD."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), PAD)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def make_batch(family: str, model, prompts: list[tuple[list[int], tuple[int, int] | None, list[int]]]) -> dict:
     """Left-padded batch. Each prompt: (text before the image, image size or None, text after)."""
     seqs, pixels = [], []
@@ -89,13 +102,8 @@ def make_batch(family: str, model, prompts: list[tuple[list[int], tuple[int, int
             pixels.append(px)
         ids += list(after)
         seqs.append(ids)
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), PAD)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask}
+    batch = left_pad(seqs)
+    input_ids = batch["input_ids"]
     if family == "qwen2_vl":
         batch["mm_token_type_ids"] = (input_ids == IMAGE).int()
     if pixels:
@@ -109,6 +117,55 @@ def make_batch(family: str, model, prompts: list[tuple[list[int], tuple[int, int
             for key in pixels[0]:
                 batch[key] = torch.cat([p[key] for p in pixels])
     return batch
+
+
+#: the tiny tokenizer's text vocabulary (byte-level pieces, "Ġ" a leading space, "Ċ" a newline): ids 3, 4 a newline
+#: and "?", then content words (ids 5..83, so the test prompts' text ids are informative words), then the
+#: closed-class words and chat-template pieces of ids 84..99
+_WORDS = ("cat dog red blue tree car bird house green ball sky water man woman bike road sun book table chair cup "
+          "phone horse boat train cloud flower colour picture image").split()
+_CLOSED = ["Ġ" + w for w in "Is there a the in of what is What on this Describe".split()]
+_CLOSED += ["user", "assistant", ".", ","]
+_FILLERS = [f"Ġw{i}" for i in range(5 + len(_WORDS), 100 - len(_CLOSED))]
+_TEXT = ["Ċ", "?"] + [f"Ġ{w}" for w in _WORDS] + _FILLERS + _CLOSED
+#: ids >= 100 are special tokens (image, vision start / end, the turn end, video, Pixtral's row break and end,
+#: Idefics3's token around images, global-image tag and tile tags)
+SPECIALS = {0: "<pad>", 1: "<s>", 2: "</s>", IMAGE: "<image>", VSTART: "<|vision_start|>", VEND: "<|vision_end|>",
+            103: "<|im_end|>", 104: "<|video_pad|>", 105: "[IMG_BREAK]", 106: "[IMG_END]", VOCAB - 1: "<unk>",
+            107: "<fake_token_around_image>", 108: "<global-img>",
+            **{109 + 2 * r + c: f"<row_{r + 1}_col_{c + 1}>" for r in range(2) for c in range(2)}}
+IM_END, VIDEO = 103, 104
+QUESTION = " Is there a red cat in the picture?"
+
+
+@lru_cache(maxsize=1)
+def tokenizer():
+    """A real fast tokenizer over the tiny models' 128 ids (a `tokenizers` WordLevel model on byte-level
+    words): ids 3..99 text, ids >= 100 (and 0..2) special; `<|im_end|>` ends the user's turn."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {piece: 3 + k for k, piece in enumerate(_TEXT)}
+    specials = {i: SPECIALS.get(i, f"<|special_{i}|>") for i in (0, 1, 2, *range(IMAGE, VOCAB))}
+    vocab.update({name: i for i, name in specials.items()})
+    assert sorted(vocab.values()) == list(range(VOCAB))
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    named = {"<pad>", "<s>", "</s>", "<unk>"}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        extra_special_tokens=[n for i, n in sorted(specials.items()) if n not in named])
+
+
+def encode(text: str) -> list[int]:
+    """The tiny tokenizer's ids of `text` (no special tokens added)."""
+    return tokenizer()(text, add_special_tokens=False).input_ids
+
+
+def chat_after(question: str = QUESTION) -> list[int]:
+    """The ids after an image in a chat prompt: the question, the turn end, the assistant header."""
+    return encode(question) + [IM_END] + encode("\nassistant\n")
 
 
 def prompts_two() -> list:

@@ -99,6 +99,13 @@ class Attached:
         bound = [m.bind(target) for m in self.methods]
         #: in ascending `order` (pruners first: they score the raw attention), else as given
         self.runtimes: tuple[Runtime, ...] = tuple(sorted(bound, key=lambda r: r.order))
+        needy = [type(r.config).__name__ for r in self.runtimes if r.needs_tokenizer]
+        if needy and self.adapter.tokenizer is None:
+            raise VlmfixError(
+                f"{', '.join(needy)} reads the user's question as words, which needs the tokenizer: pass the "
+                "model's processor or its tokenizer as the second argument, vlmfix.attach(model, processor, "
+                f"[...]) (got {'nothing' if processor is None else type(processor).__name__})."
+            )
         for r in self.runtimes:
             r.check_combination([o for o in self.runtimes if o is not r])
         self.editors = tuple(r for r in self.runtimes if isinstance(r, EditsRows))
@@ -136,8 +143,8 @@ class Attached:
             return (), "not needed"
         if self.adapter.tokenizer is None:
             raise VlmfixError(
-                "sink dims are unknown for this model and discovery needs its tokenizer: pass the processor to "
-                "attach(), or pass sink_dims=[...]."
+                "sink dims are unknown for this model and discovery needs its tokenizer: pass the processor or "
+                "its tokenizer to attach(), or pass sink_dims=[...]."
             )
         return find_sink_dims(self.model, self.adapter.tokenizer), "discovered"
 
@@ -246,6 +253,8 @@ class Attached:
             inputs.setdefault("input_ids", args[0])
         ids = inputs.get("input_ids")
         rows = self.adapter.row_layouts(inputs)
+        if self.active:
+            self.adapter.prepare_cache(cache)
         self.state = state = CallState(rows=rows, prompt_len=ids.shape[1], sink_dims=self.sink_dims, tau=self.tau,
                                        device=ids.device)
         self._cache = weakref.ref(cache) if cache is not None else None
@@ -356,14 +365,16 @@ def attach(
     sink_dims: Sequence[int] | None = None,
     tau: float | str | None = None,
 ) -> Attached:
-    """Attach vlmfix methods to a transformers VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL).
+    """Attach vlmfix methods to a transformers VLM (a family of `vlmfix.supported_families()`).
 
     `methods`: one method or a list (VAR(), GIFT(), FastVPrune(), ...); none gives the model's
     exact outputs. `sink_dims` / `tau` override the model preset (configs/models) for sink
     detection; without a preset the dims are discovered with `find_sink_dims` and tau follows
     `scaled_tau(hidden_size)`. tau may be a number, "scaled", or "bos:F" (F x the first token's
-    phi per row and layer). The processor gives the tokenizer (user-query spans, discovery)
-    and is checked against the model.
+    phi per row and layer). `processor` may be the model's processor or a bare tokenizer
+    (anything with `decode` and `convert_tokens_to_ids`): either gives the tokenizer (the user-query
+    span and its words, sink-dim discovery) and is checked against the model. A method that reads
+    the question's words (GIFT) is refused without one.
     """
     if methods is None:
         methods = ()

@@ -1,4 +1,4 @@
-"""Fit a pruner's position trend on a calibration set (`vlmfix calibrate-trend`; arXiv 2508.17807).
+"""Fit a pruner's position trend on a calibration set (`vlmfix calibrate-trend`, in `vlmfix.cli_calibrate`; arXiv 2508.17807).
 
 For every calibration prompt the pruner's own first-stage scores are read: the raw (un-debiased)
 attention each image token receives at layer L - 1, averaged over heads (FastV: from the last
@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 import torch
 import yaml
 
+from .demo.prompts import CAPTION_PROMPTS
+
 if TYPE_CHECKING:  # imported where used, so that building the CLI parser stays light
     from .methods.debias import Trend
     from .methods.prune import FastVPrune, StagedPrune
 
-DEFAULT_QUESTION = "Please describe this image in detail."
+DEFAULT_QUESTION = CAPTION_PROMPTS[0]
 PRUNERS = ("fastv", "staged")
 
 
@@ -184,9 +186,9 @@ def world_images(folder: str | Path, n: int | None = None) -> list[Path]:
         raise ValueError(f"{instances} lists no images; nothing to calibrate on")
     if n is not None and n < 1:
         raise ValueError(f"the number of calibration images must be >= 1, got {n}")
-    if n is not None and n > len(images):  # as `vlmfix eval chair --n-images`: a count beyond the data is an error
-        raise ValueError(f"--n {n} asks for more images than {instances} lists ({len(images)}); pass --n "
-                         f"{len(images)} or fewer")
+    if n is not None and n > len(images):  # as everywhere in vlmfix: a count beyond the data is an error
+        raise ValueError(f"--n-images {n} asks for more images than {instances} lists ({len(images)}); pass "
+                         f"--n-images {len(images)} or fewer")
     paths = [folder / "images" / im["file_name"] for im in sorted(images, key=lambda im: im["id"])][:n]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -254,46 +256,3 @@ def write_preset(path: str | Path, cal: Calibration, *, match: Sequence[str], pr
 
 __all__ = ["Calibration", "calibrate", "fit_report", "image_inputs", "mean_profile", "model_name", "preset_path",
            "pruner_scores", "scoring_pruner", "world_images", "write_preset"]
-
-
-# -- the command ------------------------------------------------------------------------------------------
-def add_calibrate_parser(sub: Any) -> None:
-    """Register `vlmfix calibrate-trend` on the CLI's subparsers."""
-    c = sub.add_parser("calibrate-trend", help="fit a pruner's position trend on a calibration set, write its preset")
-    c.add_argument("--model", required=True, help="a VLM: local path, cached hub id, or a named test-bed (see `sinks`)")
-    c.add_argument("--data", required=True, help="an EmojiCOCO folder (`vlmfix world`): images/ and instances.json")
-    c.add_argument("--pruner", default="fastv",
-                   help="fastv | staged, or NAME:PRESET of configs/methods (its first layer is the one scored)")
-    c.add_argument("--family", default="exp", choices=("exp", "cubic"), help="trend family (default exp)")
-    c.add_argument("--n", type=int, default=100, help="number of images, the first N by id (default 100; more than "
-                                                      "the folder holds is an error, as for eval chair --n-images)")
-    c.add_argument("--question", default=DEFAULT_QUESTION, help="the user's text with each image")
-    c.add_argument("--match", help="comma-separated model-name substrings the preset applies to "
-                   "(default: the model's name)")
-    c.add_argument("--out", help="the preset file (default: out/trends/<model>__<pruner>.yaml)")
-    c.set_defaults(func=cmd_calibrate_trend)
-
-
-def cmd_calibrate_trend(args: Any) -> int:
-    from .loading import load
-
-    paths = world_images(args.data, args.n)  # data and pruner are checked before the model loads
-    pruner = scoring_pruner(args.pruner)
-    model, processor = load(args.model)
-    if not hasattr(processor, "image_processor"):
-        raise ValueError(f"{args.model} is a text-only LM; calibrate-trend needs a VLM (try --model smollm2-llava)")
-    cal = calibrate(model, processor, image_inputs(processor, paths, args.question), pruner, args.family,
-                    progress=True, total=len(paths))
-    name = model_name(model, args.model)
-    match = [m.strip() for m in (args.match or "").split(",") if m.strip()] or [name]
-    layer = min(pruner.stage_layers())
-    path = preset_path(match[0], pruner.preset_key, args.out)
-    about = (f"model {args.model}, {cal.images} images of {args.data}, question {args.question!r}, "
-             f"{pruner.preset_key} stage layer {layer} (scores at layer {layer - 1})")
-    write_preset(path, cal, match=match, pruner=pruner.preset_key, about=about)
-    params = ", ".join(f"{k} {v:.4g}" for k, v in cal.trend.named().items())
-    print(f"{cal.trend.family} trend over {cal.images} images: {params}; RMS residual {cal.rms:.4g}, R^2 {cal.r2:.4f}")
-    print(f"preset: {path} (match: {', '.join(match)})")
-    print(f"use it: export VLMFIX_TRENDS={path.parent.resolve()}  (Debias then finds it by model name), "
-          f"or vlmfix.Debias(trend={str(path)!r})")
-    return 0

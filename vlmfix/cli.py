@@ -1,11 +1,15 @@
-"""The `vlmfix` command line.
+"""The `vlmfix` command line (the flags every subcommand shares: `vlmfix.cli_flags`).
 
     vlmfix sinks --model smollm2                      # sink dims + text sink tokens of a text LM
     vlmfix sinks --model PATH --image IMG --prompt T  # + visual sinks, their attention share, a heat map
-    vlmfix generate --method var --image IMG          # plain vs with methods, side by side, + heat maps
-    vlmfix world --out DIR --images N --seed S        # an EmojiCOCO split with its POPE files
+    vlmfix generate --methods var gift --image IMG    # plain vs each method set, side by side, + heat maps
+    vlmfix world --out DIR --n-images N --seed S      # an EmojiCOCO split with its POPE files
     vlmfix demo                                       # the demo VLM: plain vs VAR, GIFT, pruning; heat maps
+    vlmfix eval pope|chair --model M --data DIR       # POPE / CHAIR (resumable)
     vlmfix calibrate-trend --model M --data DIR       # fit a pruner's position trend, write its preset
+
+Nothing heavy is imported before the arguments are parsed: torch and transformers load inside the
+commands, so `--help` is fast.
 """
 
 from __future__ import annotations
@@ -16,24 +20,17 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
+from .cli_flags import HelpFormatter, add_methods, add_model, add_out, add_parser, deprecated, quiet_loaders
+from .demo.prompts import CAPTION_PROMPTS
 
-from .loading import NAMED, chat_prompt, load
-
-DEFAULT_PROMPT = "Describe the image in detail."
 
 
 def _default_image():
-    """A synthetic picture (until EmojiCOCO images ship with the package): gradient and shapes."""
-    from PIL import Image, ImageDraw
+    """The demo's showcase picture: an EmojiCOCO scene held out from the demo model's training."""
+    from .data.world import draw_image
+    from .demo.cli import SHOWCASE_IMAGE
 
-    img = Image.new("RGB", (480, 360))
-    draw = ImageDraw.Draw(img)
-    for y in range(360):
-        draw.line([(0, y), (479, y)], fill=(40 + y // 3, 90 + y // 4, 160))
-    draw.ellipse([60, 80, 200, 220], fill=(230, 60, 50))
-    draw.rectangle([260, 150, 420, 300], fill=(250, 210, 40))
-    return img
+    return draw_image(0, SHOWCASE_IMAGE)[0]
 
 
 def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
@@ -43,8 +40,14 @@ def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-@torch.no_grad()
-def _text_report(model, tokenizer, prompt: str, tau: float | str | None) -> dict:
+def _shown(piece: str) -> str:
+    """A token as text, quoted, with whitespace visible: ' the' -> " the", a newline -> "\n"."""
+    return json.dumps(piece, ensure_ascii=False)
+
+
+def _text_report(model, tokenizer, prompt: str, tau: float | str | None, sink_dims: list[int] | None) -> dict:
+    import torch
+
     from .presets import model_preset
     from .sinks import check_tau, find_sink_dims, sink_scores
     from .state import above_threshold
@@ -52,10 +55,13 @@ def _text_report(model, tokenizer, prompt: str, tau: float | str | None) -> dict
     hidden_size = model.config.hidden_size
     preset = model_preset(str(getattr(model.config, "_name_or_path", "")), hidden_size)
     tau = check_tau(tau if tau is not None else (preset["tau"] if preset else "scaled"), hidden_size)
-    dims = find_sink_dims(model, tokenizer)
+    if sink_dims and not all(0 <= d < hidden_size for d in sink_dims):
+        raise ValueError(f"--sink-dims must be indices below the hidden size {hidden_size}, got {sink_dims}")
+    dims = tuple(sink_dims) if sink_dims else find_sink_dims(model, tokenizer)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    hidden = model.get_decoder()(input_ids=ids, output_hidden_states=True).hidden_states
-    tokens = tokenizer.convert_ids_to_tokens(ids[0])
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=ids, output_hidden_states=True).hidden_states
+    tokens = [tokenizer.decode([i]) for i in ids[0].tolist()]
     layers = []
     for layer in range(2, len(model.get_decoder().layers)):
         phi = sink_scores(hidden[layer][0], dims)
@@ -65,14 +71,17 @@ def _text_report(model, tokenizer, prompt: str, tau: float | str | None) -> dict
     return {"sink_dims": list(dims), "tau": tau, "prompt_tokens": len(tokens), "layers": layers}
 
 
-@torch.no_grad()
-def _vlm_report(model, processor, image, prompt: str, tau: float | str | None, out: Path, layer: int | None) -> dict:
+def _vlm_report(model, processor, image, prompt: str, tau: float | str | None, sink_dims: list[int] | None, out: Path,
+                layer: int | None) -> dict:
+    import torch
+
     from .attach import attach
+    from .loading import chat_prompt
     from .methods import SinkShare
-    from .viz import model_view, sink_heatmap
+    from .viz import image_view, sink_heatmap
 
     inputs = processor(images=image, text=chat_prompt(processor, prompt, True), return_tensors="pt")
-    with attach(model, processor, SinkShare(), tau=tau) as fixed:
+    with attach(model, processor, SinkShare(), tau=tau, sink_dims=sink_dims) as fixed, torch.no_grad():
         fixed(**inputs)
         state = fixed.last_state
         report: dict[str, Any] = {"sink_dims": list(fixed.sink_dims), "sink_dims_source": fixed.sink_source,
@@ -94,10 +103,30 @@ def _vlm_report(model, processor, image, prompt: str, tau: float | str | None, o
         layer = max(report["layers"], key=lambda r: (r["visual_sinks"], -r["layer"]))["layer"]
     elif layer not in state.phi:
         raise ValueError(f"--layer must be one of the decoder layers 2..{max(state.phi)}")
-    pixel = inputs["pixel_values"][0]
-    view = model_view(pixel, processor) if pixel.ndim == 3 else None
-    report["heatmap"] = str(sink_heatmap(state, layer, out / f"sinks_layer{layer}.png", view or image))
+    view, pad = image_view(inputs, processor, image, row)
+    report["heatmap"] = str(sink_heatmap(state, layer, out / f"sinks_layer{layer}.png", view, padding=pad))
     return report
+
+
+def _open_image(path: str | None):
+    from PIL import Image
+
+    if not path:
+        return _default_image()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--image {path}: no such file")
+    return Image.open(path).convert("RGB")
+
+
+def _load(name: str, verbose: bool, need_vlm: str | None = None):
+    """The model and processor of --model, with a line saying so; `need_vlm`: the command that needs a VLM."""
+    from .loading import load
+
+    print(f"loading {name} ...", file=sys.stderr, flush=True)
+    model, processor = load(name)
+    if need_vlm and not hasattr(processor, "image_processor"):
+        raise ValueError(f"{name} is a text-only LM; {need_vlm} needs a VLM (try --model demo or smollm2-llava)")
+    return model, processor
 
 
 def cmd_sinks(args: argparse.Namespace) -> int:
@@ -106,17 +135,17 @@ def cmd_sinks(args: argparse.Namespace) -> int:
     if args.tau is not None:
         check_tau(args.tau, hidden_size=1)
     out = Path(args.out)
-    model, processor = load(args.model)
+    model, processor = _load(args.model, args.verbose)
     is_vlm = hasattr(processor, "image_processor")
     if is_vlm:
-        from PIL import Image
-
-        image = Image.open(args.image).convert("RGB") if args.image else _default_image()
-        report = _vlm_report(model, processor, image, args.prompt, args.tau, out, args.layer)
+        report = _vlm_report(model, processor, _open_image(args.image), args.prompt, args.tau, args.sink_dims, out,
+                             args.layer)
     else:
+        from .loading import chat_prompt
+
         if args.image:
             print(f"note: {args.model} is a text-only LM; --image is ignored", file=sys.stderr)
-        report = _text_report(model, processor, chat_prompt(processor, args.prompt, False), args.tau)
+        report = _text_report(model, processor, chat_prompt(processor, args.prompt, False), args.tau, args.sink_dims)
     report["model"] = args.model
     out.mkdir(parents=True, exist_ok=True)
     (out / "sinks.json").write_text(json.dumps(report, indent=2))
@@ -127,122 +156,138 @@ def cmd_sinks(args: argparse.Namespace) -> int:
     if is_vlm:
         print(f"image tokens: {report['image_tokens']} (grids {report['grids']})")
         rows = [(r["layer"], r["visual_sinks"], "-" if r["share_of_image_attention"] is None
-                 else f"{100 * r['share_of_image_attention']:.1f}%", r["max_image_phi"], r["first_token_phi"])
-                for r in report["layers"]]
+                 else f"{100 * r['share_of_image_attention']:.1f}%", f"{r['max_image_phi']:.1f}",
+                 f"{r['first_token_phi']:.1f}") for r in report["layers"]]
         print(_table(["layer", "visual sinks", "image attention on sinks", "max image phi", "first-token phi"], rows))
+        if not report["sink_dims"]:
+            print(f"no sink dims ({report['sink_dims_source']}): phi is 0 for every token, so no token is a sink at "
+                  "any tau; --sink-dims sets them")
+        elif not any(r["visual_sinks"] for r in report["layers"]):
+            top = max(r["max_image_phi"] for r in report["layers"])
+            print(f"no visual sinks at tau={tau if isinstance(tau, str) else f'{tau:.2f}'} in any layer "
+                  f"(largest image phi {top:.1f}); --tau sets another threshold")
         print(f"heat map: {report['heatmap']}")
     else:
-        rows = [(r["layer"], len(r["sinks"]), " ".join(r["tokens"][:6]) + (" ..." if len(r["tokens"]) > 6 else ""),
-                 r["first_token_phi"]) for r in report["layers"]]
+        rows = [(r["layer"], len(r["sinks"]), " ".join(_shown(t) for t in r["tokens"][:6])
+                 + (" ..." if len(r["tokens"]) > 6 else ""), f"{r['first_token_phi']:.1f}") for r in report["layers"]]
         print(_table(["layer", "text sinks", "sink tokens", "first-token phi"], rows))
     print(f"report: {out / 'sinks.json'}")
     return 0
 
 
-@torch.no_grad()
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    from PIL import Image
+    import torch
 
     from .attach import attach
-    from .viz import kept_heatmap, model_view, moved_heatmap, saliency_heatmap
-
+    from .loading import chat_prompt
     from .methods import parse_methods
+    from .sinks import check_tau
+    from .viz import map_folders, method_heat_maps
 
-    methods = parse_methods(args.method)
-    model, processor = load(args.model)
-    if not hasattr(processor, "image_processor"):
-        raise ValueError(f"{args.model} is a text-only LM; generate needs a VLM (try --model smollm2-llava)")
-    image = Image.open(args.image).convert("RGB") if args.image else _default_image()
+    sets = [(spec, parse_methods(spec)) for spec in args.methods]  # bad specs fail before the model loads
+    if args.tau is not None:
+        check_tau(args.tau, hidden_size=1)
+    image = _open_image(args.image)
+    model, processor = _load(args.model, args.verbose, need_vlm="generate")
     inputs = processor(images=image, text=chat_prompt(processor, args.prompt, True), return_tensors="pt")
     n_prompt = inputs["input_ids"].shape[1]
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
 
     def run(m):
         start = time.perf_counter()
-        out = m.generate(**inputs, **settings)
-        return processor.batch_decode(out[:, n_prompt:], skip_special_tokens=True)[0].strip(), time.perf_counter() - start
+        with torch.no_grad():
+            ids = m.generate(**inputs, **settings)
+        return processor.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)[0].strip(), time.perf_counter() - start
 
-    plain, t_plain = run(model)
-    with attach(model, processor, methods) as fixed:
-        text, t_fixed = run(fixed)
-        state = fixed.last_state
-    label = args.method or "none"
-    print(f"model: {args.model}   prompt: {args.prompt!r}")
-    print(f"plain ({t_plain:.2f}s): {plain}")
-    print(f"{label} ({t_fixed:.2f}s): {text}")
+    with torch.no_grad():  # warm-up, so the first timing is not the slowest for no reason of its own
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
     out = Path(args.out)
-    pixel = inputs["pixel_values"][0]
-    view = (model_view(pixel, processor) if pixel.ndim == 3 else None) or image
-    from .methods import GIFT, VAR, FastVPrune, StagedPrune
-    from .methods.prune import prune_record
-
-    if state.has_record(VAR):
-        if sum(sum(v["moved"]) for v in VAR.summary(state).values()) > 0:
-            print(f"heat map (attention moved by VAR): {moved_heatmap(state, out / 'var_moved.png', view)}")
-        else:
-            print("VAR: no image-centric head in this call, attention unchanged")
-    if state.has_record(GIFT):
-        if GIFT.saliency(state) is not None:
-            print(f"heat map (GIFT saliency): {saliency_heatmap(state, out / 'gift_saliency.png', view)}")
-        else:
-            print(f"GIFT: {state.record(GIFT).note(0)}")
-    if any(state.has_record(c) for c in (FastVPrune, StagedPrune)) and prune_record(state).stages:
-        print(f"heat map (kept image tokens): {kept_heatmap(state, out / 'kept_tokens.png', view)}")
+    plain, t_plain = run(model)
+    print(f"model: {args.model}   prompt: {args.prompt!r}")
+    print(f"{'plain':<16} {t_plain:5.2f} s  {plain}")
+    runs, notes = [], []
+    folders = map_folders(args.methods, out)
+    for spec, methods in sets:
+        with attach(model, processor, methods, sink_dims=args.sink_dims, tau=args.tau) as fixed:
+            text, seconds = run(fixed)
+            state = fixed.last_state
+        print(f"{spec:<16} {seconds:5.2f} s  {text}")
+        runs.append({"methods": spec, "configs": [repr(m) for m in methods], "text": text, "seconds": seconds,
+                     "sink_dims": list(fixed.sink_dims), "sink_dims_source": fixed.sink_source})
+        lines = method_heat_maps(state, processor, inputs, image, folders[spec])
+        if fixed.sink_source == "discovered" and not fixed.sink_dims:
+            lines.insert(0, "sink-dim discovery found none in this model, so phi is 0 for every token and no token "
+                         "is a sink at any tau; --sink-dims sets them")
+        notes += [f"{spec}: {line}" if len(sets) > 1 else line for line in lines]
+    print()
+    for line in notes:
+        print(line)
     out.mkdir(parents=True, exist_ok=True)
     (out / "generate.json").write_text(json.dumps(
-        {"model": args.model, "prompt": args.prompt, "methods": [repr(m) for m in methods],
-         "plain": {"text": plain, "seconds": t_plain}, "fixed": {"text": text, "seconds": t_fixed}}, indent=2))
+        {"model": args.model, "prompt": args.prompt, "plain": {"text": plain, "seconds": t_plain}, "runs": runs},
+        indent=2))
+    print(f"report: {out / 'generate.json'}")
     return 0
 
 
 def cmd_world(args: argparse.Namespace) -> int:
     from .data.world import main as world
 
-    if args.images < 1:
-        raise ValueError(f"--images must be >= 1, got {args.images}")
-    world(args.out, args.images, args.seed)
+    if args.n_images < 1:
+        raise ValueError(f"--n-images must be >= 1, got {args.n_images}")
+    world(args.out, args.n_images, args.seed)
     return 0
+
+
+def _add_sink_flags(parser: argparse.ArgumentParser) -> None:
+    """The sink-detection flags of `sinks` and `generate`: --tau and --sink-dims."""
+    parser.add_argument("--tau", help="sink threshold on phi: a number, 'scaled' (20*sqrt(d/4096)) or 'bos:F' "
+                        "(F x the first token's phi); default: the model preset, else 'scaled'")
+    parser.add_argument("--sink-dims", type=int, nargs="+", metavar="D",
+                        help="the LM's sink dimensions (indices into its hidden state); default: the model preset, "
+                        "else found by vlmfix.find_sink_dims (a small or random model may have none, and then phi "
+                        "is 0 for every token)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-
-    parser = argparse.ArgumentParser(prog="vlmfix", description="Attention-sink tools for transformers VLMs.")
-    parser.add_argument("--version", action="version", version=f"vlmfix {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("sinks", help="report sink dimensions, visual sink tokens and their attention share")
-    p.add_argument("--model", default="demo",
-                   help="local path / cached hub id, or one of: " + "; ".join(f"{k} ({v})" for k, v in NAMED.items()))
-    p.add_argument("--image", help="image file (VLMs; default: a synthetic picture)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user's text")
-    p.add_argument("--tau", help="sink threshold on phi: a number, 'scaled' (20*sqrt(d/4096)) or 'bos:F' "
-                   "(F x the first token's phi); default: the model preset, else 'scaled'")
-    p.add_argument("--layer", type=int, help="layer of the heat map (default: the one with most visual sinks)")
-    p.add_argument("--out", default="out/sinks", help="folder for sinks.json and the heat map")
-    p.set_defaults(func=cmd_sinks)
-
-    g = sub.add_parser("generate", help="generate with and without methods, side by side")
-    g.add_argument("--model", default="demo", help="as for `sinks` (a VLM)")
-    g.add_argument("--image", help="image file (default: a synthetic picture)")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT)
-    g.add_argument("--method", default="var",
-                   help="comma-separated methods, each NAME or NAME:PRESET (configs/methods/NAME.yaml), e.g. "
-                   "var, var:general, var:vision-centric, gift, gift:mild, var,gift, fastv, fastv:keep64, staged")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--out", default="out/generate", help="folder for generate.json and heat maps")
-    g.set_defaults(func=cmd_generate)
-
-    w = sub.add_parser("world", help="write an EmojiCOCO split: images, COCO instances/captions, POPE files")
-    w.add_argument("--out", required=True, help="output folder")
-    w.add_argument("--images", type=int, default=500, help="number of images (default 500)")
-    w.add_argument("--seed", type=int, default=0)
-    w.set_defaults(func=cmd_world)
-
-    from .calibrate import add_calibrate_parser
+    from .cli_calibrate import add_calibrate_parser
     from .cli_eval import add_eval_parser
     from .demo.cli import add_demo_parser
+
+    parser = argparse.ArgumentParser(prog="vlmfix", description="Attention-sink tools for transformers VLMs: find "
+                                     "sinks, mitigate hallucination (VAR, GIFT), prune image tokens, evaluate "
+                                     "(POPE, CHAIR).", formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vlmfix {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = add_parser(sub, "sinks", "report sink dimensions, visual sink tokens and their attention share")
+    add_model(p, what="an LM or a VLM")
+    p.add_argument("--image", metavar="FILE", help="image file (VLMs; default: the demo's EmojiCOCO showcase scene)")
+    p.add_argument("--prompt", default=CAPTION_PROMPTS[0], help="the user's text")
+    _add_sink_flags(p)
+    p.add_argument("--layer", type=int, help="layer of the heat map (default: the one with most visual sinks)")
+    add_out(p, "out/sinks", "folder for sinks.json and the heat map")
+    p.set_defaults(func=cmd_sinks)
+
+    g = add_parser(sub, "generate", "generate without and with each method set, side by side, with heat maps")
+    add_model(g)
+    g.add_argument("--image", metavar="FILE", help="image file (default: the demo's EmojiCOCO showcase scene)")
+    g.add_argument("--prompt", default=CAPTION_PROMPTS[0], help="the user's text")
+    add_methods(g, ["var"], "method sets to compare with the plain model, each run on its own")
+    deprecated(g, "--method", "--methods (several sets: --methods var gift var,gift)", "methods", type=lambda s: [s])
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate")
+    _add_sink_flags(g)
+    add_out(g, "out/generate", "folder for generate.json and the heat maps (one sub-folder per set when a method is in two sets)")
+    g.set_defaults(func=cmd_generate)
+
+    w = add_parser(sub, "world", "write an EmojiCOCO split: images, COCO instances/captions, POPE files")
+    add_out(w, "out/world", "output folder")
+    w.add_argument("--n-images", type=int, default=500, metavar="N", help="number of images to draw")
+    deprecated(w, "--images", "--n-images", "n_images", type=int)
+    w.add_argument("--seed", type=int, default=0, help="world seed (the demo trained on seed 1; seed 0 is held out)")
+    w.set_defaults(func=cmd_world)
 
     add_calibrate_parser(sub)
     add_demo_parser(sub)
@@ -252,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_loaders(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

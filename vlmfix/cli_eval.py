@@ -3,7 +3,7 @@
 
 Configuration, each layer replacing the keys it sets: configs/evals/<task>.yaml, then the file of
 `--config`, then the flags. A `data` section is replaced as a whole, and any data flag (--data,
---images, --pope-dir, --pope-hf, --instances, --captions) replaces it. `data` is either
+--image-dir, --pope-dir, --pope-hf, --instances, --captions) replaces it. `data` is either
 `world: DIR` (an EmojiCOCO folder, generated first when missing and `world_images` is set) or
 the files of a real dataset: `images` plus `pope_dir` (the official coco_pope_<split>.json) or
 `pope_hf` (a local copy of lmms-lab/POPE) for POPE; `images`, `instances` and `captions` (lists of
@@ -17,12 +17,15 @@ import random
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
+from .cli_flags import add_methods, add_model, add_n_images, add_out, add_parser, deprecated
 from .data.errors import DataFormatError
-from .runner import Item, Settings, Task, accelerator, evaluate, parse_method_sets, prepare
+
+if TYPE_CHECKING:
+    from .runner import Task
 
 TASKS = ("pope", "chair")
 COMMON_KEYS = ("model", "dtype", "data", "world_images", "methods", "batch_size", "max_new_tokens", "prompt",
@@ -125,8 +128,10 @@ def resolve_data(task: str, config: dict) -> dict[str, Any]:
             if config["world_images"] is None:
                 raise FileNotFoundError(
                     f"{world}: no such EmojiCOCO folder; pass --world-images N (and --seed S) to generate it, or "
-                    f"run `vlmfix world --out {data['world']} --images N`")
+                    f"run `vlmfix world --out {data['world']} --n-images N`")
             from .data.world import main as generate_world
+
+            from .runner import accelerator
 
             with accelerator().main_process_first():
                 if not world.exists():
@@ -179,6 +184,7 @@ def pope_task(config: dict, data: dict) -> Task:
     """POPE (Li et al., EMNLP 2023): one item per question of each split; metrics per split and their mean."""
     from .data.pope import load_pope_hf, load_pope_jsonl
     from .metrics import pope
+    from .runner import Item, Task
 
     rule, splits, template = config["rule"], list(config["splits"]), config["prompt"]
     find = _image_finder(data["images"])
@@ -191,7 +197,11 @@ def pope_task(config: dict, data: dict) -> Task:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: POPE questions of split {split!r} not found")
             source, questions = str(path), load_pope_jsonl(path)
-        for q in questions[:config["limit"]]:
+        limit = config["limit"]
+        if limit is not None and limit > len(questions):  # as everywhere in vlmfix: a count beyond the data is an error
+            raise ValueError(f"limit is {limit} but {source} has {len(questions)} questions: pass --limit "
+                             f"{len(questions)} or fewer (or leave it out for all of them)")
+        for q in questions[:limit]:
             image = find(q.image)
             if image is None:
                 raise DataFormatError(f"{source}: question_id {q.question_id}: image {q.image!r} not found in "
@@ -267,6 +277,7 @@ def chair_task(config: dict, data: dict) -> Task:
     truth from all instances and captions files."""
     from .data.coco import load_captions, load_instances
     from .metrics.chair import CHAIR
+    from .runner import Item, Task
 
     parts = [load_instances(p).dataset for p in data["instances"]]
     instances = _merge_coco(parts)
@@ -324,6 +335,7 @@ def run(task: str, config: dict, model: Any = None, processor: Any = None) -> di
     import torch
 
     from .loading import load
+    from .runner import Settings, evaluate, parse_method_sets, prepare
 
     method_sets = parse_method_sets(config["methods"])
     data = resolve_data(task, config)
@@ -355,37 +367,46 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     from .data.pope import SPLITS
     from .metrics.pope import RULES
 
-    parser = sub.add_parser("eval", help="POPE / CHAIR evaluation (resumable; sharded with accelerate launch)",
-                            description="Flags override the YAML config (configs/evals/<task>.yaml, then --config).")
-    tasks = parser.add_subparsers(dest="task", required=True)
+    parser = add_parser(sub, "eval", "POPE / CHAIR evaluation (resumable; sharded with accelerate launch)",
+                        description="POPE / CHAIR evaluation. Flags override the YAML config "
+                        "(configs/evals/<task>.yaml, then --config); a flag left out keeps the config's value.")
+    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
     helps = {"pope": "POPE yes/no object questions (accuracy, precision, recall, F1, yes-ratio)",
              "chair": "CHAIR on detailed captions (CHAIR_s, CHAIR_i, Recall, Len)"}
     for task in TASKS:
-        p = tasks.add_parser(task, help=helps[task])
-        p.add_argument("--config", help=f"YAML over configs/evals/{task}.yaml")
-        p.add_argument("--model", help="local folder, cached hub id, or a named test-bed (smollm2-llava, ...)")
-        p.add_argument("--dtype", choices=DTYPES)
+        p = add_parser(tasks, task, helps[task])
+        p.add_argument("--config", metavar="FILE", help=f"YAML layered over configs/evals/{task}.yaml")
+        add_model(p, default=None, what="the VLM (config default: demo)")
+        p.add_argument("--dtype", choices=DTYPES, help="weights' dtype (config default: float32)")
         p.add_argument("--data", dest="world", metavar="DIR", help="an EmojiCOCO folder (see --world-images)")
         p.add_argument("--world-images", type=int, metavar="N",
                        help="generate --data with N images when it does not exist")
-        p.add_argument("--images", help="image folder of a real dataset (e.g. COCO val2014)")
+        p.add_argument("--image-dir", dest="images", metavar="DIR",
+                       help="image folder of a real dataset (e.g. COCO val2014)")
+        deprecated(p, "--images", "--image-dir", "images")
         if task == "pope":
-            p.add_argument("--pope-dir", help="folder with the official coco_pope_{random,popular,adversarial}.json")
-            p.add_argument("--pope-hf", help="local copy of lmms-lab/POPE (parquet)")
-            p.add_argument("--splits", nargs="+", choices=SPLITS)
-            p.add_argument("--limit", type=int, help="at most N questions per split")
-            p.add_argument("--rule", choices=tuple(RULES), help="answer parsing rule")
+            p.add_argument("--pope-dir", metavar="DIR",
+                           help="folder with the official coco_pope_{random,popular,adversarial}.json")
+            p.add_argument("--pope-hf", metavar="DIR", help="local copy of lmms-lab/POPE (parquet)")
+            p.add_argument("--splits", nargs="+", choices=SPLITS, help="POPE splits (config default: all three)")
+            p.add_argument("--limit", type=int, metavar="N",
+                           help="the first N questions of each split (config default: all); more than a split "
+                           "holds is an error")
+            p.add_argument("--rule", choices=tuple(RULES), help="answer parsing rule (config default: reference)")
         else:
-            p.add_argument("--instances", nargs="+", help="COCO instances file(s); images are drawn from the first")
-            p.add_argument("--captions", nargs="+", help="COCO captions file(s)")
-            p.add_argument("--n-images", type=int, help="images drawn with --seed")
-            p.add_argument("--image-ids", help="JSON file of image ids to caption (e.g. a saved chair_image_ids.json)")
-        p.add_argument("--methods", nargs="+", help="method sets, e.g. none var gift var,gift var:general")
-        p.add_argument("--batch-size", type=int)
-        p.add_argument("--max-new-tokens", type=int)
+            p.add_argument("--instances", nargs="+", metavar="FILE",
+                           help="COCO instances file(s); images are drawn from the first")
+            p.add_argument("--captions", nargs="+", metavar="FILE", help="COCO captions file(s)")
+            add_n_images(p, None, "images to caption, drawn with --seed (config default: 500)")
+            p.add_argument("--image-ids", metavar="FILE",
+                           help="JSON file of image ids to caption (e.g. a saved chair_image_ids.json)")
+        add_methods(p, None, "method sets, each evaluated on its own (config default: none var gift)")
+        p.add_argument("--batch-size", type=int, metavar="N", help="prompts per batch (config default: 8)")
+        p.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate per answer or caption")
         p.add_argument("--prompt", help="the user's text" + (" ({question} is replaced)" if task == "pope" else ""))
-        p.add_argument("--seed", type=int)
+        p.add_argument("--seed", type=int, help="seed of the image draw and of a generated world (config default: 0)")
         p.add_argument("--prep-workers", type=int, metavar="N",
                        help="CPU threads preparing the next batches (default: 0 on CPU, up to 8 with a GPU)")
-        p.add_argument("--out", help="output folder (JSONL per method set, results.md, results.json)")
+        add_out(p, None, f"output folder: JSONL per method set, results.md, results.json (config default: "
+                f"out/eval/{task})")
         p.set_defaults(func=cmd_eval)

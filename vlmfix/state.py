@@ -27,10 +27,13 @@ def above_threshold(phi: torch.Tensor, tau: float | str, first: torch.Tensor) ->
 
 @dataclass(frozen=True)
 class ImageSegment:
-    """A rows x cols grid of image tokens starting at `start`.
+    """A rows x cols grid of visual tokens starting at `start`.
 
-    With `newline`, every grid row is followed by one newline token (LLaVA-NeXT), so a row spans
-    cols + 1 positions. `name` tells the segment's role ("image", "base", "crops").
+    Each grid row spans `stride` = cols + newline + gap positions: with `newline`, one newline
+    *visual* token follows the row's patches (LLaVA-NeXT); `gap` more positions then follow that
+    are not visual tokens (Pixtral's [IMG_BREAK] after each row and [IMG_END] after the last).
+    `name` tells the segment's role ("image", "base", "crops", "frame0", "tile0"); `image_index`
+    which image (or video) of its row it belongs to.
     """
 
     start: int
@@ -39,15 +42,33 @@ class ImageSegment:
     newline: bool = False
     image_index: int = 0
     name: str = "image"
+    gap: int = 0
+
+    @property
+    def stride(self) -> int:
+        """Positions from one grid row's first patch to the next's."""
+        return self.cols + int(self.newline) + self.gap
 
     @property
     def length(self) -> int:
+        """Positions the segment spans, its gaps included."""
+        return self.rows * self.stride
+
+    @property
+    def tokens(self) -> int:
+        """Visual tokens in the segment (patches and newlines)."""
         return self.rows * (self.cols + int(self.newline))
 
     def grid_positions(self) -> torch.Tensor:
         """(rows, cols) tensor of the absolute positions of the grid's patch tokens (newlines excluded)."""
-        r = torch.arange(self.rows)[:, None] * (self.cols + int(self.newline))
+        r = torch.arange(self.rows)[:, None] * self.stride
         return self.start + r + torch.arange(self.cols)[None, :]
+
+    def newline_positions(self) -> torch.Tensor:
+        """(rows,) absolute positions of the newline tokens closing the grid rows (empty without newlines)."""
+        if not self.newline:
+            return torch.zeros(0, dtype=torch.long)
+        return self.start + torch.arange(self.rows) * self.stride + self.cols
 
 
 @dataclass

@@ -1,23 +1,30 @@
 """Heat maps over the image grid, as PNG files (Pillow only).
 
 `grid_heatmap` colours a rows x cols grid of values and blends it over the image as the model saw
-it; `sink_heatmap` does so for the sink scores phi of one layer of a call's state, `moved_heatmap`
-for the attention VAR moved onto each patch, `saliency_heatmap` for GIFT's saliency map,
-`kept_heatmap` for the image tokens a pruner kept.
+it; with a title it becomes a figure a person reads at a glance: the title wrapped to the width, the
+map, a colour bar with its unit (and marks such as tau), a legend for outlines and padding, and
+caption lines. `sink_heatmap` draws the sink scores phi of one layer of a call's state,
+`moved_heatmap` the attention VAR moved onto each patch, `saliency_heatmap` GIFT's saliency map,
+`kept_heatmap` the image tokens a pruner kept.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .state import CallState
 
 # a perceptually ordered dark-to-bright ramp (inferno-like anchors)
 _RAMP = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))
+#: the width a figure's map is scaled to (cells of 16 px for LLaVA's 24 x 24, 32 px for the demo's 12 x 12)
+MAP_WIDTH = 384
+_MARGIN = 8
 
 
 def _colour(t: float) -> tuple[int, int, int]:
@@ -26,6 +33,15 @@ def _colour(t: float) -> tuple[int, int, int]:
     f = t - i
     a, b = _RAMP[i], _RAMP[i + 1]
     return tuple(round(a[k] + (b[k] - a[k]) * f) for k in range(3))
+
+
+@lru_cache(maxsize=4)
+def _font(size: int = 13) -> ImageFont.ImageFont:
+    """Pillow's bundled scalable font (keeps the spaces the old bitmap font dropped)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType
+        return ImageFont.load_default()
 
 
 def model_view(pixel_values: torch.Tensor, processor: Any) -> Image.Image | None:
@@ -39,6 +55,42 @@ def model_view(pixel_values: torch.Tensor, processor: Any) -> Image.Image | None
     return Image.fromarray(arr.permute(1, 2, 0).numpy())
 
 
+@dataclass(frozen=True)
+class ColourBar:
+    """The value range of a map's colours, its unit, and labelled marks on the bar (e.g. tau)."""
+
+    unit: str
+    marks: tuple[tuple[float, str], ...] = ()
+
+
+def _cell_rect(r: int, c: int, cell: int) -> list[int]:
+    return [c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1]
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.ImageFont) -> list[str]:
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}".strip()
+            if line and draw.textlength(candidate, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+def _hatch(draw: ImageDraw.ImageDraw, box: list[int], step: int = 5) -> None:
+    """Grey diagonal hatching over `box` (padding cells)."""
+    x0, y0, x1, y1 = box
+    for k in range(-(y1 - y0), x1 - x0, step):
+        a = (x0 + max(k, 0), y0 + max(-k, 0))
+        b = (x0 + min(k + (y1 - y0), x1 - x0), y0 + min(x1 - x0 - k, y1 - y0))
+        draw.line([a, b], fill=(150, 150, 150), width=1)
+
+
 def grid_heatmap(
     values: torch.Tensor,
     path: str | Path,
@@ -47,37 +99,123 @@ def grid_heatmap(
     vmin: float | None = None,
     vmax: float | None = None,
     alpha: float = 0.55,
-    cell: int = 24,
+    cell: int | None = None,
     title: str | None = None,
     marked: torch.Tensor | None = None,
+    padding: torch.Tensor | None = None,
+    bar: ColourBar | None = None,
+    legend: Sequence[str] = (),
+    caption: Sequence[str] = (),
 ) -> Path:
-    """Write a PNG of a (rows, cols) grid of values, blended over `image` (resized to the grid);
-    cells where the bool grid `marked` is True get a white outline."""
+    """Write a PNG of a (rows, cols) grid of values, blended over `image` (resized to the grid).
+
+    Cells where the bool grid `marked` is True get a white outline, cells where `padding` is True
+    grey hatching. Without `title`, `bar`, `legend` or `caption` the PNG is the bare map (cells of
+    `cell` px, default 24); with any of them it is a figure: the title wrapped to the width above a
+    map scaled to about `MAP_WIDTH` px, then the colour bar (from vmin to vmax, in `bar.unit`, with
+    its marks), the legend lines (outline and hatching are drawn beside their lines when they name
+    "outline" or "hatched") and the caption lines.
+    """
     values = values.detach().float().cpu()
     rows, cols = values.shape
     lo = float(values.min()) if vmin is None else vmin
     hi = float(values.max()) if vmax is None else vmax
     span = hi - lo if hi > lo else 1.0
+    figure = bool(title or bar or legend or caption)
+    cell = cell or (max(6, round(MAP_WIDTH / max(rows, cols))) if figure else 24)
     width, height = cols * cell, rows * cell
     heat = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(heat)
     for r in range(rows):
         for c in range(cols):
-            draw.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1],
-                           fill=_colour((float(values[r, c]) - lo) / span))
+            draw.rectangle(_cell_rect(r, c, cell), fill=_colour((float(values[r, c]) - lo) / span))
     out = heat if image is None else Image.blend(image.convert("RGB").resize((width, height)), heat, alpha)
+    over = ImageDraw.Draw(out)
+    if padding is not None:
+        for r, c in padding.nonzero().tolist():
+            _hatch(over, _cell_rect(r, c, cell))
     if marked is not None:
-        outline = ImageDraw.Draw(out)
         for r, c in marked.nonzero().tolist():
-            outline.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], outline="white", width=2)
-    bar = 18 if title else 0
-    canvas = Image.new("RGB", (width, height + bar), "white")
-    canvas.paste(out, (0, bar))
-    if title:
-        ImageDraw.Draw(canvas).text((4, 3), title, fill="black")
+            over.rectangle(_cell_rect(r, c, cell), outline="white", width=2)
+    if not figure:
+        return _save(out, path)
+    return _save(_figure(out, title or "", lo, hi, bar, legend, caption), path)
+
+
+def _figure(
+    heat: Image.Image, title: str, lo: float, hi: float, bar: ColourBar | None, legend: Sequence[str],
+    caption: Sequence[str],
+) -> Image.Image:
+    font, bold = _font(12), _font(14)
+    width = max(heat.width, MAP_WIDTH) + 2 * _MARGIN
+    inner = width - 2 * _MARGIN
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_lines = _wrap(probe, title, inner, bold) if title else []
+    legend_lines = [line for text in legend for line in _wrap(probe, text, inner - 24, font)]
+    caption_lines = [line for text in caption for line in _wrap(probe, text, inner, font)]
+    line_h, title_h = 16, 18
+    bar_h = (44 + (14 if bar.marks else 0)) if bar else 0
+    height = (_MARGIN + title_h * len(title_lines) + 4 + heat.height + 6 + bar_h
+              + line_h * (len(legend_lines) + len(caption_lines)) + _MARGIN)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = _MARGIN
+    for line in title_lines:
+        draw.text((_MARGIN, y), line, fill="black", font=bold)
+        y += title_h
+    y += 4
+    canvas.paste(heat, (_MARGIN + (inner - heat.width) // 2, y))
+    y += heat.height + 6
+    if bar:
+        y = _colour_bar(draw, _MARGIN, y, inner, lo, hi, bar, font)
+    for text in legend_lines:
+        if "outline" in text:
+            fill = _RAMP[-1] if text.startswith("bright") else _RAMP[1]
+            draw.rectangle([_MARGIN, y + 2, _MARGIN + 14, y + 13], fill=fill, outline="white", width=2)
+            draw.rectangle([_MARGIN - 1, y + 1, _MARGIN + 15, y + 14], outline=(90, 90, 90))
+        elif "hatched" in text:
+            box = [_MARGIN, y + 2, _MARGIN + 14, y + 13]
+            draw.rectangle(box, fill=(235, 235, 235), outline=(90, 90, 90))
+            _hatch(draw, box, 4)
+        draw.text((_MARGIN + 22, y), text, fill="black", font=font)
+        y += line_h
+    for text in caption_lines:
+        draw.text((_MARGIN, y), text, fill=(40, 40, 40), font=font)
+        y += line_h
+    return canvas
+
+
+def _number(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def _colour_bar(draw: ImageDraw.ImageDraw, x0: int, y: int, width: int, lo: float, hi: float, bar: ColourBar,
+                font: ImageFont.ImageFont) -> int:
+    """A horizontal colour bar from lo to hi: the marks' labels above it, the end values and the unit
+    below; returns the next y."""
+    span = hi - lo if hi > lo else 1.0
+    if bar.marks:
+        y += 14
+    for k in range(width):
+        draw.line([(x0 + k, y), (x0 + k, y + 11)], fill=_colour(k / max(width - 1, 1)))
+    draw.rectangle([x0, y, x0 + width - 1, y + 11], outline=(90, 90, 90))
+    for value, label in bar.marks:
+        x = x0 + round((min(max(value, lo), hi) - lo) / span * (width - 1))
+        draw.line([(x, y - 2), (x, y + 13)], fill="black", width=2)
+        tw = draw.textlength(label, font=font)
+        draw.text((min(max(x - tw / 2, x0), x0 + width - tw), y - 15), label, fill="black", font=font)
+    hi_text = _number(hi)
+    draw.text((x0, y + 14), _number(lo), fill="black", font=font)
+    draw.text((x0 + width - draw.textlength(hi_text, font=font), y + 14), hi_text, fill="black", font=font)
+    unit_w = draw.textlength(bar.unit, font=font)
+    draw.text((x0 + (width - unit_w) / 2, y + 28), bar.unit, fill=(40, 40, 40), font=font)
+    return y + 44
+
+
+def _save(img: Image.Image, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    img.save(path)
     return path
 
 
@@ -89,26 +227,52 @@ def on_grid(state: CallState, values: torch.Tensor, row: int = 0, segment: int =
     return values[row][layout.segments[segment].grid_positions()]
 
 
+def _where(state: CallState, row: int, segment: int) -> str:
+    """'' for a single-grid image, else which grid of the row the map shows."""
+    segments = state.rows[row].segments
+    if len(segments) == 1:
+        return ""
+    seg = segments[segment]
+    return f" (image {seg.image_index}, {seg.name} grid {seg.rows} x {seg.cols}; {len(segments)} grids in the row)"
+
+
+_PADDING = "hatched: padding the processor added around the image"
+
+
 def sink_heatmap(
     state: CallState, layer: int, path: str | Path, image: Image.Image | None = None, *, row: int = 0,
-    segment: int = 0,
+    segment: int = 0, padding: torch.Tensor | None = None,
 ) -> Path:
-    """PNG of the sink score phi at `layer` over one image grid of batch row `row`; visual sinks outlined."""
+    """PNG of the sink score phi at `layer` over one image grid of batch row `row`; visual sinks
+    (phi > tau) outlined; the colour bar runs from 0 to max(phi, tau) with tau marked; `padding` a
+    bool grid of padding cells."""
     if layer not in state.phi:
         raise ValueError(f"no sink scores for layer {layer}: tracked layers are {sorted(state.phi)}")
     values = on_grid(state, state.phi[layer], row, segment)
     sinks = on_grid(state, state.sink_mask(layer), row, segment)
-    tau = f"{state.tau:.2f}" if isinstance(state.tau, float) else str(state.tau)
-    title = f"sink score phi, layer {layer}: {int(sinks.sum())} visual sinks (phi > tau {tau}, outlined)"
-    return grid_heatmap(values, path, image, vmin=0.0, title=title, marked=sinks)
+    n = int(sinks.sum())
+    if isinstance(state.tau, str):
+        tau_text, marks, top = state.tau, (), float(values.max())
+    else:
+        tau_text, marks, top = f"{state.tau:.2f}", ((float(state.tau), f"tau {state.tau:.1f}"),), \
+            max(float(values.max()), float(state.tau))
+    title = f"Visual sinks at layer {layer}{_where(state, row, segment)}"
+    found = (f"{n} visual sink{'s' if n != 1 else ''} (phi > tau {tau_text}) outlined" if n else
+             f"no visual sinks at tau={tau_text}: the largest image phi is {float(values.max()):.1f}")
+    legend = ["white outline: visual sink token (phi > tau)"] if n else []
+    if padding is not None and bool(padding.any()):
+        legend.append(_PADDING)
+    bar = ColourBar("sink score phi (max |x_hat_d| over the sink dims d)", marks)
+    return grid_heatmap(values, path, image, vmin=0.0, vmax=top, title=title, marked=sinks, padding=padding,
+                        bar=bar, legend=legend, caption=[found])
 
 
 def moved_heatmap(
     state: CallState, path: str | Path, image: Image.Image | None = None, *, layer: int | None = None,
-    row: int = 0, segment: int = 0,
+    row: int = 0, segment: int = 0, padding: torch.Tensor | None = None,
 ) -> Path:
-    """PNG of the attention VAR gave to each image patch (summed over heads, rows, steps and, without
-    `layer`, over layers); the visual sinks it took attention from are outlined."""
+    """PNG of the attention VAR gave to each image patch (summed over heads, query rows, steps and,
+    without `layer`, over layers); the visual sinks it took attention from are outlined."""
     from .methods import VAR
 
     if not state.has_record(VAR):
@@ -119,12 +283,20 @@ def moved_heatmap(
         raise ValueError("VAR moved no attention in this call (no image-centric heads)")
     values = on_grid(state, gain, row, segment)
     where = f"layer {layer}" if layer is not None else f"layers {rec.layers[0]}-{rec.layers[-1]}"
-    title = f"attention moved by VAR, {where} (total {float(values.sum()):.2f}; sinks outlined)"
-    return grid_heatmap(values, path, image, vmin=0.0, title=title, marked=on_grid(state, visual, row, segment))
+    legend = ["white outline: visual sink it took attention from"]
+    if padding is not None and bool(padding.any()):
+        legend.append(_PADDING)
+    caption = [f"total moved onto this grid: {float(values.sum()):.2f} attention rows (1 = all of one head's "
+               "attention for one query token), summed over heads, query rows and decoding steps"]
+    return grid_heatmap(values, path, image, vmin=0.0, title=f"Attention VAR moved onto each patch, {where}"
+                        f"{_where(state, row, segment)}", marked=on_grid(state, visual, row, segment),
+                        padding=padding, bar=ColourBar("attention received (attention rows)"), legend=legend,
+                        caption=caption)
 
 
 def saliency_heatmap(
     state: CallState, path: str | Path, image: Image.Image | None = None, *, row: int = 0, segment: int = 0,
+    padding: torch.Tensor | None = None,
 ) -> Path:
     """PNG of GIFT's saliency map S_hat (gaze shifts of the question over the image) for batch row `row`."""
     from .methods import GIFT
@@ -138,14 +310,17 @@ def saliency_heatmap(
     layout = state.rows[row]
     values = torch.zeros(state.batch_size, state.prompt_len)
     values[row, layout.image_positions] = s_hat.float()
-    alpha = f"{rec.alpha}"
-    title = "GIFT saliency S_hat (gaze shifts of the question over the image)" + (f", alpha {alpha}" if alpha else "")
-    return grid_heatmap(on_grid(state, values, row, segment), path, image, vmin=0.0, vmax=1.0, title=title)
+    legend = [_PADDING] if padding is not None and bool(padding.any()) else []
+    caption = [f"decoding multiplies the attention on each patch by exp(alpha x S_hat), alpha {rec.alpha}, in "
+               "the half of the heads that look at the image most"] if rec.alpha else []
+    return grid_heatmap(on_grid(state, values, row, segment), path, image, vmin=0.0, vmax=1.0,
+                        title=f"GIFT saliency: where the question's gaze shifted{_where(state, row, segment)}",
+                        padding=padding, bar=ColourBar("saliency S_hat (0 to 1)"), legend=legend, caption=caption)
 
 
 def kept_heatmap(
     state: CallState, path: str | Path, image: Image.Image | None = None, *, row: int = 0, stage: int = -1,
-    segment: int = 0,
+    segment: int = 0, padding: torch.Tensor | None = None,
 ) -> Path:
     """PNG of the image tokens a pruner kept (bright, outlined) and dropped (dark) after `stage` for
     batch row `row`, over one image grid."""
@@ -156,6 +331,81 @@ def kept_heatmap(
     values = on_grid(state, kept, row, segment)
     rec = prune_record(state)
     layer = rec.stages[stage].layer if rec.stages else None
-    where = f"from layer {layer}" if layer is not None else "(nothing pruned)"
-    title = f"kept image tokens {where}: {int(values.sum())} of {values.numel()}"
-    return grid_heatmap(values, path, image, vmin=0.0, vmax=1.0, title=title, marked=values > 0)
+    where = f"from layer {layer} on" if layer is not None else "(nothing pruned)"
+    legend = ["bright, white outline: kept image token; dark: dropped"]
+    if padding is not None and bool(padding.any()):
+        legend.append(_PADDING)
+    return grid_heatmap(values, path, image, vmin=0.0, vmax=1.0, alpha=0.45,
+                        title=f"Image tokens the pruner kept {where}: {int(values.sum())} of {values.numel()}"
+                        f"{_where(state, row, segment)}", marked=values > 0, padding=padding, legend=legend)
+
+
+def padding_grid(processor: Any, image_size: tuple[int, int], grid: tuple[int, int],
+                 threshold: float = 0.5) -> torch.Tensor | None:
+    """(rows, cols) bool grid of the patches that are mostly padding, for processors that pad the
+    image to a square (LLaVA-1.5's `do_pad`); None for processors that do not pad."""
+    from .methods.debias import padding_fractions
+
+    ip = getattr(processor, "image_processor", None)
+    if ip is None or not getattr(ip, "do_pad", False) or type(processor).__name__ != "LlavaProcessor":
+        return None
+    return padding_fractions(image_size, grid, "pad") > threshold
+
+
+def image_view(inputs: Any, processor: Any, image: Image.Image, row: Any) -> tuple[Image.Image, torch.Tensor | None]:
+    """(the image as the model saw it, else the original; the padding cells of its first grid or None)."""
+    pixel = inputs["pixel_values"][0]
+    view = (model_view(pixel, processor) if pixel.ndim == 3 else None) or image
+    seg = row.segments[0] if row.segments else None
+    pad = padding_grid(processor, image.size, (seg.rows, seg.cols)) if seg else None
+    return view, pad
+
+
+def method_heat_maps(state: CallState, processor: Any, inputs: Any, image: Image.Image, out: Path) -> list[str]:
+    """Write the heat maps of the methods attached in the call of `state` (batch row 0) under `out`; one
+    line each, saying where a map is or why there is none:
+
+    - VAR: `sinks.png` (phi at the layer with the most visual sinks, else the middle VAR layer) and
+      `var_moved.png` when VAR moved attention;
+    - GIFT: `gift_saliency.png`; a pruner: `kept_tokens.png` and the record's budget notes.
+    """
+    from .methods import GIFT, VAR, FastVPrune, StagedPrune
+    from .methods.prune import prune_record
+
+    if not state.rows or not state.rows[0].has_image:
+        return ["no heat maps: the prompt holds no image"]
+    view, pad = image_view(inputs, processor, image, state.rows[0])
+    lines = []
+    if state.has_record(VAR):
+        rec = state.record(VAR)
+        counts = rec.visual[:, 0].sum(-1).tolist()
+        layer = rec.layers[max(range(len(counts)), key=lambda k: (counts[k], -k))] if max(counts) > 0 \
+            else rec.layers[len(rec.layers) // 2]
+        lines.append(f"heat map, sink scores (layer {layer}): {sink_heatmap(state, layer, out / 'sinks.png', view, padding=pad)}")
+        why = VAR.why_unchanged(state)
+        if why:
+            lines.append(f"VAR moved no attention: {why}; so no var_moved.png")
+        else:
+            lines.append(f"heat map, attention moved by VAR: {moved_heatmap(state, out / 'var_moved.png', view, padding=pad)}")
+    if state.has_record(GIFT):
+        if GIFT.saliency(state) is not None:
+            lines.append(f"heat map, GIFT saliency: {saliency_heatmap(state, out / 'gift_saliency.png', view, padding=pad)}")
+        else:
+            lines.append(f"GIFT: {state.record(GIFT).note(0)}; so no gift_saliency.png")
+    if any(state.has_record(c) for c in (FastVPrune, StagedPrune)):
+        record = prune_record(state)
+        if record.stages:
+            lines.append(f"heat map, kept image tokens: {kept_heatmap(state, out / 'kept_tokens.png', view, padding=pad)}")
+        else:
+            lines.append("pruner: nothing pruned in this call; so no kept_tokens.png")
+        lines += [f"pruner: {note}" for note in record.notes]
+    return lines
+
+
+def map_folders(specs: Sequence[str], out: Path) -> dict[str, Path]:
+    """Where each method set's heat maps go: `out` itself while no method appears in two sets (the file
+    names are per method), else one sub-folder per set (`var,gift` -> out/var_gift)."""
+    names = [{part.split(":")[0] for part in spec.split(",")} - {"none"} for spec in specs]
+    clash = any(a & b for i, a in enumerate(names) for b in names[i + 1:])
+    slug = lambda spec: "".join(c if c.isalnum() or c in "-_" else "_" for c in spec)  # noqa: E731
+    return {spec: out / slug(spec) if clash else out for spec in specs}

@@ -7,11 +7,20 @@ from typing import Any
 from torch import nn
 
 from .base import Adapter, ImageLayout, VlmfixInputError
+from .gemma3 import Gemma3Adapter
+from .generic import GenericAdapter
+from .idefics3 import Idefics3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+from .mistral3 import Mistral3Adapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen3VLAdapter,
+                                       Mistral3Adapter, Gemma3Adapter, LlavaOnevisionAdapter,
+                                       InternVLAdapter, Idefics3Adapter)
 
 
 def supported_families() -> str:
@@ -19,12 +28,19 @@ def supported_families() -> str:
 
 
 def get_adapter(model: nn.Module, processor: Any | None = None) -> Adapter:
-    """The adapter for `model`'s family; a VlmfixInputError naming the supported families otherwise."""
+    """The adapter for `model`'s family; for another model whose config names an image token id, the
+    generic fallback (with a warning); a VlmfixInputError naming the supported families otherwise."""
     name = type(model).__name__
     for cls in ADAPTERS:
         if name in cls.model_classes:
             return cls(model, processor)
-    raise VlmfixInputError(f"vlmfix does not support {name}. Supported families: {supported_families()}.")
+    if GenericAdapter.applies(model):
+        return GenericAdapter(model, processor)
+    raise VlmfixInputError(
+        f"vlmfix does not support {name}: it has no family adapter and its config names no image token id "
+        f"(image_token_id / image_token_index). Supported families: {supported_families()}."
+    )
 
 
-__all__ = ["ADAPTERS", "Adapter", "ImageLayout", "VlmfixInputError", "get_adapter", "supported_families"]
+__all__ = ["ADAPTERS", "Adapter", "GenericAdapter", "ImageLayout", "VlmfixInputError", "get_adapter",
+           "supported_families"]

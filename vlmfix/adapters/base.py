@@ -1,14 +1,16 @@
 """What every model-family adapter provides, and the family-agnostic row layout built from it.
 
 An adapter knows *where* things are in one family of VLMs: the decoder layers, the head counts,
-the image-token id, how many image tokens each image becomes and how they are laid out (grid
-rows x cols, newline tokens), and which strings end the user's turn in its chat templates.
+the image- and video-token ids, how many visual tokens each image (video) becomes and how they are
+laid out (grid rows x cols, tiles, frames, newline tokens, separators that are not visual tokens),
+and which strings end the user's turn in its chat templates.
 Everything else in vlmfix is family-agnostic.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Mapping
 
 import torch
@@ -23,12 +25,41 @@ class VlmfixInputError(ValueError):
 
 @dataclass(frozen=True)
 class ImageLayout:
-    """The token layout of one image: its segments and any newline tokens outside them (offsets
-    relative to the image's first token)."""
+    """The token layout of one image (or video, or one frame of a video), in offsets relative to its
+    first visual token.
+
+    - `segments`: its grids (`ImageSegment`, starts relative to the first token); a segment may be
+      followed by non-visual tokens (a tile's separator text, Pixtral's row breaks), so the image's
+      tokens may come in several runs;
+    - `length`: its number of visual tokens (the feature vectors it becomes);
+    - `newlines`: visual newline tokens outside the segments; `extra`: other visual tokens outside
+      the segments (a CLS token);
+    - `continues`: a later frame of the video before it, separated from it by text of any length
+      (Qwen3-VL's timestamps): its segments keep that video's image index.
+
+    `offsets` (every visual token's offset: the segments' patches and newlines, `newlines`,
+    `extra`) must hold `length` distinct offsets starting at 0.
+    """
 
     segments: tuple[ImageSegment, ...]
     length: int
     newlines: tuple[int, ...] = ()
+    extra: tuple[int, ...] = ()
+    continues: bool = False
+
+    def __post_init__(self) -> None:
+        got = self.offsets
+        if len(got) != self.length or (len(got) and int(got[0]) != 0) or bool((got[1:] == got[:-1]).any()):
+            raise ValueError(f"inconsistent image layout: {len(got)} offsets from {got[:1].tolist()} "
+                             f"for {self.length} visual tokens ({self})")
+
+    @cached_property
+    def offsets(self) -> torch.Tensor:
+        """(length,) sorted offsets of the visual tokens relative to the first one."""
+        parts = [s.grid_positions().flatten() for s in self.segments]
+        parts += [s.newline_positions() for s in self.segments]
+        parts.append(torch.tensor(self.newlines + self.extra, dtype=torch.long))
+        return torch.cat(parts).sort().values
 
 
 class Adapter:
@@ -46,12 +77,23 @@ class Adapter:
         self.config = model.config
         self.text_config = self.config.get_text_config(decoder=True)
         self.decoder_layers: nn.ModuleList = self._find_decoder_layers()
+        other = [i for i, layer in enumerate(self.decoder_layers) if not hasattr(layer, "self_attn")]
+        if other:
+            raise VlmfixInputError(
+                f"decoder layers {other} of {type(model).__name__} have no softmax self-attention (linear-attention "
+                "layers of a hybrid decoder, as in Qwen3.5): vlmfix routes softmax attention only and does not "
+                "support this model yet."
+            )
         self.num_layers = len(self.decoder_layers)
         self.num_heads = int(self.text_config.num_attention_heads)
         self.num_kv_heads = int(getattr(self.text_config, "num_key_value_heads", None) or self.num_heads)
         self.hidden_size = int(self.text_config.hidden_size)
         self.image_token_id = self._image_token_id()
-        self.tokenizer = getattr(processor, "tokenizer", None) if processor is not None else None
+        self.video_token_id = self._video_token_id()
+        #: every visual token id (image, then video): the image mask, sinks, VAR, GIFT and pruning see them all
+        self.visual_token_ids: tuple[int, ...] = tuple(
+            t for t in (self.image_token_id, self.video_token_id) if t is not None)
+        self.tokenizer = tokenizer_of(processor)
         if processor is not None:
             self.check_processor(processor)
 
@@ -81,6 +123,14 @@ class Adapter:
                 return int(value)
         raise VlmfixInputError(f"{type(self.model).__name__}.config has no image_token_id / image_token_index")
 
+    def _video_token_id(self) -> int | None:
+        """The video placeholder id of families that take `pixel_values_videos` (None otherwise)."""
+        for name in ("video_token_id", "video_token_index"):
+            value = getattr(self.config, name, None)
+            if value is not None:
+                return int(value)
+        return None
+
     def check_processor(self, processor: Any) -> None:
         """Raise when `processor` does not belong to this model (family, image token, vocabulary)."""
         name = type(processor).__name__
@@ -106,15 +156,43 @@ class Adapter:
                 f"{model_vocab}. Load processor and model from the same checkpoint."
             )
 
+    def check_pruning(self, layers: tuple[int, ...], form: str) -> None:
+        """Raise VlmfixInputError when token pruning in `form` ("inplace" / "mask") from decoder `layers`
+        cannot run on this family (e.g. features the model adds to visual positions after a pruned
+        layer); every family can by default."""
+
+    def prepare_cache(self, cache: Any) -> None:
+        """At the prefill of a call whose attention a method may edit: make `cache` (None without one) keep
+        every key at its position for the whole call, or raise VlmfixInputError when it cannot (Gemma 3's
+        sliding-window layers); nothing to do by default."""
+
     # -- image layout ---------------------------------------------------------------------------
     def image_layouts(self, inputs: Mapping[str, Any]) -> list[ImageLayout]:
         """Layouts of the images in `inputs`, in the order their tokens appear (row-major over the batch)."""
         raise NotImplementedError
 
-    def row_layouts(self, inputs: Mapping[str, Any]) -> list[RowLayout]:
-        """Per batch row: padding, image positions and grid segments, newline tokens, the user-query span.
+    def video_layouts(self, inputs: Mapping[str, Any]) -> list[ImageLayout]:
+        """Layouts of the videos in `inputs` (frames as segments, or one layout per frame with
+        `continues`), in the order their tokens appear. Families without video have none."""
+        return []
 
-        Raises VlmfixInputError when the prompt's image tokens do not match the image features.
+    def _layout_queues(self, inputs: Mapping[str, Any]) -> dict[int, list[ImageLayout]]:
+        """{visual token id: the layouts of its images / videos in order}, empty where no pixels were given."""
+        queues = {self.image_token_id: []}
+        has_images = inputs.get("pixel_values") is not None or bool(encoded_images(inputs))
+        if has_images:
+            queues[self.image_token_id] = list(self.image_layouts(inputs))
+        if self.video_token_id is not None:
+            has_videos = inputs.get("pixel_values_videos") is not None or bool(encoded_images(inputs, "video"))
+            queues[self.video_token_id] = list(self.video_layouts(inputs)) if has_videos else []
+        return queues
+
+    def row_layouts(self, inputs: Mapping[str, Any]) -> list[RowLayout]:
+        """Per batch row: padding, visual-token positions and grid segments, newline tokens, the user-query span.
+
+        Each image's tokens must sit at exactly its first token + `ImageLayout.offsets`; a
+        VlmfixInputError says so otherwise, and when the prompt's visual tokens do not match the
+        image / video features.
         """
         input_ids = inputs.get("input_ids")
         if input_ids is None:
@@ -125,19 +203,18 @@ class Adapter:
         # the layout is bookkeeping: it lives on the CPU whatever device the model runs on
         input_ids = input_ids.cpu()
         attention_mask = padding_mask(inputs.get("attention_mask"), input_ids.shape[1])
-        has_pixels = inputs.get("pixel_values") is not None or bool(encoded_images(inputs))
-        layouts = self.image_layouts(inputs) if has_pixels else []
-        n_expected = sum(lay.length for lay in layouts)
-        is_image = input_ids == self.image_token_id
-        n_tokens = int(is_image.sum())
-        if n_tokens != n_expected:
-            what = "no image was given" if not has_pixels else f"the images give {n_expected} feature vectors"
-            raise VlmfixInputError(
-                f"the prompt holds {n_tokens} image tokens but {what}. Build the inputs with the model's processor "
-                f"(processor(images=..., text=...)), with one image placeholder in the text per image."
-            )
+        queues = self._layout_queues(inputs)
+        for token, queue in queues.items():
+            kind = "video" if token == self.video_token_id else "image"
+            n_tokens, n_expected = int((input_ids == token).sum()), sum(lay.length for lay in queue)
+            if n_tokens != n_expected:
+                what = f"no {kind} was given" if not queue else f"the {kind}s give {n_expected} feature vectors"
+                raise VlmfixInputError(
+                    f"the prompt holds {n_tokens} {kind} tokens but {what}. Build the inputs with the model's "
+                    f"processor (processor(images=..., text=...)), with one {kind} placeholder in the text per {kind}."
+                )
+        is_visual = torch.isin(input_ids, torch.tensor(self.visual_token_ids))
         rows: list[RowLayout] = []
-        next_image = 0
         seq_len = input_ids.shape[1]
         for b in range(input_ids.shape[0]):
             if attention_mask is not None:
@@ -145,34 +222,31 @@ class Adapter:
                 pad_left = int(real[0]) if len(real) else seq_len
             else:
                 pad_left = 0
-            positions = is_image[b].nonzero().flatten()
+            positions = is_visual[b].nonzero().flatten()
             segments: list[ImageSegment] = []
-            newlines: list[int] = []
-            cursor = 0
-            image_index = 0
+            newlines: list[torch.Tensor] = []
+            cursor, image_index = 0, -1
             while cursor < len(positions):
-                if next_image >= len(layouts):
-                    raise VlmfixInputError("more image tokens than image features in the batch")
-                lay = layouts[next_image]
                 start = int(positions[cursor])
+                token = int(input_ids[b, start])
+                kind = "video" if token == self.video_token_id else "image"
+                lay = queues[token].pop(0)
+                if not (lay.continues and image_index >= 0):
+                    image_index += 1
                 span = positions[cursor : cursor + lay.length]
-                if len(span) != lay.length or int(span[-1]) - start != lay.length - 1:
+                fits = len(span) == lay.length and torch.equal(span, start + lay.offsets)
+                if not fits or bool((input_ids[b, span] != token).any()):
                     raise VlmfixInputError(
-                        f"batch row {b}: image {image_index} should be {lay.length} consecutive image tokens; "
-                        "build the prompt with the model's processor."
+                        f"batch row {b}: {kind} {image_index} should be {lay.length} {kind} tokens at offsets "
+                        f"{_brief(lay.offsets)} from its first one (at {start}), but they are at offsets "
+                        f"{_brief(span - start)}; build the prompt with the model's processor."
                     )
                 for seg in lay.segments:
-                    segments.append(
-                        ImageSegment(start + seg.start, seg.rows, seg.cols, seg.newline, image_index, seg.name)
-                    )
-                    if seg.newline:
-                        newlines.extend(
-                            start + seg.start + r * (seg.cols + 1) + seg.cols for r in range(seg.rows)
-                        )
-                newlines.extend(start + k for k in lay.newlines)
+                    seg = replace(seg, start=start + seg.start, image_index=image_index)
+                    segments.append(seg)
+                    newlines.append(seg.newline_positions())
+                newlines.append(start + torch.tensor(lay.newlines, dtype=torch.long))
                 cursor += lay.length
-                next_image += 1
-                image_index += 1
             query, pieces = self._query_span(input_ids[b], positions, seq_len) if len(positions) else (None, None)
             rows.append(
                 RowLayout(
@@ -180,7 +254,7 @@ class Adapter:
                     pad_left=pad_left,
                     prompt_len=seq_len,
                     image_positions=positions,
-                    newline_positions=torch.tensor(sorted(newlines), dtype=torch.long),
+                    newline_positions=torch.cat([torch.zeros(0, dtype=torch.long), *newlines]).sort().values,
                     segments=tuple(segments),
                     query_span=query,
                     query_pieces=pieces,
@@ -195,7 +269,8 @@ class Adapter:
         and the decoded pieces of its tokens (None without a tokenizer).
 
         Tokens right after the image that hold no text (e.g. a vision-end marker) are skipped. Without a
-        tokenizer the span runs to the end of the prompt.
+        tokenizer the span runs to the end of the prompt, a guess that only reports show: attach refuses
+        the methods that read the question's words (GIFT) without a tokenizer.
         """
         start = int(image_positions[-1]) + 1
         if start >= seq_len:
@@ -239,9 +314,52 @@ def padding_mask(mask: Any, seq_len: int) -> torch.Tensor | None:
     return last.cpu()
 
 
-def encoded_images(inputs: Mapping[str, Any]) -> list[torch.Tensor]:
-    """Per-image feature tensors that `generate` encoded before the prefill (`mm_encoder_outputs`)."""
-    encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+def feature_spans(
+    inputs: Mapping[str, Any], token: int, counts: list[int]
+) -> tuple[list[tuple[int, torch.Tensor]], list[int]]:
+    """Pre-encoded features of `counts[k]` tokens each (in order) matched to the prompt's positions of
+    `token`, row by row: ([(batch row, its positions)] per matched feature, the counts left unmatched)."""
+    is_token = inputs["input_ids"].cpu() == token
+    queue, spans = list(counts), []
+    for b in range(is_token.shape[0]):
+        positions = is_token[b].nonzero().flatten()
+        cursor = 0
+        while cursor < len(positions) and queue:
+            span = positions[cursor : cursor + queue.pop(0)]
+            spans.append((b, span))
+            cursor += len(span)
+    return spans, queue
+
+
+def runs(positions: torch.Tensor) -> list[torch.Tensor]:
+    """The maximal runs of consecutive values in sorted `positions` (none for no positions)."""
+    breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
+    return [run for run in torch.tensor_split(positions, breaks.tolist()) if len(run)]
+
+
+def _brief(offsets: torch.Tensor) -> str:
+    """A short rendering of an offset list for error messages."""
+    values = offsets.tolist()
+    if len(values) <= 8:
+        return str(values)
+    return f"[{', '.join(map(str, values[:6]))}, ..., {values[-1]}] ({len(values)})"
+
+
+def tokenizer_of(processor_or_tokenizer: Any | None) -> Any | None:
+    """The tokenizer in what attach was given: a processor's `tokenizer`, or the object itself when it
+    is a tokenizer (anything with `decode` and `convert_tokens_to_ids`); None otherwise."""
+    if processor_or_tokenizer is None:
+        return None
+    tok = getattr(processor_or_tokenizer, "tokenizer", None)
+    if tok is None and all(hasattr(processor_or_tokenizer, a) for a in ("decode", "convert_tokens_to_ids")):
+        tok = processor_or_tokenizer
+    return tok
+
+
+def encoded_images(inputs: Mapping[str, Any], modality: str = "image") -> list[torch.Tensor]:
+    """Per-image (or per-video, `modality="video"`) feature tensors that `generate` encoded before the
+    prefill (`mm_encoder_outputs`)."""
+    encoded = (inputs.get("mm_encoder_outputs") or {}).get(modality)
     if encoded is None:
         return []
     features = getattr(encoded, "pooler_output", None)

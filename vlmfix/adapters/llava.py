@@ -37,4 +37,5 @@ class LlavaAdapter(Adapter):
             for features in encoded_images(inputs):
                 side = math.isqrt(features.shape[0] - cls)
                 grids.append((side, (features.shape[0] - cls) // max(side, 1)))
-        return [ImageLayout(segments=(ImageSegment(start=cls, rows=r, cols=c),), length=cls + r * c) for r, c in grids]
+        return [ImageLayout(segments=(ImageSegment(start=cls, rows=r, cols=c),), length=cls + r * c,
+                            extra=(0,) * cls) for r, c in grids]

@@ -113,7 +113,7 @@ def generate_world(
 
 
 def main(out: str | Path, images: int, seed: int) -> dict[str, Any]:
-    """`vlmfix world --out DIR --images N --seed S`: generate and print a one-line summary."""
+    """`vlmfix world --out DIR --n-images N --seed S`: generate and print a one-line summary."""
     summary = generate_world(out, images, seed)
     print(
         f"EmojiCOCO: {summary['images']} images, {summary['annotations']} objects, {summary['captions']} "

@@ -12,73 +12,59 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import torch
+from ..cli_flags import add_methods, add_n_images, add_out, add_parser, deprecated
+from .prompts import CAPTION_PROMPTS
 
 #: the showcase image: EmojiCOCO world seed 0 (held out from training), this image id
 SHOWCASE_IMAGE = 7
-SHOWCASE_METHODS = (("plain", "none"), ("VAR", "var"), ("GIFT", "gift"), ("FastV 25 % + debias", "fastv:quarter-debiased"))
+#: the method sets the showcase compares by default, and how its table labels them
+SHOWCASE_METHODS = ("none", "var", "gift", "fastv:quarter-debiased")
+LABELS = {"none": "plain", "var": "VAR", "gift": "GIFT", "fastv:quarter-debiased": "FastV 25 % + debias"}
 
 
-@torch.no_grad()
 def cmd_showcase(args: argparse.Namespace) -> int:
-    """Generate a description of one image without and with each method; print them with timings;
-    write the heat maps (visual sinks, GIFT saliency, kept tokens)."""
+    """Generate a description of one image without and with each method set; print them with timings
+    (each set warmed up first); write the heat maps of what each method did."""
+    import torch
+
     from ..attach import attach
-    from ..methods import parse_methods
     from ..data.world import draw_image
     from ..loading import chat_prompt
-    from ..viz import model_view
+    from ..methods import parse_methods
+    from ..viz import map_folders, method_heat_maps
     from .load import load_demo
 
+    sets = [(spec, parse_methods(spec)) for spec in args.methods]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     image, _, objects, _ = draw_image(0, SHOWCASE_IMAGE)
     image_path = out / "image.png"
     image.save(image_path)
+    print("loading the demo VLM ...", file=sys.stderr, flush=True)
     model, processor = load_demo()
     inputs = processor(images=image, text=chat_prompt(processor, args.prompt), return_tensors="pt")
     n_prompt = inputs["input_ids"].shape[1]
-    view = model_view(inputs["pixel_values"][0], processor) or image
     print(f"image: {image_path} (objects: {', '.join(sorted({o[0] for o in objects}))})")
-    print(f"prompt: {args.prompt!r}\n")
+    print(f"prompt: {args.prompt!r}   (times: one run after a 2-token warm-up of the same method)\n")
     maps: list[str] = []
-    for label, spec in SHOWCASE_METHODS:
-        methods = parse_methods(spec)
-        with attach(model, processor, methods) as fixed:
+    folders = map_folders(args.methods, out)
+    for spec, methods in sets:
+        with attach(model, processor, methods) as fixed, torch.no_grad():
+            fixed.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up
             start = time.perf_counter()
             ids = fixed.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
             seconds = time.perf_counter() - start
             state = fixed.last_state
-            text = processor.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)[0].strip()
-            print(f"{label:<22} {seconds:5.2f} s  {text}")
-            maps += _heat_maps(state, spec, out, view)
+        text = processor.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)[0].strip()
+        label = LABELS.get(spec, spec)
+        print(f"{label:<22} {seconds:5.2f} s  {text}")
+        if methods:
+            maps += [f"{label}: {line}" for line in method_heat_maps(state, processor, inputs, image, folders[spec])]
     print()
     for line in maps:
         print(line)
     return 0
-
-
-def _heat_maps(state: Any, spec: str, out: Path, view: Any) -> list[str]:
-    """The heat map of what method set `spec` did in the call of `state` (written under `out`), as lines to print."""
-    from ..methods.prune import prune_record
-    from ..viz import kept_heatmap, saliency_heatmap, sink_heatmap
-
-    lines = []
-    if spec == "var" and state.phi:
-        layer = sorted(state.phi)[len(state.phi) // 2]
-        lines.append(f"heat map, visual sinks (layer {layer}): {sink_heatmap(state, layer, out / 'sinks.png', view)}")
-    if spec == "gift":
-        from ..methods import GIFT
-
-        if GIFT.saliency(state) is not None:
-            lines.append(f"heat map, GIFT saliency: {saliency_heatmap(state, out / 'gift_saliency.png', view)}")
-        else:
-            lines.append(f"GIFT: {state.record(GIFT).note(0)}")
-    if spec.startswith("fastv") and prune_record(state).stages:
-        lines.append(f"heat map, kept image tokens: {kept_heatmap(state, out / 'kept_tokens.png', view)}")
-    return lines
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -95,32 +81,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     from .results import run_results
 
-    run_results(args.out, args.doc, images=args.images, batch_size=args.batch_size, weights=args.weights,
+    run_results(args.out, args.doc, images=args.n_images, batch_size=args.batch_size, weights=args.weights,
                 max_new_tokens=args.max_new_tokens, command=shlex.join(["vlmfix", *sys.argv[1:]]))
     return 0
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    d = sub.add_parser("demo", help="the demo VLM: showcase (default), `demo train`, `demo results`")
-    d.add_argument("--out", default="out/demo", help="folder for the image and heat maps")
-    d.add_argument("--prompt", default="Please describe this image in detail.")
-    d.add_argument("--max-new-tokens", type=int, default=48)
+    d = add_parser(sub, "demo", "the demo VLM: the showcase (default), `demo train`, `demo results`",
+                   description="Describe a held-out EmojiCOCO scene with the bundled demo VLM, plain and with each "
+                   "method set, with timings and heat maps. `vlmfix demo train` and `vlmfix demo results` are its "
+                   "training recipe and its results table.")
+    add_out(d, "out/demo", "folder for the image and the heat maps")
+    d.add_argument("--prompt", default=CAPTION_PROMPTS[0], help="the user's text")
+    add_methods(d, list(SHOWCASE_METHODS), "method sets to run, side by side")
+    d.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="tokens to generate")
     d.set_defaults(func=cmd_showcase)
-    actions = d.add_subparsers(dest="action")
-    t = actions.add_parser("train", help="run the demo VLM's training recipe (seeded; resumes a stopped run)")
-    t.add_argument("--out", default="out/demo-train")
+    actions = d.add_subparsers(dest="action", metavar="ACTION")
+    t = add_parser(actions, "train", "run the demo VLM's training recipe (seeded; resumes a stopped run)")
+    add_out(t, "out/demo-train", "folder for demo.safetensors, the log, the loss curve and the check")
     t.add_argument("--device", default="cpu", help="cpu (the reference) or cuda")
     t.add_argument("--steps", type=int, help="stage-2 steps (default: the recipe's)")
     t.add_argument("--pretrain-steps", type=int, help="stage-1 steps (default: the recipe's)")
-    t.add_argument("--n-images", type=int, help="training scenes (default: the recipe's)")
-    t.add_argument("--seed", type=int)
+    add_n_images(t, None, "training scenes (default: the recipe's)")
+    t.add_argument("--seed", type=int, help="training seed (default: the recipe's)")
     t.set_defaults(func=cmd_train)
-    r = actions.add_parser("results", help="POPE + CHAIR for every method on held-out images -> <out>/results.md")
-    r.add_argument("--out", default="out/demo-results", help="results folder (resumable; default out/demo-results)")
+    r = add_parser(actions, "results", "POPE + CHAIR for every method on held-out images -> <out>/results.md")
+    add_out(r, "out/demo-results", "results folder (resumable)")
     r.add_argument("--doc", default=None, help="where the markdown report goes (default <out>/results.md; "
                                               "docs/results.md regenerates the committed report)")
-    r.add_argument("--images", type=int, default=500)
+    add_n_images(r, 500, "held-out images (world seed 0)")
+    deprecated(r, "--images", "--n-images", "n_images", type=int)
     r.add_argument("--batch-size", type=int, help="default: 128 with a GPU, 16 on the CPU")
-    r.add_argument("--max-new-tokens", type=int, default=128)
-    r.add_argument("--weights", help="a demo.safetensors (default: the committed one)")
+    r.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="caption length for CHAIR")
+    r.add_argument("--weights", metavar="FILE", help="a demo.safetensors (default: the committed one)")
     r.set_defaults(func=cmd_results)

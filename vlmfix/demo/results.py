@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -65,35 +66,54 @@ def sink_profile(model: Any, processor: Any, world: Path, n_images: int) -> dict
                     "image_phi": image_phi[layer], "text_phi": text_phi[layer]} for layer in sorted(image_phi)}
 
 
-def sink_plot(sinks: Mapping[int, Mapping[str, float]], tau: float, path: Path, width: int = 700,
-              height: int = 320) -> Path:
+def sink_plot(sinks: Mapping[int, Mapping[str, float]], tau: float, path: Path, width: int = 720,
+              height: int = 380) -> Path:
     """Per layer: the largest phi of a text token (orange) and of an image token (blue) against tau
-    (dashed), and the share of image attention on visual sinks above each pair. Pillow only."""
+    (dashed), with the y axis in phi, a legend, and the share of image attention on visual sinks
+    (in %) along the top. Pillow only."""
     from PIL import Image, ImageDraw
 
+    from ..viz import _font
+
+    font, bold = _font(12), _font(14)
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    x0, y0, x1, y1 = 50, 42, width - 15, height - 40
+    x0, y0, x1, y1 = 48, 72, width - 12, height - 58
+    draw.text((10, 8), "Largest sink score phi per decoder layer (demo VLM, POPE prompts)", fill="black", font=bold)
+    draw.text((10, 28), "row above the plot: share of the image attention that lands on visual sinks, in %",
+              fill=(60, 60, 60), font=font)
     draw.rectangle((x0, y0, x1, y1), outline="black")
-    draw.text((x0, 6), f"largest sink score phi per layer (dashed: tau = {tau:g}); above the bars: share of image "
-              "attention on visual sinks", fill="black")
     layers = sorted(sinks)
     top = max([tau] + [v[k] for v in sinks.values() for k in ("image_phi", "text_phi")]) * 1.1
 
     def y(v: float) -> float:
         return y1 - (y1 - y0) * v / top
 
+    for tick in range(0, int(top) + 1, 5):  # the y axis, in phi
+        draw.line((x0 - 4, y(tick), x0, y(tick)), fill="black")
+        draw.text((x0 - 8 - draw.textlength(str(tick), font=font), y(tick) - 7), str(tick), fill="black", font=font)
     step = (x1 - x0) / (max(layers, default=0) + 1)
     for layer in layers:
         left = x0 + layer * step
         draw.rectangle((left + 2, y(sinks[layer]["text_phi"]), left + step / 2, y1), fill=(200, 120, 40))
         draw.rectangle((left + step / 2, y(sinks[layer]["image_phi"]), left + step - 2, y1), fill=(30, 90, 200))
-        draw.text((left, y0 - 12), f"{100 * sinks[layer]['share']:.0f}", fill="black")
+        share = f"{100 * sinks[layer]['share']:.0f}"
+        draw.text((left + step / 2 - draw.textlength(share, font=font) / 2, y0 - 16), share, fill="black", font=font)
         if layer % 5 == 0:
-            draw.text((left, y1 + 6), str(layer), fill="black")
+            draw.text((left + step / 2 - 4, y1 + 4), str(layer), fill="black", font=font)
     for x in range(x0, x1, 12):
-        draw.line((x, y(tau), x + 6, y(tau)), fill="black")
-    draw.text(((x0 + x1) // 2 - 15, height - 18), "layer", fill="black")
+        draw.line((x, y(tau), x + 6, y(tau)), fill="black", width=2)
+    draw.text(((x0 + x1) // 2 - 15, y1 + 20), "layer", fill="black", font=font)
+    legend_y = height - 18
+    cursor = x0
+    for colour, text in (((200, 120, 40), "largest phi of a text token"), ((30, 90, 200), "largest phi of an image token")):
+        draw.rectangle((cursor, legend_y + 2, cursor + 12, legend_y + 12), fill=colour)
+        draw.text((cursor + 18, legend_y), text, fill="black", font=font)
+        cursor += 36 + draw.textlength(text, font=font)
+    for x in range(int(cursor), int(cursor) + 18, 6):
+        draw.line((x, legend_y + 7, x + 3, legend_y + 7), fill="black", width=2)
+    draw.text((cursor + 24, legend_y), f"tau = {tau:g} (the sink threshold)", fill="black", font=font)
+    draw.text((10, y0 + (y1 - y0) // 2 - 7), "phi", fill="black", font=font)
     image.save(path)
     return path
 
@@ -187,6 +207,10 @@ def report(pope: Mapping[str, Any], chair: Mapping[str, Any], sinks: Mapping[int
     ]) + "\n"
 
 
+def _stage(text: str) -> None:
+    print(f"demo results: {text}", file=sys.stderr, flush=True)
+
+
 def run_results(out: str | Path = "out/demo-results", doc: str | Path | None = None, images: int = 500,
                 batch_size: int | None = None, max_new_tokens: int = 128, share_images: int = 50,
                 weights: str | Path | None = None, command: str = "vlmfix demo results") -> dict[str, Any]:
@@ -205,13 +229,17 @@ def run_results(out: str | Path = "out/demo-results", doc: str | Path | None = N
     doc = out / "results.md" if doc is None else Path(doc)
     world = out / "emojicoco-heldout"
     if not (world / "instances.json").is_file():
+        _stage(f"1/4 writing the held-out EmojiCOCO world ({images} images, seed 0) in {world}")
         generate_world(world, images, seed=0)
     model, processor = load_demo(weights)  # the evaluation runner moves it to the accelerator's device
     batch_size = batch_size or (128 if torch.cuda.is_available() else 16)
     common = {"model": "demo", "methods": list(METHOD_SETS), "batch_size": batch_size, "world": str(world)}
+    _stage(f"2/4 POPE, {len(METHOD_SETS)} method sets (resumable: rerun the command after a stop)")
     pope = run("pope", load_config("pope", None, {**common, "out": str(out / "pope")}), model, processor)
+    _stage(f"3/4 CHAIR, {len(METHOD_SETS)} method sets")
     chair = run("chair", load_config("chair", None, {**common, "out": str(out / "chair"), "n_images": images,
                                                       "max_new_tokens": max_new_tokens}), model, processor)
+    _stage(f"4/4 the visual-sink profile per layer over {share_images} POPE prompts")
     sinks = sink_profile(model, processor, world, share_images)
     tau = float((model_preset(model.config._name_or_path, model.config.text_config.hidden_size) or {"tau": 20.0})["tau"])
     doc.parent.mkdir(parents=True, exist_ok=True)

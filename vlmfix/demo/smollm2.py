@@ -39,19 +39,30 @@ def gguf_path() -> Path:
 def smollm2_dir() -> Path:
     """The cached HF folder of SmolLM2-135M-Instruct, converting the GGUF on first use (~1 min)."""
     target = cache_root() / NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if is_converted(target):
         return target
+    return convert_gguf(gguf_path(), target)
+
+
+def is_converted(target: Path) -> bool:
+    """Whether `target` holds a finished conversion (`convert_gguf` renames it into place when done)."""
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def convert_gguf(src: Path, target: Path) -> Path:
+    """The GGUF file `src` de-quantised to fp32 and saved as an HF folder (model and tokenizer) at `target`,
+    named after the folder; returns `target`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
+    name = target.name
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     # the weights are de-quantised fp32 now: drop the GGUF quantisation record so the folder saves normally
     model.hf_quantizer = None
     del model.config.quantization_config
-    model.config._name_or_path = NAME
+    model.config._name_or_path = name
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=NAME + ".", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=name + ".", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -67,6 +67,8 @@ class Runtime:
     order: ClassVar[int] = 0
     #: ask attach to track the sink scores phi of the prefill residual stream
     uses_sinks: ClassVar[bool] = False
+    #: needs the tokenizer (the user's question as words): attach refuses it without one
+    needs_tokenizer: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, target: Target):
         self.config = config

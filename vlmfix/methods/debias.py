@@ -21,6 +21,8 @@ A pruner-agnostic transform of image-token scores before ranking:
 
 At run time the original aspect of a padded LLaVA-1.5 image is recovered from its pixel values:
 the padding is the processor's mean colour, so the content box is what differs from it.
+
+Described, with its choices and defaults, in docs/methods.md ("Token pruning and its debiasing").
 """
 
 from __future__ import annotations

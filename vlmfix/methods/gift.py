@@ -21,6 +21,8 @@ left exactly as it is. The flat-map test is a tensor too, so nothing is read on 
 
 One prefill suffices when every saliency layer precedes every boost layer; otherwise `attach`
 runs a pre-pass over the prompt that stops after the last saliency layer.
+
+Described, with its choices and defaults, in docs/methods.md ("GIFT").
 """
 
 from __future__ import annotations
@@ -126,7 +128,11 @@ class GIFTRecord:
 
 
 class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
-    """GIFT bound to a model: resolved alpha and layers; per call the saliency and the boost matrices."""
+    """GIFT bound to a model: resolved alpha and layers; per call the saliency and the boost matrices.
+    It reads the question's words (its query span ends at the chat template's turn-end marker, its
+    informative tokens are words), so attach refuses it without a tokenizer."""
+
+    needs_tokenizer = True
 
     def __init__(self, config: GIFT, target: Target):
         super().__init__(config, target)
@@ -177,8 +183,7 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
             elif row.query_span is None:
                 rows.append(GIFTRow(None, None, "no user text after the image: no saliency, no boost"))
             else:
-                flags = (informative_tokens(row.query_pieces, self.config.use_spacy) if row.query_pieces is not None
-                         else [True] * (row.query_span[1] - row.query_span[0]))
+                flags = informative_tokens(row.query_pieces, self.config.use_spacy)
                 note = "" if any(flags) else "no informative word in the question: saliency is flat, attention unchanged"
                 rows.append(GIFTRow(row.query_span, torch.tensor(flags, dtype=torch.bool), note))
         b, p, dev = state.batch_size, state.prompt_len, state.device
@@ -285,7 +290,8 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         kth = h - self._top + 1  # the top-th largest is the (H - top + 1)-th smallest
         coef = (ranked >= ranked.kthvalue(kth, dim=1, keepdim=True).values).float()  # [vis, qry] per (head, row)
         sums = (coef[..., :1] * mass[..., :2]).sum(1, keepdim=True)  # (B, 1, R, 2) over the vis heads
-        ratio = sums[..., 1:] / sums[..., :1].clamp_min(1e-30)
+        # r = 1 where the vis heads give the image no attention at all (a sliding window that ends after it)
+        ratio = torch.where(sums[..., :1] > 0, sums[..., 1:] / sums[..., :1].clamp_min(1e-30), 1.0)
         coef[..., 1:].mul_((ratio.mul_(self.beta) if self.beta != 1.0 else ratio).sub_(1.0))  # [vis, qry (beta r - 1)]
         change = a * torch.bmm(coef.view(b, h * r, 2), self._update).view(b, h, r, p)
         total = change.sum(-1, keepdim=True).add_(1.0)

@@ -35,6 +35,8 @@ layer at or before a saliency layer) does not prune: saliency read there is the 
 A query row left with no key it may attend to (left padding) attends to itself, so it cannot give
 NaN. While a pruner is attached, a plain forward over a prompt returns logits for the kept slots
 only (generate only reads the last one).
+
+Described, with its choices and defaults, in docs/methods.md ("Token pruning and its debiasing").
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ class PruneStage:
 @dataclass
 class PruneRecord:
     """What a pruner did in one call: its form, stage layers, budgets per stage and row, the stages
-    run (`stages`), each row's padding fractions (or None) and whether it had anything to drop."""
+    run (`stages`), each row's padding fractions (or None), whether it had anything to drop, and
+    `notes`: where the configured budget did not apply as written (a `keep` at or above a row's image
+    tokens, a padding cap that lowered it), one line each."""
 
     form: str
     layers: tuple[int, ...]
@@ -98,6 +102,7 @@ class PruneRecord:
     pad_frac: list[torch.Tensor | None]
     active: bool
     stages: list[PruneStage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def kept(self, row: int = 0, stage: int = -1) -> torch.Tensor | None:
         """Prompt positions of the image tokens batch row `row` kept after `stage` (None: nothing was pruned)."""
@@ -133,6 +138,7 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
                     f"{name} layer {layer} is out of range: it must be in 1 .. {adapter.num_layers - 1} "
                     f"(scores come from the layer before; the model has {adapter.num_layers} decoder layers)"
                 )
+        adapter.check_pruning(layers, self.form)
         self.layers = layers
         self._first = min(layers)
         self._num_layers = adapter.num_layers
@@ -163,7 +169,13 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
         self._gathers: dict[tuple, Any] = {}
         self._views: dict[tuple, SlotView] = {}
         active = any(bud < len(r.image_positions) for stage in budgets for bud, r in zip(stage, state.rows))
-        return PruneRecord(self.form, self.layers, budgets, [None] * b, active)
+        keep = getattr(self.config, "keep", None) if isinstance(self.config, FastVPrune) else None
+        if keep is None and isinstance(self.config, FastVPrune) and self.config.keep_ratio is None:
+            keep = FastVPrune.default_keep
+        notes = [f"row {r.index}: keep {keep} >= its {len(r.image_positions)} image tokens, so nothing is pruned "
+                 "(keep counts are sized for LLaVA-1.5's 576 tokens; keep_ratio scales with the image)"
+                 for r in state.rows if r.has_image and keep is not None and keep >= len(r.image_positions)]
+        return PruneRecord(self.form, self.layers, budgets, [None] * b, active, notes=notes)
 
     def after_prefill(self, state: CallState) -> None:
         """The prompt positions still present after each stage, on the model's device, for the
@@ -241,7 +253,11 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
                 x = index.double() / max(len(img) - 1, 1)
                 frac = rec.pad_frac[row.index]
                 s, content = self.debias.transform(s, x, None if frac is None else frac[index], self.trend)
-                budget = min(budget, max(int(content.sum()), 1))
+                capped = min(budget, max(int(content.sum()), 1))
+                if capped < budget:
+                    rec.notes.append(f"row {row.index}, layer {self.layers[stage]}: budget {budget} lowered to "
+                                     f"{capped} by the padding cap (only {capped} candidate patches are not padding)")
+                budget = capped
             budget = min(budget, len(cand))
             kept = cand[torch.topk(s, budget).indices].sort().values
             alive[row.index, cand] = False
@@ -295,7 +311,9 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
         full = state.prompt_len
         pe = kwargs.get("position_embeddings")
         if pe is not None and pe[0].shape[-2] == full:
-            kwargs["position_embeddings"] = self._gathered(("pe", m.layer), lambda: tuple(_take(t, m.pos, -2) for t in pe))
+            # per rotary table (Gemma 3's sliding and full layers have their own); both live through the forward
+            kwargs["position_embeddings"] = self._gathered(("pe", m.layer, id(pe[0])),
+                                                           lambda: tuple(_take(t, m.pos, -2) for t in pe))
         ids = kwargs.get("position_ids")
         if isinstance(ids, torch.Tensor) and ids.shape[-1] == full:
             kwargs["position_ids"] = self._gathered(("ids", m.layer), lambda: _take(ids, m.pos, -1))

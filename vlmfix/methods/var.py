@@ -19,6 +19,8 @@ Cost: the sets become, per layer and once per call, two small matrices over the 
 (`VARRuntime._prepare`), so that selecting and redistributing every (head, row) pair of a layer
 call is two batched products and a few element-wise ops, with no Python loop and no host read. The released reference code
 multiplies sinks by p and moves 1 - p (its "p = 0.6" moves 40%); vlmfix follows the paper.
+
+Described, with its choices and defaults, in docs/methods.md ("VAR").
 """
 
 from __future__ import annotations
@@ -64,6 +66,23 @@ class VAR(MethodConfig):
     def summary(state: CallState, index: int | None = None) -> dict[int, dict[str, list]]:
         """`VARRecord.summary` of the VAR attached in the call of `state` ({} when none was)."""
         return state.record(VAR, index).summary() if state.has_record(VAR) else {}
+
+    @staticmethod
+    def why_unchanged(state: CallState, index: int | None = None) -> str:
+        """Why the VAR attached in the call of `state` moved no attention, in words ('' when it moved some)."""
+        if not state.has_record(VAR):
+            return "VAR was not attached in this call"
+        rec = state.record(VAR, index)
+        if float(rec.received.sum()) > 0:
+            return ""
+        tau = state.tau if isinstance(state.tau, str) else f"{state.tau:.2f}"
+        if not bool(rec.visual.any()):
+            top = max((float(state.phi[k][r.index, r.image_positions].max()) for k in rec.layers if k in state.phi
+                       for r in state.rows if r.has_image), default=float("nan"))
+            return (f"no visual sinks at tau={tau} in layers {rec.layers[0]}-{rec.layers[-1]}: the largest image "
+                    f"phi is {top:.1f}; a lower tau (attach(..., tau=...)) finds some")
+        return ("no image-centric head: in every head with visual sinks, the visual non-sinks held less than rho "
+                "of the image attention or the image less than m_min of the row (see VAR.summary per layer)")
 
 
 @dataclass

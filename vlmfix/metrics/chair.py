@@ -29,6 +29,8 @@ Differences from the reference script:
 - CHAIR_i and Recall are 0 when there is no mention / no ground truth (the reference divides by
   zero); per-caption metrics hold CHAIR_s, CHAIR_i and Recall only (no BLEU/METEOR/CIDEr);
 - errors in the annotation files name the file and the entry instead of raising KeyError.
+
+Described, with its choices and defaults, in docs/methods.md ("CHAIR").
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ accuracy and lowers the yes-ratio's share), it is a false negative when the labe
 (a missed positive), and on a "no" label it is neither a true negative nor a false positive.
 Hence TP + FP + TN + FN = N - (unparsed predictions on "no" labels).
 Values are fractions in [0, 1]; ``format_table`` prints percentages with one decimal.
+
+Described, with its choices and defaults, in docs/methods.md ("POPE").
 """
 
 from __future__ import annotations
