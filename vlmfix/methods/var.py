@@ -76,6 +76,9 @@ class VAR(MethodConfig):
         if float(rec.received.sum()) > 0:
             return ""
         tau = state.tau if isinstance(state.tau, str) else f"{state.tau:.2f}"
+        if not state.sink_dims:
+            return ("no sink dimensions (none in a preset, none found by discovery, none given), so phi is 0 "
+                    "everywhere; pass attach(..., sink_dims=[...])")
         if not bool(rec.visual.any()):
             top = max((float(state.phi[k][r.index, r.image_positions].max()) for k in rec.layers if k in state.phi
                        for r in state.rows if r.has_image), default=float("nan"))
