@@ -182,6 +182,25 @@ def test_debias_flattens_a_planted_trend():
     assert torch.allclose(fixed.double(), content, rtol=1e-4)
 
 
+def test_raster_positions_restart_in_each_video_frame():
+    from vlmfix.methods.debias import raster_positions
+    from vlmfix.state import ImageSegment, RowLayout
+
+    def row(*segments):
+        n = sum(s.rows * s.cols for s in segments)
+        start = segments[0].start
+        return RowLayout(0, 0, start + n + 3, torch.arange(start, start + n), torch.tensor([], dtype=torch.long),
+                         segments, None)
+
+    image = row(ImageSegment(2, 2, 3, name="frame0"))  # one frame: x over the whole image
+    assert torch.allclose(raster_positions(image), torch.linspace(0, 1, 6, dtype=torch.float64))
+    video = row(ImageSegment(2, 2, 2, name="frame0"), ImageSegment(6, 2, 2, name="frame1"))
+    per_frame = torch.tensor([0, 1 / 3, 2 / 3, 1] * 2, dtype=torch.float64)
+    assert torch.allclose(raster_positions(video), per_frame)
+    tiles = row(ImageSegment(2, 2, 2, name="base"), ImageSegment(6, 2, 2, name="crops"))  # not a video
+    assert torch.allclose(raster_positions(tiles), torch.linspace(0, 1, 8, dtype=torch.float64))
+
+
 def test_debias_padding_zeroes_and_caps():
     frac = torch.tensor([0.0, 0.9, 0.5, 0.6])
     out, content = vlmfix.Debias(position=None).transform(torch.ones(4), torch.linspace(0, 1, 4), frac)

@@ -60,7 +60,7 @@ def cmd_showcase(args: argparse.Namespace) -> int:
         label = LABELS.get(spec, spec)
         print(f"{label:<22} {seconds:5.2f} s  {text}")
         if methods:
-            maps += [f"{label}: {line}" for line in method_heat_maps(state, processor, inputs, image, folders[spec])]
+            maps += method_heat_maps(state, processor, inputs, image, folders[spec])
     print()
     for line in maps:
         print(line)

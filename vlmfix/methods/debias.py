@@ -3,7 +3,8 @@
 A pruner-agnostic transform of image-token scores before ranking:
 
 1. **Position (recency) trend.** Language-to-vision attention grows with the raster index of the
-   image token. With x = i / (N - 1) over the N image tokens of an image, a trend f(x) is fitted to
+   image token. With x = i / (N - 1) over the N image tokens of an image (of each frame, for a
+   video: `raster_positions`), a trend f(x) is fitted to
    mean score vectors (`fit_trend`) and divided out: score_hat_i = score_i / f(x_i). Families:
    "exp" f = mu * exp(sigma * x) (the paper's; fitted by least squares in log space, then refined
    by Gauss-Newton on the plain squared error) and "cubic" f = a + b x + c x^2 + d x^3 (linear
@@ -31,10 +32,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import yaml
+
+if TYPE_CHECKING:
+    from ..state import RowLayout
 
 FAMILIES = ("exp", "cubic")
 PARAM_NAMES = {"exp": ("mu", "sigma"), "cubic": ("a", "b", "c", "d")}  # a trend's parameters, in order
@@ -117,6 +121,23 @@ def fit_trend(mean_scores: torch.Tensor | Sequence[float], family: str = "exp",
         if float(step.abs().max()) < 1e-12:
             break
     return Trend("exp", (mu, sig))
+
+
+def raster_positions(row: RowLayout) -> torch.Tensor:
+    """x in [0, 1] for each visual token of batch row `row`, in the order of `row.image_positions`:
+    i / (N - 1) over the row's N visual tokens, except that when the row holds a video (two or more
+    grid segments named "frame..."), each frame's patches get their own i / (n - 1) over that frame's
+    n patches, so the recency trend is taken per frame."""
+    n = len(row.image_positions)
+    x = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+    frames = [seg for seg in row.segments if seg.name.startswith("frame")]
+    if len(frames) < 2:
+        return x
+    for seg in frames:
+        grid = seg.grid_positions().flatten()
+        x[torch.searchsorted(row.image_positions, grid)] = torch.arange(len(grid), dtype=torch.float64) / max(
+            len(grid) - 1, 1)
+    return x
 
 
 def padding_fractions(image_size: tuple[int, int], grid: tuple[int, int], geometry: str = "pad") -> torch.Tensor:

@@ -51,7 +51,7 @@ from ..slots import SlotView
 from ..state import SlotMap
 from .base import (Block, CallState, EditsRows, MethodConfig, MovesTokens, Phase, ReadsInputs, ReplacesMask, Rows,
                    Runtime, Target)
-from .debias import Debias, Trend, content_size, padding_fractions
+from .debias import Debias, Trend, content_size, padding_fractions, raster_positions
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
@@ -250,7 +250,7 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
             s = scores[row.index, cand]
             budget = rec.budgets[stage][row.index]
             if self.debias is not None:
-                x = index.double() / max(len(img) - 1, 1)
+                x = raster_positions(row)[index]
                 frac = rec.pad_frac[row.index]
                 s, content = self.debias.transform(s, x, None if frac is None else frac[index], self.trend)
                 capped = min(budget, max(int(content.sum()), 1))
