@@ -95,7 +95,7 @@ def test_figure_has_a_colour_bar_and_fits_its_title(tmp_path):
     values = torch.arange(16.0).view(4, 4)
     title = "a title long enough that it has to wrap onto a second line at the figure's width, " * 2
     path = grid_heatmap(values, tmp_path / "f.png", title=title, bar=ColourBar("units", ((8.0, "tau 8"),)),
-                        legend=["white outline: marked"], caption=["a caption"], marked=values > 12)
+                        legend=[("outline", "white outline: marked")], caption=["a caption"], marked=values > 12)
     img = Image.open(path).convert("RGB")
     assert img.size[0] >= 384 and img.size[1] > img.size[0]  # map, bar, legend and caption below a wrapped title
     # the colour bar: one row of the figure runs from dark (left) to bright (right)

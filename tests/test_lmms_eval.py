@@ -309,8 +309,7 @@ def test_lmms_eval_pope_equals_vlmfix_runner(evaluated, run_name):
 def test_sample_logs_record_what_vlmfix_did(evaluated, pope_copy):
     from PIL import Image
 
-    from vlmfix.integrations.lmms_eval import chat_text
-    from vlmfix.loading import chat_prompt
+    from vlmfix.loading import chat_prompt, chat_turn
 
     # plain: one process; with METHOD: two, document i on process i mod 2
     where = {"plain": lambda i: (0, i // BATCH), "method": lambda i: (i % 2, i // 2 // BATCH)}
@@ -325,7 +324,7 @@ def test_sample_logs_record_what_vlmfix_did(evaluated, pope_copy):
     # the prompt is vlmfix's chat prompt: same text, same number of tokens as the runner's
     processor, sample = evaluated["processor"], evaluated["plain"]["samples"][0]
     assert sample["input"] == load_pope_jsonl(pope_copy["world"] / "coco_pope_random.json")[0].text + POST_PROMPT
-    text = chat_text(processor, sample["input"], 1, 0)
+    text = chat_turn(processor, sample["input"], 1, 0)
     assert text == chat_prompt(processor, sample["input"], True)
     with Image.open(pope_copy["world"] / "images" / "000001.png") as image:
         tokens = processor(images=[image.convert("RGB")], text=[text], return_tensors="pt")["input_ids"].shape[1]

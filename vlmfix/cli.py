@@ -118,24 +118,14 @@ def _open_image(path: str | None):
     return Image.open(path).convert("RGB")
 
 
-def _load(name: str, verbose: bool, need_vlm: str | None = None):
-    """The model and processor of --model, with a line saying so; `need_vlm`: the command that needs a VLM."""
-    from .loading import load
-
-    print(f"loading {name} ...", file=sys.stderr, flush=True)
-    model, processor = load(name)
-    if need_vlm and not hasattr(processor, "image_processor"):
-        raise ValueError(f"{name} is a text-only LM; {need_vlm} needs a VLM (try --model demo or smollm2-llava)")
-    return model, processor
-
-
 def cmd_sinks(args: argparse.Namespace) -> int:
+    from .loading import load_for
     from .sinks import check_tau
 
     if args.tau is not None:
         check_tau(args.tau, hidden_size=1)
     out = Path(args.out)
-    model, processor = _load(args.model, args.verbose)
+    model, processor = load_for(args.model)
     is_vlm = hasattr(processor, "image_processor")
     if is_vlm:
         report = _vlm_report(model, processor, _open_image(args.image), args.prompt, args.tau, args.sink_dims, out,
@@ -181,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .attach import attach
-    from .loading import chat_prompt
+    from .loading import chat_prompt, load_for
     from .methods import parse_methods
     from .sinks import check_tau
     from .viz import map_folders, method_heat_maps
@@ -190,7 +180,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.tau is not None:
         check_tau(args.tau, hidden_size=1)
     image = _open_image(args.image)
-    model, processor = _load(args.model, args.verbose, need_vlm="generate")
+    model, processor = load_for(args.model, needs_vlm="generate")
     inputs = processor(images=image, text=chat_prompt(processor, args.prompt, True), return_tensors="pt")
     n_prompt = inputs["input_ids"].shape[1]
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False)

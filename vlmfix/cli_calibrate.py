@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .cli_flags import add_model, add_n_images, add_out, add_parser, deprecated
 from .demo.prompts import CAPTION_PROMPTS
@@ -31,14 +30,11 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_calibrate_trend(args: argparse.Namespace) -> int:
     from .calibrate import calibrate, image_inputs, model_name, preset_path, scoring_pruner, world_images, write_preset
-    from .loading import load
+    from .loading import load_for
 
     paths = world_images(args.data, args.n_images)  # data and pruner are checked before the model loads
     pruner = scoring_pruner(args.pruner)
-    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model, processor = load(args.model)
-    if not hasattr(processor, "image_processor"):
-        raise ValueError(f"{args.model} is a text-only LM; calibrate-trend needs a VLM (try --model smollm2-llava)")
+    model, processor = load_for(args.model, needs_vlm="calibrate-trend")
     cal = calibrate(model, processor, image_inputs(processor, paths, args.prompt), pruner, args.family,
                     progress=True, total=len(paths))
     name = model_name(model, args.model)

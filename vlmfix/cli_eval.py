@@ -23,6 +23,7 @@ import yaml
 
 from .cli_flags import add_methods, add_model, add_n_images, add_out, add_parser, deprecated
 from .data.errors import DataFormatError
+from .loading import DTYPES
 
 if TYPE_CHECKING:
     from .runner import Task
@@ -32,7 +33,6 @@ COMMON_KEYS = ("model", "dtype", "data", "world_images", "methods", "batch_size"
                "seed", "out", "prep_workers")
 TASK_KEYS = {"pope": ("splits", "limit", "rule"), "chair": ("n_images", "image_ids")}
 DATA_KEYS = {"pope": ("world", "images", "pope_dir", "pope_hf"), "chair": ("world", "images", "instances", "captions")}
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ------------------------------------------------------------------------------- configuration
@@ -102,14 +102,12 @@ def _check(config: dict, task: str) -> None:
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
         raise ValueError(f"prep_workers must be null (automatic) or an integer >= 0, got {workers!r}")
     if task == "pope":
-        from .data.pope import SPLITS
+        from .data.pope import check_splits
         from .metrics.pope import RULES
 
         if config["rule"] not in RULES:
             raise ValueError(f"unknown POPE answer rule {config['rule']!r}; valid rules: {', '.join(RULES)}")
-        bad = [s for s in config["splits"] if s not in SPLITS]
-        if bad or not config["splits"]:
-            raise ValueError(f"POPE splits must be among {', '.join(SPLITS)}, got {config['splits']!r}")
+        check_splits(config["splits"])
         if "{question}" not in config["prompt"]:
             raise ValueError("the POPE prompt must contain {question}, e.g. "
                              "'{question}\\nAnswer the question using a single word or phrase.'")
@@ -163,6 +161,13 @@ def resolve_data(task: str, config: dict) -> dict[str, Any]:
     return resolved
 
 
+def _check_count(key: str, count: int | None, available: int, source: str, unit: str) -> None:
+    """A count beyond the data is an error, as everywhere in vlmfix: it names the flag and how many there are."""
+    if count is not None and count > available:
+        raise ValueError(f"{key} is {count} but {source} has {available} {unit}: pass --{key.replace('_', '-')} "
+                         f"{available} or fewer (or leave it out for all of them)")
+
+
 def _image_finder(folder: str):
     """name -> existing file of the image folder ("x", else "x.jpg", "x.png"), or None."""
     root = Path(folder)
@@ -182,7 +187,7 @@ def _image_finder(folder: str):
 
 def pope_task(config: dict, data: dict) -> Task:
     """POPE (Li et al., EMNLP 2023): one item per question of each split; metrics per split and their mean."""
-    from .data.pope import load_pope_hf, load_pope_jsonl
+    from .data.pope import load_pope_hf, load_pope_jsonl, pope_file
     from .metrics import pope
     from .runner import Item, Task
 
@@ -193,14 +198,10 @@ def pope_task(config: dict, data: dict) -> Task:
         if "pope_hf" in data:
             source, questions = f"{data['pope_hf']} ({split})", load_pope_hf(data["pope_hf"], split)
         else:
-            path = Path(data["pope_dir"]) / f"coco_pope_{split}.json"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: POPE questions of split {split!r} not found")
+            path = pope_file(data["pope_dir"], split)
             source, questions = str(path), load_pope_jsonl(path)
         limit = config["limit"]
-        if limit is not None and limit > len(questions):  # as everywhere in vlmfix: a count beyond the data is an error
-            raise ValueError(f"limit is {limit} but {source} has {len(questions)} questions: pass --limit "
-                             f"{len(questions)} or fewer (or leave it out for all of them)")
+        _check_count("limit", limit, len(questions), source, "questions")
         for q in questions[:limit]:
             image = find(q.image)
             if image is None:
@@ -266,9 +267,7 @@ def _chosen_ids(config: dict, pool: list[int], source: str) -> list[int]:
     n = config["n_images"]
     if n is None:
         return sorted(pool)
-    if n > len(pool):
-        raise ValueError(f"n_images is {n} but {source} has {len(pool)} images: pass --n-images {len(pool)} or fewer "
-                         "(or leave it out for all of them)")
+    _check_count("n_images", n, len(pool), source, "images")
     return sorted(random.Random(config["seed"]).sample(sorted(pool), n))
 
 
@@ -334,7 +333,7 @@ def run(task: str, config: dict, model: Any = None, processor: Any = None) -> di
     (model, processor) is given. Returns the results on the main process, else None."""
     import torch
 
-    from .loading import load
+    from .loading import load, require_vlm
     from .runner import Settings, evaluate, parse_method_sets, prepare
 
     method_sets = parse_method_sets(config["methods"])
@@ -346,8 +345,7 @@ def run(task: str, config: dict, model: Any = None, processor: Any = None) -> di
     prepare(built, method_sets, settings)
     if model is None:
         model, processor = load(config["model"], getattr(torch, config["dtype"]))
-    if not hasattr(processor, "image_processor"):
-        raise ValueError(f"{config['model']} is a text-only LM; {task} needs a VLM (e.g. smollm2-llava)")
+    require_vlm(processor, config["model"], task)
     results = evaluate(built, model, processor, method_sets, settings)
     if results is not None:
         print((settings.out / "results.md").read_text(encoding="utf-8"))

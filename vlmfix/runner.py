@@ -118,11 +118,11 @@ class Settings:
 
 def parse_method_sets(specs: Iterable[str]) -> list[MethodSet]:
     """Method sets from their specs; unknown method names or presets raise ValueError."""
-    from .methods import parse_methods
+    from .methods import normal_spec, parse_methods
 
     sets: list[MethodSet] = []
     for raw in specs:
-        spec = ",".join(part.strip() for part in str(raw).split(",") if part.strip()) or "none"
+        spec = normal_spec(raw)
         label = spec.replace(",", "+").replace(":", "@")
         if any(s.label == label for s in sets):
             raise ValueError(f"method set {spec!r} is given twice")

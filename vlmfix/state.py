@@ -54,11 +54,6 @@ class ImageSegment:
         """Positions the segment spans, its gaps included."""
         return self.rows * self.stride
 
-    @property
-    def tokens(self) -> int:
-        """Visual tokens in the segment (patches and newlines)."""
-        return self.rows * (self.cols + int(self.newline))
-
     def grid_positions(self) -> torch.Tensor:
         """(rows, cols) tensor of the absolute positions of the grid's patch tokens (newlines excluded)."""
         r = torch.arange(self.rows)[:, None] * self.stride

@@ -36,7 +36,7 @@ def _colour(t: float) -> tuple[int, int, int]:
 
 
 @lru_cache(maxsize=4)
-def _font(size: int = 13) -> ImageFont.ImageFont:
+def text_font(size: int = 13) -> ImageFont.ImageFont:
     """Pillow's bundled scalable font (keeps the spaces the old bitmap font dropped)."""
     try:
         return ImageFont.load_default(size=size)
@@ -104,7 +104,7 @@ def grid_heatmap(
     marked: torch.Tensor | None = None,
     padding: torch.Tensor | None = None,
     bar: ColourBar | None = None,
-    legend: Sequence[str] = (),
+    legend: Sequence[tuple[str, str]] = (),
     caption: Sequence[str] = (),
 ) -> Path:
     """Write a PNG of a (rows, cols) grid of values, blended over `image` (resized to the grid).
@@ -113,8 +113,8 @@ def grid_heatmap(
     grey hatching. Without `title`, `bar`, `legend` or `caption` the PNG is the bare map (cells of
     `cell` px, default 24); with any of them it is a figure: the title wrapped to the width above a
     map scaled to about `MAP_WIDTH` px, then the colour bar (from vmin to vmax, in `bar.unit`, with
-    its marks), the legend lines (outline and hatching are drawn beside their lines when they name
-    "outline" or "hatched") and the caption lines.
+    its marks), the legend entries ((swatch, text): swatch "outline", "kept" or "hatch" is drawn
+    beside the text) and the caption lines.
     """
     values = values.detach().float().cpu()
     rows, cols = values.shape
@@ -142,19 +142,31 @@ def grid_heatmap(
     return _save(_figure(out, title or "", lo, hi, bar, legend, caption), path)
 
 
+def _swatch(draw: ImageDraw.ImageDraw, kind: str, y: int) -> None:
+    """The legend's sample of a cell: outlined (a marked cell; "kept": a bright one) or hatched."""
+    box = [_MARGIN, y + 2, _MARGIN + 14, y + 13]
+    if kind == "hatch":
+        draw.rectangle(box, fill=(235, 235, 235), outline=(90, 90, 90))
+        _hatch(draw, box, 4)
+        return
+    draw.rectangle(box, fill=_RAMP[-1] if kind == "kept" else _RAMP[1], outline="white", width=2)
+    draw.rectangle([_MARGIN - 1, y + 1, _MARGIN + 15, y + 14], outline=(90, 90, 90))
+
+
 def _figure(
-    heat: Image.Image, title: str, lo: float, hi: float, bar: ColourBar | None, legend: Sequence[str],
+    heat: Image.Image, title: str, lo: float, hi: float, bar: ColourBar | None, legend: Sequence[tuple[str, str]],
     caption: Sequence[str],
 ) -> Image.Image:
-    font, bold = _font(12), _font(14)
+    font, bold = text_font(12), text_font(14)
     width = max(heat.width, MAP_WIDTH) + 2 * _MARGIN
     inner = width - 2 * _MARGIN
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     title_lines = _wrap(probe, title, inner, bold) if title else []
-    legend_lines = [line for text in legend for line in _wrap(probe, text, inner - 24, font)]
+    legend_lines = [(kind if k == 0 else None, line) for kind, text in legend
+                    for k, line in enumerate(_wrap(probe, text, inner - 24, font))]
     caption_lines = [line for text in caption for line in _wrap(probe, text, inner, font)]
     line_h, title_h = 16, 18
-    bar_h = (44 + (14 if bar.marks else 0)) if bar else 0
+    bar_h = _bar_height(bar) if bar else 0
     height = (_MARGIN + title_h * len(title_lines) + 4 + heat.height + 6 + bar_h
               + line_h * (len(legend_lines) + len(caption_lines)) + _MARGIN)
     canvas = Image.new("RGB", (width, height), "white")
@@ -168,15 +180,9 @@ def _figure(
     y += heat.height + 6
     if bar:
         y = _colour_bar(draw, _MARGIN, y, inner, lo, hi, bar, font)
-    for text in legend_lines:
-        if "outline" in text:
-            fill = _RAMP[-1] if text.startswith("bright") else _RAMP[1]
-            draw.rectangle([_MARGIN, y + 2, _MARGIN + 14, y + 13], fill=fill, outline="white", width=2)
-            draw.rectangle([_MARGIN - 1, y + 1, _MARGIN + 15, y + 14], outline=(90, 90, 90))
-        elif "hatched" in text:
-            box = [_MARGIN, y + 2, _MARGIN + 14, y + 13]
-            draw.rectangle(box, fill=(235, 235, 235), outline=(90, 90, 90))
-            _hatch(draw, box, 4)
+    for kind, text in legend_lines:
+        if kind:
+            _swatch(draw, kind, y)
         draw.text((_MARGIN + 22, y), text, fill="black", font=font)
         y += line_h
     for text in caption_lines:
@@ -187,6 +193,11 @@ def _figure(
 
 def _number(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def _bar_height(bar: ColourBar) -> int:
+    """Pixels `_colour_bar` takes: the marks' labels, the bar, the end values and the unit line."""
+    return (14 if bar.marks else 0) + 44
 
 
 def _colour_bar(draw: ImageDraw.ImageDraw, x0: int, y: int, width: int, lo: float, hi: float, bar: ColourBar,
@@ -209,7 +220,7 @@ def _colour_bar(draw: ImageDraw.ImageDraw, x0: int, y: int, width: int, lo: floa
     draw.text((x0 + width - draw.textlength(hi_text, font=font), y + 14), hi_text, fill="black", font=font)
     unit_w = draw.textlength(bar.unit, font=font)
     draw.text((x0 + (width - unit_w) / 2, y + 28), bar.unit, fill=(40, 40, 40), font=font)
-    return y + 44
+    return y + 44  # = the start y + _bar_height(bar)
 
 
 def _save(img: Image.Image, path: str | Path) -> Path:
@@ -236,7 +247,7 @@ def _where(state: CallState, row: int, segment: int) -> str:
     return f" (image {seg.image_index}, {seg.name} grid {seg.rows} x {seg.cols}; {len(segments)} grids in the row)"
 
 
-_PADDING = "hatched: padding the processor added around the image"
+_PADDING = ("hatch", "hatched: padding the processor added around the image")
 
 
 def sink_heatmap(
@@ -259,7 +270,7 @@ def sink_heatmap(
     title = f"Visual sinks at layer {layer}{_where(state, row, segment)}"
     found = (f"{n} visual sink{'s' if n != 1 else ''} (phi > tau {tau_text}) outlined" if n else
              f"no visual sinks at tau={tau_text}: the largest image phi is {float(values.max()):.1f}")
-    legend = ["white outline: visual sink token (phi > tau)"] if n else []
+    legend = [("outline", "white outline: visual sink token (phi > tau)")] if n else []
     if padding is not None and bool(padding.any()):
         legend.append(_PADDING)
     bar = ColourBar("sink score phi (max |x_hat_d| over the sink dims d)", marks)
@@ -283,7 +294,7 @@ def moved_heatmap(
         raise ValueError("VAR moved no attention in this call (no image-centric heads)")
     values = on_grid(state, gain, row, segment)
     where = f"layer {layer}" if layer is not None else f"layers {rec.layers[0]}-{rec.layers[-1]}"
-    legend = ["white outline: visual sink it took attention from"]
+    legend = [("outline", "white outline: visual sink it took attention from")]
     if padding is not None and bool(padding.any()):
         legend.append(_PADDING)
     caption = [f"total moved onto this grid: {float(values.sum()):.2f} attention rows (1 = all of one head's "
@@ -332,7 +343,7 @@ def kept_heatmap(
     rec = prune_record(state)
     layer = rec.stages[stage].layer if rec.stages else None
     where = f"from layer {layer} on" if layer is not None else "(nothing pruned)"
-    legend = ["bright, white outline: kept image token; dark: dropped"]
+    legend = [("kept", "bright, white outline: kept image token; dark: dropped")]
     if padding is not None and bool(padding.any()):
         legend.append(_PADDING)
     return grid_heatmap(values, path, image, vmin=0.0, vmax=1.0, alpha=0.45,

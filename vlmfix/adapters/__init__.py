@@ -21,6 +21,8 @@ from .qwen3_vl import Qwen3VLAdapter
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen3VLAdapter,
                                        Mistral3Adapter, Gemma3Adapter, LlavaOnevisionAdapter,
                                        InternVLAdapter, Idefics3Adapter)
+#: the model classes that have a family adapter
+MODEL_CLASSES: frozenset[str] = frozenset(c for a in ADAPTERS for c in a.model_classes)
 
 
 def supported_families() -> str:
@@ -42,5 +44,5 @@ def get_adapter(model: nn.Module, processor: Any | None = None) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "GenericAdapter", "ImageLayout", "VlmfixInputError", "get_adapter",
+__all__ = ["ADAPTERS", "MODEL_CLASSES", "Adapter", "GenericAdapter", "ImageLayout", "VlmfixInputError", "get_adapter",
            "supported_families"]

@@ -117,28 +117,27 @@ class Adapter:
         return layers
 
     def _image_token_id(self) -> int:
-        for name in ("image_token_id", "image_token_index"):
-            value = getattr(self.config, name, None)
-            if value is not None:
-                return int(value)
-        raise VlmfixInputError(f"{type(self.model).__name__}.config has no image_token_id / image_token_index")
+        found = config_token_id(self.config, "image")
+        if found is None:
+            raise VlmfixInputError(f"{type(self.model).__name__}.config has no image_token_id / image_token_index")
+        return found
 
     def _video_token_id(self) -> int | None:
         """The video placeholder id of families that take `pixel_values_videos` (None otherwise)."""
-        for name in ("video_token_id", "video_token_index"):
-            value = getattr(self.config, name, None)
-            if value is not None:
-                return int(value)
-        return None
+        return config_token_id(self.config, "video")
 
-    def check_processor(self, processor: Any) -> None:
-        """Raise when `processor` does not belong to this model (family, image token, vocabulary)."""
+    def check_family(self, processor: Any) -> None:
+        """Raise when `processor` is another family's (by class name; a bare tokenizer passes)."""
         name = type(processor).__name__
         if hasattr(processor, "image_processor") and self.processor_classes and name not in self.processor_classes:
             raise VlmfixInputError(
                 f"processor {name} belongs to another model family; a {self.family} model needs "
                 f"{' or '.join(self.processor_classes)} (load it with AutoProcessor from the model's folder)."
             )
+
+    def check_processor(self, processor: Any) -> None:
+        """Raise when `processor` does not belong to this model (family, image token, vocabulary)."""
+        self.check_family(processor)
         tok = getattr(processor, "tokenizer", processor)
         proc_image_id = getattr(processor, "image_token_id", None)
         if proc_image_id is None and hasattr(processor, "image_token") and hasattr(tok, "convert_tokens_to_ids"):
@@ -329,6 +328,15 @@ def feature_spans(
             spans.append((b, span))
             cursor += len(span)
     return spans, queue
+
+
+def config_token_id(config: Any, kind: str) -> int | None:
+    """`config.<kind>_token_id` or `config.<kind>_token_index` (the two spellings transformers uses), or None."""
+    for name in (f"{kind}_token_id", f"{kind}_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
 
 
 def runs(positions: torch.Tensor) -> list[torch.Tensor]:

@@ -39,7 +39,6 @@ class Gemma3Adapter(Adapter):
         if self.side * self.side != per_image:
             raise VlmfixInputError(f"Gemma 3 mm_tokens_per_image must be a square number, got {per_image}")
         self.boi_token_id = int(self.config.boi_token_index)
-        self.eoi_token_id = int(self.config.eoi_token_index)
         types = list(getattr(self.text_config, "layer_types", None) or [])
         #: decoder layers with sliding-window attention, and the window
         self.sliding_layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
@@ -58,12 +57,7 @@ class Gemma3Adapter(Adapter):
                     f"processor/model mismatch: the tokenizer's {what} token id is {got} but the model expects "
                     f"{expected}. Load processor and model from the same checkpoint."
                 )
-        name = type(processor).__name__
-        if hasattr(processor, "image_processor") and name not in self.processor_classes:
-            raise VlmfixInputError(
-                f"processor {name} belongs to another model family; a Gemma 3 model needs Gemma3Processor "
-                "(load it with AutoProcessor from the model's folder)."
-            )
+        self.check_family(processor)
 
     def image_layouts(self, inputs: Mapping[str, Any]) -> list[ImageLayout]:
         pixel_values = pixels(inputs, "pixel_values", ("images", "channels", "height", "width"), self.family)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from ..state import ImageSegment
-from .base import Adapter, ImageLayout, runs
+from .base import Adapter, ImageLayout, config_token_id, runs
 
 
 class GenericAdapter(Adapter):
@@ -33,8 +33,7 @@ class GenericAdapter(Adapter):
     @classmethod
     def applies(cls, model: nn.Module) -> bool:
         """Whether `model`'s config names an image token id."""
-        config = model.config
-        return any(getattr(config, name, None) is not None for name in ("image_token_id", "image_token_index"))
+        return config_token_id(model.config, "image") is not None
 
     def _runs(self, inputs: Mapping[str, Any], token: int) -> list[ImageLayout]:
         """One 1 x n layout per run of `token` in each row of the prompt."""

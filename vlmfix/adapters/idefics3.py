@@ -23,9 +23,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..state import ImageSegment
 from .base import Adapter, ImageLayout, VlmfixInputError, encoded_images
-from .inputs import check_tiles, pixels, token_runs
+from .inputs import check_tiles, pixels, tiled_layout, token_runs
 
 GLOBAL_TAG = "<global-img>"
 
@@ -62,7 +61,7 @@ class Idefics3Adapter(Adapter):
             given = sum(f.shape[0] for f in encoded_images(inputs)) // per_tile
         layouts: list[ImageLayout] = []
         for b, ids in enumerate(inputs["input_ids"].cpu()):
-            starts, lengths = token_runs(ids == self.image_token_id)
+            starts, lengths = token_runs(ids, self.image_token_id)
             if any(n != per_tile for n in lengths):
                 raise VlmfixInputError(
                     f"batch row {b}: {self.family} image tokens come in runs of {per_tile} (one tile each), got "
@@ -94,11 +93,5 @@ class Idefics3Adapter(Adapter):
                     f"batch row {row}: image tokens after the last {GLOBAL_TAG} view; build the prompt with the "
                     "model's processor."
                 )
-        return [self._layout([s - group[0] for s in group]) for group in groups]
-
-    def _layout(self, offsets: list[int]) -> ImageLayout:
-        s = self.side
-        names = ["image"] if len(offsets) == 1 else [f"tile{k}" for k in range(len(offsets) - 1)] + ["global"]
-        segs = tuple(ImageSegment(start=o, rows=s, cols=s, name=n) for o, n in zip(offsets, names))
-        return ImageLayout(segments=segs, length=len(offsets) * s * s)
+        return [tiled_layout([s - group[0] for s in group], self.side, self.side, "global") for group in groups]
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..state import ImageSegment
 from .base import Adapter, ImageLayout, VlmfixInputError, encoded_images
-from .inputs import check_tiles, token_runs
+from .inputs import check_tiles, tiled_layout, token_runs
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -43,19 +42,13 @@ class InternVLAdapter(Adapter):
         per_tile = rows * cols
         layouts = []
         for ids in inputs["input_ids"].cpu():
-            for run in token_runs(ids == self.image_token_id)[1]:
+            for run in token_runs(ids, self.image_token_id)[1]:
                 if run % per_tile:
                     raise VlmfixInputError(
                         f"an InternVL image of {run} image tokens is not a whole number of tiles of {per_tile} tokens; "
                         "build the prompt with the model's processor."
                     )
-                layouts.append(self._layout(run // per_tile))
+                layouts.append(tiled_layout([k * per_tile for k in range(run // per_tile)], rows, cols, "thumbnail"))
         check_tiles(sum(len(lay.segments) for lay in layouts), tiles_given, f"InternVL tiles of {per_tile} tokens")
         return layouts
-
-    def _layout(self, tiles: int) -> ImageLayout:
-        rows, cols = self.tile_grid
-        names = ["image"] if tiles == 1 else [f"tile{k}" for k in range(tiles - 1)] + ["thumbnail"]
-        segs = tuple(ImageSegment(start=k * rows * cols, rows=rows, cols=cols, name=n) for k, n in enumerate(names))
-        return ImageLayout(segments=segs, length=tiles * rows * cols)
 

@@ -22,9 +22,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..state import ImageSegment
 from .base import ImageLayout, VlmfixInputError, encoded_images
-from .inputs import pixels
+from .inputs import frames_layout, pixels
 from .llava_next import LlavaNextAdapter
 
 
@@ -67,8 +66,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def _video_layout(self, frames: int) -> ImageLayout:
         p = math.ceil(self._side() / 2)
-        segs = tuple(ImageSegment(start=k * p * p, rows=p, cols=p, name=f"frame{k}") for k in range(frames))
-        return ImageLayout(segments=segs, length=frames * p * p + 1, newlines=(frames * p * p,))
+        grid = frames_layout(frames, p, p)
+        return ImageLayout(segments=grid.segments, length=grid.length + 1, newlines=(grid.length,))
 
     def video_layouts(self, inputs: Mapping[str, Any]) -> list[ImageLayout]:
         videos = pixels(inputs, "pixel_values_videos", ("videos", "frames", "channels", "height", "width"), self.family)

@@ -15,14 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..state import ImageSegment
 from .base import Adapter, ImageLayout, VlmfixInputError, encoded_images, feature_spans, runs
-
-
-def frames_layout(t: int, rows: int, cols: int, continues: bool = False, first: int = 0) -> ImageLayout:
-    """t frames of rows x cols tokens in one run (segments named frame{first}, frame{first + 1}, ...)."""
-    segs = tuple(ImageSegment(start=k * rows * cols, rows=rows, cols=cols, name=f"frame{first + k}") for k in range(t))
-    return ImageLayout(segments=segs, length=t * rows * cols, continues=continues)
+from .inputs import frames_layout
 
 
 class Qwen2VLAdapter(Adapter):

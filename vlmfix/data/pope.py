@@ -23,7 +23,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from .coco import image_categories, load_instances
 from .english import indefinite
@@ -53,6 +53,20 @@ def question_text(object_name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- loaders
+
+
+def check_splits(splits: Sequence[str]) -> None:
+    """Raise unless `splits` is a non-empty list of POPE's split names."""
+    if not splits or any(s not in SPLITS for s in splits):
+        raise ValueError(f"POPE splits must be among {', '.join(SPLITS)}, got {list(splits)!r}")
+
+
+def pope_file(folder: str | Path, split: str) -> Path:
+    """The official POPE file of `split` in `folder` (`coco_pope_{split}.json`); FileNotFoundError when missing."""
+    path = Path(folder) / f"coco_pope_{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: POPE questions of split {split!r} not found")
+    return path
 
 
 def load_pope_jsonl(path: str | Path) -> list[PopeQuestion]:

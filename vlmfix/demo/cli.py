@@ -30,10 +30,9 @@ def cmd_showcase(args: argparse.Namespace) -> int:
 
     from ..attach import attach
     from ..data.world import draw_image
-    from ..loading import chat_prompt
+    from ..loading import chat_prompt, load_for
     from ..methods import parse_methods
     from ..viz import map_folders, method_heat_maps
-    from .load import load_demo
 
     sets = [(spec, parse_methods(spec)) for spec in args.methods]
     out = Path(args.out)
@@ -41,8 +40,7 @@ def cmd_showcase(args: argparse.Namespace) -> int:
     image, _, objects, _ = draw_image(0, SHOWCASE_IMAGE)
     image_path = out / "image.png"
     image.save(image_path)
-    print("loading the demo VLM ...", file=sys.stderr, flush=True)
-    model, processor = load_demo()
+    model, processor = load_for("demo")
     inputs = processor(images=image, text=chat_prompt(processor, args.prompt), return_tensors="pt")
     n_prompt = inputs["input_ids"].shape[1]
     print(f"image: {image_path} (objects: {', '.join(sorted({o[0] for o in objects}))})")

@@ -73,9 +73,9 @@ def sink_plot(sinks: Mapping[int, Mapping[str, float]], tau: float, path: Path, 
     (in %) along the top. Pillow only."""
     from PIL import Image, ImageDraw
 
-    from ..viz import _font
+    from ..viz import text_font
 
-    font, bold = _font(12), _font(14)
+    font, bold = text_font(12), text_font(14)
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     x0, y0, x1, y1 = 48, 72, width - 12, height - 58

@@ -60,11 +60,12 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from ..adapters import ADAPTERS, VlmfixInputError, supported_families
+from ..adapters import MODEL_CLASSES, VlmfixInputError, supported_families
 from ..attach import attach
-from ..methods import parse_methods
+from ..loading import DTYPES as TORCH_DTYPES, chat_turn
+from ..methods import normal_spec, parse_methods
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", *TORCH_DTYPES)
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 GENERATION_KEYS = ("until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams")
 DEFAULT_MAX_NEW_TOKENS = 1024
@@ -84,8 +85,7 @@ class VlmfixTokenCounts(TokenCounts):
 
 def method_spec(methods: Any) -> str:
     """model_args' `methods` ("var+gift", "var:general", "none") -> the CLI's spec ("var,gift")."""
-    spec = ",".join(part.strip() for part in str(methods).replace("+", ",").split(",") if part.strip())
-    return spec or "none"
+    return normal_spec(str(methods).replace("+", ","))
 
 
 def parse_sink_dims(value: Any) -> list[int] | None:
@@ -114,12 +114,12 @@ def load_vlm(pretrained: str, dtype: torch.dtype | None, attn_implementation: st
              device_map: str | None) -> tuple[Any, Any]:
     """(model, processor): a named test-bed through `vlmfix.loading.load`, else a checkpoint whose
     architecture a vlmfix adapter supports (checked before any weight is read)."""
-    from ..loading import NAMED, load
+    from ..loading import NAMED, _processor, load, require_vlm
 
     if pretrained in NAMED:
         if device_map:
             raise VlmfixInputError(f"device_map is for checkpoints; the test-bed {pretrained!r} loads on one device")
-        model, processor = load(pretrained, dtype or torch.float32)
+        model, processor = load(pretrained, dtype)
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
     else:
@@ -131,26 +131,17 @@ def load_vlm(pretrained: str, dtype: torch.dtype | None, attn_implementation: st
             raise VlmfixInputError(f"cannot load model {pretrained!r} ({err}); pass a hub id, a local folder with "
                                    f"config.json, or one of: {', '.join(NAMED)}") from err
         arch = (config.architectures or [type(config).__name__])[0]
-        if arch not in {c for a in ADAPTERS for c in a.model_classes}:
+        if arch not in MODEL_CLASSES:
             raise VlmfixInputError(f"vlmfix does not support {arch} ({pretrained}). Supported families: "
                                    f"{supported_families()}.")
+        processor = _processor(pretrained, local_files_only=False)  # before the weights: fails fast
         options = {"dtype": dtype or "auto", "attn_implementation": attn_implementation, "device_map": device_map}
         model = getattr(transformers, arch).from_pretrained(pretrained, **{k: v for k, v in options.items() if v})
-        processor = transformers.AutoProcessor.from_pretrained(pretrained)
-    if not hasattr(processor, "image_processor"):
-        raise VlmfixInputError(f"{pretrained} is a text-only LM; lmms-eval's tasks need a VLM (e.g. pretrained=demo)")
+    require_vlm(processor, pretrained, "lmms-eval's tasks", hint="pretrained=demo")
     if not getattr(processor, "chat_template", None):
         raise VlmfixInputError(f"the processor of {pretrained} has no chat template; vlmfix builds each prompt with "
                                "processor.apply_chat_template")
     return model.eval(), processor
-
-
-def chat_text(processor: Any, text: str, images: int, videos: int) -> str:
-    """One user turn with `images` images and `videos` videos before `text`, in the model's chat
-    template, ready for generation (for one image the same prompt as `vlmfix.loading.chat_prompt`)."""
-    content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
 
 
 def split_visuals(visuals: Sequence[Any] | None) -> tuple[list[Any], list[str]]:
@@ -188,6 +179,8 @@ def row_records(fixed: Any, spec: str, process: int, batch: int, size: int) -> l
         return [dict(base) for _ in range(size)]
     state = fixed.last_state
     summary = state.summary()
+    moved = {id(rec): [sum(per_row) for per_row in zip(*(layer["moved"] for layer in rec.summary().values()))]
+             for _, rec in state.records if isinstance(rec, VARRecord)}  # per record, per row: once per batch
     rows = []
     for r in range(size):
         entry = {**base, "image_tokens": summary["rows"][r]["image_tokens"]}
@@ -196,17 +189,18 @@ def row_records(fixed: Any, spec: str, process: int, batch: int, size: int) -> l
         for runtime, record in state.records:
             name = runtime.config.name
             if isinstance(record, VARRecord):
-                entry[f"{name}_moved"] = float(sum(layer["moved"][r] for layer in record.summary().values()))
+                entry[f"{name}_moved"] = float(moved[id(record)][r]) if moved[id(record)] else 0.0
             elif isinstance(record, PruneRecord):
                 kept = record.kept(r)
                 entry[f"{name}_kept"] = entry["image_tokens"] if kept is None else len(kept)
-                notes = [n for n in record.notes if n.startswith(f"row {r}:") or n.startswith(f"row {r},")]
+                notes = [n for n in record.notes if n.startswith((f"row {r}:", f"row {r},"))]
                 if notes:
                     entry[f"{name}_notes"] = notes
             elif isinstance(record, GIFTRecord):
                 entry[f"{name}_boosted"] = bool(record.has_map[r])
-                if record.note(r):
-                    entry[f"{name}_note"] = record.note(r)
+                note = record.note(r)
+                if note:
+                    entry[f"{name}_note"] = note
         rows.append(entry)
     return rows
 
@@ -324,7 +318,7 @@ class VlmfixLMM(lmms):
         for request in requests:
             context, _, doc_to_visual, doc_id, task, split = request.args
             row_images, row_videos = split_visuals(doc_to_visual(self.task_dict[task][split][doc_id]))
-            texts.append(chat_text(self.processor, context.replace("<image>", "").strip(), len(row_images),
+            texts.append(chat_turn(self.processor, context.replace("<image>", "").strip(), len(row_images),
                                    len(row_videos)))
             images += row_images
             videos += row_videos

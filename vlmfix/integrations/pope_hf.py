@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data.errors import DataFormatError
-from ..data.pope import SPLITS, load_pope_jsonl
+from ..data.pope import SPLITS, check_splits, load_pope_jsonl, pope_file
 
 COLUMNS = ("id", "question_id", "question", "answer", "image_source", "image", "category")
 PARQUET = Path("data") / "test-00000-of-00001.parquet"
@@ -48,17 +48,13 @@ def write_pope_dataset(out: str | Path, images: str | Path, pope_dir: str | Path
     beyond a split's questions raise, naming them."""
     import datasets
 
-    bad = [s for s in splits if s not in SPLITS]
-    if bad or not splits:
-        raise ValueError(f"POPE splits must be among {', '.join(SPLITS)}, got {list(splits)!r}")
+    check_splits(splits)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (or None for all questions), got {limit}")
     images = Path(images)
     rows: dict[str, list] = {c: [] for c in COLUMNS}
     for split in splits:
-        path = Path(pope_dir) / f"coco_pope_{split}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: POPE questions of split {split!r} not found")
+        path = pope_file(pope_dir, split)
         questions = load_pope_jsonl(path)
         if limit is not None and limit > len(questions):
             raise ValueError(f"limit is {limit} but {path} has {len(questions)} questions")

@@ -24,6 +24,11 @@ def build(name: str, preset: str | None = None, **overrides: Any) -> MethodConfi
     return REGISTRY[name](**{**method_preset(name, preset), **overrides})
 
 
+def normal_spec(raw: str) -> str:
+    """A method-set spec without blanks or empty items ("var, ,gift" -> "var,gift"; "" -> "none")."""
+    return ",".join(part.strip() for part in str(raw).split(",") if part.strip()) or "none"
+
+
 def parse_methods(spec: str) -> list[MethodConfig]:
     """"var,gift" or "var:general" (a preset of configs/methods/var.yaml) -> method configs; "none" -> []."""
     methods = []
@@ -36,4 +41,4 @@ def parse_methods(spec: str) -> list[MethodConfig]:
 
 
 __all__ = ["GIFT", "REGISTRY", "Debias", "FastVPrune", "MethodConfig", "SinkShare", "StagedPrune", "VAR", "build",
-           "parse_methods"]
+           "normal_spec", "parse_methods"]

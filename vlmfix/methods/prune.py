@@ -143,13 +143,15 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
         self._first = min(layers)
         self._num_layers = adapter.num_layers
         self._geometry, self._background = _padding_geometry(adapter)
+        #: FastV's token count (None for a ratio or a StagedPrune): the per-call notes compare it with each row's
+        self._keep = config.fixed_keep if isinstance(config, FastVPrune) else None
         names = " ".join(str(getattr(c, "_name_or_path", "") or "") for c in (adapter.config, adapter.text_config))
         self.trend: Trend | None = self.debias.resolve(names, config.preset_key) if self.debias else None
 
     def resolved(self) -> dict[str, Any]:
         out: dict[str, Any] = {"layers": list(self.layers)}
-        if isinstance(self.config, FastVPrune) and self.config.keep is None and self.config.keep_ratio is None:
-            out["keep"] = FastVPrune.default_keep
+        if self._keep is not None and self.config.keep is None:
+            out["keep"] = self._keep
         if self.trend is not None:
             out["trend"] = {"family": self.trend.family, **self.trend.named()}
         return out
@@ -168,10 +170,10 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
         self._mask: tuple[tuple, torch.Tensor | None, torch.Tensor] | None = None
         self._gathers: dict[tuple, Any] = {}
         self._views: dict[tuple, SlotView] = {}
+        #: per row, each visual token's x of the position trend (per frame for a video)
+        self._raster = [raster_positions(r) for r in state.rows] if self.debias is not None else []
         active = any(bud < len(r.image_positions) for stage in budgets for bud, r in zip(stage, state.rows))
-        keep = getattr(self.config, "keep", None) if isinstance(self.config, FastVPrune) else None
-        if keep is None and isinstance(self.config, FastVPrune) and self.config.keep_ratio is None:
-            keep = FastVPrune.default_keep
+        keep = self._keep
         notes = [f"row {r.index}: keep {keep} >= its {len(r.image_positions)} image tokens, so nothing is pruned "
                  "(keep counts are sized for LLaVA-1.5's 576 tokens; keep_ratio scales with the image)"
                  for r in state.rows if r.has_image and keep is not None and keep >= len(r.image_positions)]
@@ -250,7 +252,7 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
             s = scores[row.index, cand]
             budget = rec.budgets[stage][row.index]
             if self.debias is not None:
-                x = raster_positions(row)[index]
+                x = self._raster[row.index][index]
                 frac = rec.pad_frac[row.index]
                 s, content = self.debias.transform(s, x, None if frac is None else frac[index], self.trend)
                 capped = min(budget, max(int(content.sum()), 1))
@@ -427,6 +429,11 @@ class FastVPrune(MethodConfig):
     def stage_layers(self) -> tuple[int, ...]:
         return (int(self.layer),)
 
+    @property
+    def fixed_keep(self) -> Any:
+        """The image tokens kept per row when no `keep_ratio` is given (`keep`, else `default_keep`), else None."""
+        return None if self.keep_ratio is not None else (self.default_keep if self.keep is None else self.keep)
+
     def bind(self, target: Target) -> PrunerRuntime:
         keep, ratio = self.keep, self.keep_ratio
         if ratio is not None:
@@ -438,7 +445,7 @@ class FastVPrune(MethodConfig):
             def budget(stage: int, n: int) -> int:
                 return min(n, max(1, math.ceil(ratio * n - 1e-9)))
         else:
-            keep = self.default_keep if keep is None else keep
+            keep = self.fixed_keep
             if isinstance(keep, bool) or int(keep) != keep or keep <= 0:
                 raise ValueError(f"FastVPrune keep must be a positive number of tokens, got {keep!r}")
 
