@@ -11,10 +11,18 @@ Prefill or decoding step: a forward starts a new call when it brings no cache, a
 has not seen, or new tokens on an empty cache. A forward running inside `torch.compile` is a
 decoding step (transformers compiles only those), so a compiled step runs no Python bookkeeping.
 The layer hooks that read the prefill's hidden states exist only during the prefill.
+
+Threads: one call's state lives on the handle, so calls take turns. `fixed.generate(...)` and
+`fixed(...)` wait for each other (a lock held for the whole call), so threads sharing the handle each
+get their own correct result. A forward that reaches the attached model while another thread's
+forward runs on it, or a decoding step of a call whose state another thread's prefill replaced (plain
+`model.generate` from two threads at once), is refused with a `VlmfixError`: never a mixed state.
+Compiled decoding steps run no Python hooks, so there only `fixed.generate` guards the turns.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, Iterable, Sequence
 
@@ -117,14 +125,22 @@ class Attached:
         #: whether any layer call may leave the fast path
         self.active = bool(self.editors or self.maskers or self.movers)
         self.state: CallState | None = None
-        self.last_state: CallState | None = None
+        self._last_state: CallState | None = None
         self.tracks_sinks = any(r.uses_sinks for r in self.runtimes) or sink_dims is not None
         self.sink_dims, self.sink_source = self._resolve_sink_dims(sink_dims)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._prefill_hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._cache: weakref.ref | None = None
         self._in_prepass = False
-        self._pixels: torch.Tensor | None = None
+        #: whole calls through this handle (generate, __call__) take turns
+        self._turn = threading.RLock()
+        #: held by the thread whose forward runs on the attached model (`_busy_thread`), released after it
+        self._busy = threading.Lock()
+        self._busy_thread: int | None = None
+        #: the thread whose prefill made `state`
+        self._state_thread: int | None = None
+        #: per thread: `cache` (a weakref to its call's KV cache), `pixels` (kept by the vision hook),
+        #: `last_state` (its last call's state)
+        self._local = threading.local()
         self._bias: tuple[Any, tuple, torch.Tensor | None] | None = None
         self._attached = False
         self._attach()
@@ -166,7 +182,7 @@ class Attached:
             fallback = attention.previous_attention(self.previous_text_implementation, module)
             setattr(module, attention.ROUTE, attention.Route(self, idx, fallback))
         self._hooks.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-        self._hooks.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True, always_call=True))
         tower = getattr(getattr(self.model, "model", self.model), "vision_tower", None)
         if tower is not None and self.readers:
             self._hooks.append(tower.register_forward_pre_hook(self._keep_pixels, with_kwargs=True))
@@ -193,6 +209,11 @@ class Attached:
     def attached(self) -> bool:
         return self._attached
 
+    @property
+    def last_state(self) -> CallState | None:
+        """The `CallState` of this thread's last call (of the handle's last call, for a thread that made none)."""
+        return getattr(self._local, "last_state", None) or self._last_state
+
     def __enter__(self) -> "Attached":
         return self
 
@@ -200,13 +221,21 @@ class Attached:
         self.detach()
 
     # -- calls ------------------------------------------------------------------------------------
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def _check_attached(self) -> None:
         if not self._attached:
             raise VlmfixError("this handle was detached; attach again with vlmfix.attach(model, processor, methods)")
-        return self.model.generate(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's `generate` with the methods; calls from several threads take turns."""
+        self._check_attached()
+        with self._turn:
+            return self.model.generate(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        """One forward of the model with the methods; calls from several threads take turns."""
+        self._check_attached()
+        with self._turn:
+            return self.model(*args, **kwargs)
 
     def bias(self, mask: torch.Tensor | None, batch: int, kv_heads: int, kv_len: int,
              dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -225,7 +254,8 @@ class Attached:
         host only for a multi-token forward on a cache this call already used (assisted decoding, a
         reused static cache)."""
         cache = _cache_of(kwargs)
-        if cache is None or self.state is None or self._cache is None or self._cache() is not cache:
+        own = getattr(self._local, "cache", None)
+        if cache is None or self.state is None or own is None or own() is not cache:
             return True
         if kwargs.get("pixel_values") is not None:
             return True
@@ -236,9 +266,44 @@ class Attached:
             return False
         return int(cache.get_seq_length()) == 0
 
+    # -- turns between threads ---------------------------------------------------------------------
+    def _enter(self) -> bool:
+        """Take the attached model for this thread's forward; False for a forward nested in it (the pre-pass)."""
+        me = threading.get_ident()
+        if self._busy_thread == me:
+            return False
+        if not self._busy.acquire(blocking=False):
+            raise VlmfixError(
+                "another thread is running a forward on this attached model; vlmfix keeps one call's state per "
+                "attached model. Share it between threads through fixed.generate(...) / fixed(...), which take "
+                "turns, or attach a separate copy of the model in each thread."
+            )
+        self._busy_thread = me
+        return True
+
+    def _leave(self) -> None:
+        if self._busy_thread == threading.get_ident():
+            self._busy_thread = None
+            self._busy.release()
+
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if torch.compiler.is_compiling() or self._in_prepass or not self._starts_call(args, kwargs):
+        if torch.compiler.is_compiling() or not self._enter():
             return
+        try:
+            if self._starts_call(args, kwargs):
+                self._start_call(args, kwargs)
+            elif self._state_thread != threading.get_ident():
+                raise VlmfixError(
+                    "another thread started a call on this attached model while this thread's call was generating, "
+                    "and its state replaced this call's. Share an attached model between threads through "
+                    "fixed.generate(...), which takes turns, or attach a separate copy of the model in each thread."
+                )
+        except BaseException:
+            self._leave()
+            raise
+
+    def _start_call(self, args: tuple, kwargs: dict) -> None:
+        """A prefill: build the call's state, let the runtimes begin, add the prefill-only hooks."""
         self._drop_prefill_hooks()  # a prefill that raised left them
         cache = _cache_of(kwargs)
         if self.movers and cache is not None and getattr(cache, "is_compileable", False):
@@ -257,13 +322,15 @@ class Attached:
             self.adapter.prepare_cache(cache)
         self.state = state = CallState(rows=rows, prompt_len=ids.shape[1], sink_dims=self.sink_dims, tau=self.tau,
                                        device=ids.device)
-        self._cache = weakref.ref(cache) if cache is not None else None
+        self._local.cache = weakref.ref(cache) if cache is not None else None
+        self._state_thread = threading.get_ident()
         for r in self.runtimes:
             r.record = r.begin(state)
             state.records.append((r, r.record))
-        if self._pixels is not None:  # generate encoded the images before this forward
-            inputs.setdefault("pixel_values", self._pixels)
-            self._pixels = None
+        pixels = getattr(self._local, "pixels", None)
+        if pixels is not None:  # generate encoded the images before this forward
+            inputs.setdefault("pixel_values", pixels)
+            self._local.pixels = None
         for r in self.readers:
             r.read_inputs(state, inputs)
         self._add_prefill_hooks()
@@ -292,17 +359,24 @@ class Attached:
             self.state.phase, self._in_prepass = Phase.PREFILL, False
 
     def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        state = self.state
-        if torch.compiler.is_compiling() or self._in_prepass or state is None or state.phase is not Phase.PREFILL:
+        """After every forward (also one that raised: `output` is then None): end the prefill, free the model."""
+        if torch.compiler.is_compiling() or self._in_prepass:
             return
-        self._drop_prefill_hooks()
-        state.phase = Phase.DECODE
-        cache = output.get("cache") if hasattr(output, "get") else None
-        if cache is not None:
-            self._cache = weakref.ref(cache)
-        for r in self.runtimes:
-            r.after_prefill(state)
-        self.last_state = state
+        try:
+            state = self.state
+            if output is None or state is None or state.phase is not Phase.PREFILL or \
+                    self._state_thread != threading.get_ident():
+                return
+            self._drop_prefill_hooks()
+            state.phase = Phase.DECODE
+            cache = output.get("cache") if hasattr(output, "get") else None
+            if cache is not None:
+                self._local.cache = weakref.ref(cache)
+            for r in self.runtimes:
+                r.after_prefill(state)
+            self._last_state = self._local.last_state = state
+        finally:
+            self._leave()
 
     # -- prefill-only layer hooks -----------------------------------------------------------------
     def _add_prefill_hooks(self) -> None:
@@ -332,7 +406,7 @@ class Attached:
     def _keep_pixels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Vision-tower pre-hook: keep the pixel values for the next prefill's readers."""
         if not torch.compiler.is_compiling():
-            self._pixels = args[0] if args else kwargs.get("pixel_values")
+            self._local.pixels = args[0] if args else kwargs.get("pixel_values")
 
     def _mover_hook(self, layer: int):
         """Pre-hook letting in-place pruning rewrite a decoder layer's prefill inputs (args, kwargs)."""
