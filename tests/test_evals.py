@@ -431,8 +431,9 @@ def test_a_rerun_on_other_data_is_refused_and_one_on_the_same_data_resumes(demo,
 
     shutil.rmtree(world)
     generate_world(world, 4, seed=3)  # another world in the same place (as `vlmfix world --overwrite` writes it)
-    with pytest.raises(ValueError, match=r"made with another data_fingerprint \(the questions, labels or images "
-                       r"differ\); rerun with --restart to discard them and start afresh, or choose another --out"):
+    with pytest.raises(ValueError, match=r"holds results of 'none' for 2 item\(s\) whose data changed since \(first "
+                       r"'random/1': its question, label, prompt or image differs\); rerun with --restart to discard "
+                       r"them and start afresh, or choose another --out"):
         run("pope", config, *demo)
     run("pope", config, *demo, restart=True)
     assert "pope none: 0 of 2 items done, 2 to generate" in capsys.readouterr().err
@@ -440,10 +441,13 @@ def test_a_rerun_on_other_data_is_refused_and_one_on_the_same_data_resumes(demo,
     assert [r["prompt"].split("\n")[0] for r in _lines(out / "none.jsonl")] == \
         [json.loads(q)["text"] for q in questions[:2]]
 
-    flipped = {**json.loads(questions[0]), "label": "no" if json.loads(questions[0])["label"] == "yes" else "yes"}
-    (world / "coco_pope_random.json").write_text("\n".join([json.dumps(flipped), *questions[1:]]) + "\n")
-    with pytest.raises(ValueError, match="another data_fingerprint"):  # a label alone changed
-        run("pope", config, *demo)
+    run("pope", {**config, "limit": 3}, *demo)  # more items: the finished ones are kept
+    assert "pope none: 2 of 3 items done, 1 to generate" in capsys.readouterr().err
+
+    flipped = {**json.loads(questions[1]), "label": "no" if json.loads(questions[1])["label"] == "yes" else "yes"}
+    (world / "coco_pope_random.json").write_text("\n".join([questions[0], json.dumps(flipped), *questions[2:]]) + "\n")
+    with pytest.raises(ValueError, match=r"for 1 item\(s\) whose data changed since \(first 'random/2'"):
+        run("pope", config, *demo)  # a label alone changed
 
 
 def test_what_each_method_did_is_counted_and_a_method_that_never_acted_is_named(demo, world, tmp_path, capsys,

@@ -15,9 +15,11 @@ for one model and several method sets (`prepare()` checks a run before the model
 - a rerun resumes: items already in the method set's files are skipped, a last line cut by a
   crash is dropped (and cut from the file that process writes), so no item is computed twice
   and none is lost. `<out>/<label>.config.json` keeps what determines the outputs (model, dtype,
-  methods, max_new_tokens, prompt, data paths, the vlmfix version and a fingerprint of what the
-  items read: ids, prompts, fields such as labels, and the bytes of every image); a rerun with
-  another such config is refused, unless `Settings.restart` discards the method set's results first;
+  methods, max_new_tokens, prompt, data paths, the vlmfix version), and each record the
+  `fingerprint` of what its item read (id, prompt, fields such as the label, the bytes of the
+  image); a rerun with another config, or whose items read other data than a finished record's,
+  is refused (never reusing a stale answer) unless `Settings.restart` discards the method set's
+  results first. Items may be added (a larger --limit): they are simply not done yet;
 - each record says, per method, whether it acted on the item (`Runtime.acted`: VAR moved
   attention, GIFT boosted, a pruner dropped tokens); results.json and results.md count the items
   per method and warn when a method acted on none;
@@ -241,11 +243,11 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(items: Sequence[Item]) -> str:
-    """A digest of everything the items read: each item's id, prompt, fields (labels, ...), image file
-    name and the sha256 of the image's bytes (each file read once)."""
+def fingerprints(items: Sequence[Item]) -> dict[str, str]:
+    """{item id: a digest of everything the item reads}: its id, prompt, fields (label, ...), image file
+    name and the sha256 of the image's bytes (each file read once); 16 hex digits."""
     images: dict[Path, str] = {}
-    digest = hashlib.sha256()
+    found = {}
     for item in items:
         if item.image not in images:
             try:
@@ -253,8 +255,19 @@ def fingerprint(items: Sequence[Item]) -> str:
             except OSError as err:
                 raise DataFormatError(f"{item.image}: cannot read the image ({err.strerror})") from None
         entry = [item.id, item.prompt, dict(item.fields), item.image.name, images[item.image]]
-        digest.update(json.dumps(entry, sort_keys=True, default=str).encode("utf-8") + b"\n")
-    return digest.hexdigest()
+        found[item.id] = hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+    return found
+
+
+def check_records(out: Path, label: str, prints: Mapping[str, str]) -> None:
+    """Refuse finished records of a method set whose item now reads other data (another fingerprint)."""
+    stale = [r["id"] for path in result_files(out, label) for r in read_records(path)
+             if r["id"] in prints and r.get("fingerprint") != prints[r["id"]]]
+    if stale:
+        raise ValueError(
+            f"{out} holds results of {label!r} for {len(stale)} item(s) whose data changed since (first {stale[0]!r}: "
+            "its question, label, prompt or image differs); rerun with --restart to discard them and start afresh, "
+            "or choose another --out")
 
 
 def check_identity(path: Path, identity: dict, write: bool) -> None:
@@ -263,8 +276,7 @@ def check_identity(path: Path, identity: dict, write: bool) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(k for k in {*old, *identity} if old.get(k) != identity.get(k))
         if changed:
-            said = "; ".join("the questions, labels or images differ" if k == "data_fingerprint"
-                             else f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in changed)
+            said = "; ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in changed)
             raise ValueError(
                 f"{path.parent} holds results of {path.stem.removesuffix('.config')!r} made with another "
                 f"{', '.join(changed)} ({said}); rerun with --restart to discard them and start afresh, or "
@@ -382,8 +394,10 @@ def prefetched(make: Callable[[Any, Job], Made], processor: Any, jobs: Sequence[
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, settings: Settings) -> dict:
-    """Generate this process's pending items of one method set; returns what attach resolved."""
+def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, settings: Settings,
+                    prints: Mapping[str, str]) -> dict:
+    """Generate this process's pending items of one method set (each record with its item's fingerprint
+    from `prints`); returns what attach resolved."""
     from tqdm.auto import tqdm
 
     from .attach import attach
@@ -413,7 +427,7 @@ def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, set
             answers = generate_prepared(model, processor, inputs, settings.max_new_tokens)
             acted = _acted(fixed, len(batch))
             append_records(mine, [{"id": item.id, **item.fields, "prompt": item.prompt, "output": answer,
-                                   **({"acted": flags} if flags else {})}
+                                   **({"acted": flags} if flags else {}), "fingerprint": prints[item.id]}
                                   for item, answer, flags in zip(batch, answers, acted)])
             bar.update(len(batch))
         bar.close()
@@ -434,9 +448,10 @@ def activity(records: Sequence[dict], acts: Mapping[str, str]) -> dict[str, dict
                    "items": sum(bool(r.get("acted", {}).get(name)) for r in records)} for name, what in acts.items()}
 
 
-def prepare(task: Task, method_sets: Sequence[MethodSet], settings: Settings) -> None:
-    """Check a run before any model is loaded (items, settings, the output folder's configs) and
-    write the task's artifacts (main process). Every process checks, so all fail together."""
+def prepare(task: Task, method_sets: Sequence[MethodSet], settings: Settings) -> dict[str, str]:
+    """Check a run before any model is loaded (items, settings, the output folder's configs and finished
+    records) and write the task's artifacts (main process). Every process checks, so all fail together.
+    Returns the items' fingerprints."""
     if not task.items:
         raise ValueError(f"{task.name}: no items to evaluate")
     seen: set[str] = set()
@@ -448,16 +463,18 @@ def prepare(task: Task, method_sets: Sequence[MethodSet], settings: Settings) ->
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     acc = accelerator()
     settings.out.mkdir(parents=True, exist_ok=True)
-    data = fingerprint(task.items)
+    prints = fingerprints(task.items)
     with acc.main_process_first():  # a restart is done before the other processes check
         for mset in method_sets:
             if settings.restart and acc.is_main_process:
                 discard(settings.out, mset.label)
-            check_identity(settings.out / f"{mset.label}.config.json", _identity(task, mset, settings, data),
+            check_identity(settings.out / f"{mset.label}.config.json", _identity(task, mset, settings),
                            acc.is_main_process)
+            check_records(settings.out, mset.label, prints)
     if acc.is_main_process:
         for name, content in task.artifacts.items():
             write_atomic(settings.out / name, json.dumps(content, indent=2, default=str))
+    return prints
 
 
 def evaluate(task: Task, model: Any, processor: Any, method_sets: Sequence[MethodSet],
@@ -466,14 +483,14 @@ def evaluate(task: Task, model: Any, processor: Any, method_sets: Sequence[Metho
     score and write results.md / results.json. Returns the results on the main process, else None."""
     from accelerate.utils import set_seed
 
-    prepare(task, method_sets, settings)
+    prints = prepare(task, method_sets, settings)
     acc = accelerator()
     out = settings.out
     set_seed(settings.seed)
     if not getattr(model, "hf_device_map", None):
         model.to(acc.device)
     model.eval()
-    resolved = {mset.spec: _run_method_set(model, processor, task, mset, settings) for mset in method_sets}
+    resolved = {mset.spec: _run_method_set(model, processor, task, mset, settings, prints) for mset in method_sets}
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return None
@@ -495,12 +512,12 @@ def evaluate(task: Task, model: Any, processor: Any, method_sets: Sequence[Metho
     return results
 
 
-def _identity(task: Task, mset: MethodSet, settings: Settings, data: str) -> dict:
+def _identity(task: Task, mset: MethodSet, settings: Settings) -> dict:
     from . import __version__
 
     return {"task": task.name, "model": settings.model, "dtype": settings.dtype,
             "methods": method_params(mset.methods), "max_new_tokens": settings.max_new_tokens, **task.identity,
-            "data_fingerprint": data, "vlmfix": __version__}
+            "vlmfix": __version__}
 
 
 def _markdown(task: Task, config: dict, metrics: Mapping[str, dict], warnings: Sequence[str]) -> str:
