@@ -111,6 +111,7 @@ def test_generate_on_the_demo_says_why_var_moved_nothing(tmp_path, capsys):
     assert main(["generate", "--methods", "var", "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "VAR moved no attention: no visual sinks at tau=20.00" in out and "so no var_moved.png" in out
+    assert "a lower tau (--tau) finds some" in out and "attach(" not in out  # the flag of this command
     assert (tmp_path / "sinks.png").is_file() and not (tmp_path / "var_moved.png").exists()
 
 
@@ -127,3 +128,31 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"vlmfix {__version__}"
+
+
+def test_hub_ids_load_by_transformers_rules(tmp_path, monkeypatch, capsys):
+    """A hub id is downloaded unless HF_HUB_OFFLINE=1 (the tests set it): vlmfix does not force
+    local_files_only, and says what to do when offline and the model is not in the local cache."""
+    import huggingface_hub
+    import transformers
+
+    from vlmfix.loading import load
+
+    assert main(["sinks", "--model", "vlmfix-tests/no-such-model", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("vlmfix: error") == 1
+    assert "cannot find model 'vlmfix-tests/no-such-model' locally, and HF_HUB_OFFLINE=1 forbids downloading it: " \
+        "unset HF_HUB_OFFLINE to download it" in err
+
+    seen = []
+
+    def from_pretrained(name, **kwargs):
+        seen.append(kwargs)
+        raise OSError("vlmfix-tests/gated is not a local folder and is not a valid model identifier. More text")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)  # as for a user with a network
+    with pytest.raises(FileNotFoundError, match=r"cannot find model 'vlmfix-tests/gated' on the hub or locally "
+                       r"\(vlmfix-tests/gated is not a local folder and is not a valid model identifier\)"):
+        load("vlmfix-tests/gated")
+    assert seen == [{}]  # no local_files_only: transformers' own rule decides

@@ -152,17 +152,19 @@ def test_results_report_and_sink_profile(demo, tmp_path):
     assert sink_plot(sinks, 20.0, tmp_path / "phi.png").stat().st_size > 0
 
     def split(acc):
-        return {"accuracy": acc, "f1": acc, "yes_ratio": 0.5, "n": 2000}
+        right = round(acc * 2000)
+        return {"accuracy": acc, "f1": acc, "yes_ratio": 0.5, "n": 2000, "tp": right // 2, "tn": right - right // 2}
 
-    # noise at n = 2000 and p = 0.7: 2 * sqrt(2 * 0.21 / 2000) = 2.9 points; CHAIR_s at p = 0.5 over 1000
-    # captions: 4.5 points; CHAIR_i at p = 0.3 over 5000 mentions: 1.8 points
+    # Newcombe's 95 % interval of a difference: about +-2.9 points at n = 2000 and p = 0.7 (POPE), about +-4.4
+    # at n = 1000 and p = 0.5 (CHAIR_s)
     accuracy = {"none": 0.70, "var": 0.70, "gift": 0.68, "fastv:quarter": 0.75,
                 "fastv:quarter-debiased": 0.65, "var,fastv:quarter-debiased": 0.71}
     chair_s = {"none": 0.5, "var": 0.5, "gift": 0.4, "fastv:quarter": 0.47,
                "fastv:quarter-debiased": 0.56, "var,fastv:quarter-debiased": 0.52}
     pope = {s: {"splits": {k: split(accuracy[s]) for k in ("random", "popular", "adversarial")}} for s in METHOD_SETS}
     chair = {s: {"CHAIRs": chair_s[s], "CHAIRi": 0.3, "Recall": 0.4, "Len": 12.0,
-                 "counts": {"captions": 1000, "mentions": 5000}} for s in METHOD_SETS}
+                 "counts": {"captions": 1000, "hallucinated_captions": round(1000 * chair_s[s]), "mentions": 5000,
+                            "hallucinated_mentions": 1500}} for s in METHOD_SETS}
     meta = {"command": "vlmfix demo results", "minutes": 1.0, "device": "CPU", "date": "2026-11-28", "images": 4,
             "chair_max_new_tokens": 128, "share_images": 2, "tau": 20.0}
     text = report(pope, chair, sinks, meta)
@@ -170,7 +172,7 @@ def test_results_report_and_sink_profile(demo, tmp_path):
     assert "| plain | 70.0 / 70.0 / 50.0 |" in text
     verdict = {s: next(line for line in text.splitlines() if line.startswith(f"- **{LABELS[s]}**")) for s in METHOD_SETS[1:]}
     assert verdict["var"].endswith("identical to the plain model on every number.")
-    # GIFT: CHAIR_s -10 (beyond 4.5), POPE -2 (within 2.9)
+    # GIFT: CHAIR_s -10 (beyond 4.4), POPE -2 (within 2.9)
     assert "CHAIR_s -10.0, CHAIR_i +0.0, POPE random -2.0" in verdict["gift"]
     assert verdict["gift"].endswith("Beyond noise: fewer hallucinated objects in captions (CHAIR_s).")
     # -3 CHAIR_s is within noise; +5 POPE is not
@@ -184,6 +186,26 @@ def test_results_report_and_sink_profile(demo, tmp_path):
         pope, chair, none, meta)
     some = {2: {"share": 0.25, "image_phi": 30.0, "text_phi": 23.0}, 3: {"share": 0.5, "image_phi": 31.0, "text_phi": 23.0}}
     assert "Highest shares: layer 3 50 %, layer 2 25 %." in report(pope, chair, some, meta)
+
+
+def test_results_verdict_from_two_captions_is_too_few_items():
+    """`demo results --n-images 2`: a plain CHAIR_s of 0 % against 50 % for a method is 1 caption of 2, which
+    no interval can tell from noise (the old 2 sqrt(2 p (1 - p) / n) was 0 there and said "beyond noise")."""
+    from vlmfix.demo.results import METHOD_SETS, _verdicts
+
+    def pope(right):
+        return {"splits": {k: {"accuracy": right / 12, "n": 12, "tp": right // 2, "tn": right - right // 2}
+                           for k in ("random", "popular", "adversarial")}}
+
+    def chair(bad):
+        return {"CHAIRs": bad / 2, "CHAIRi": bad / 6, "Recall": 0.5, "Len": 10.0,
+                "counts": {"captions": 2, "hallucinated_captions": bad, "mentions": 6, "hallucinated_mentions": bad}}
+
+    lines = _verdicts({s: pope(9 if s == "gift" else 8) for s in METHOD_SETS},
+                      {s: chair(1 if s == "gift" else 0) for s in METHOD_SETS})
+    gift = next(line for line in lines if line.startswith("- **GIFT**"))
+    assert "CHAIR_s +50.0" in gift and "Beyond noise" not in gift
+    assert gift.endswith("Too few items to tell for CHAIR_s.")  # CHAIR_i (6 mentions) and POPE (12) are within noise
 
 
 def test_demo_results_by_default_writes_under_out_not_docs(tmp_path, monkeypatch):
@@ -200,7 +222,7 @@ def test_demo_results_by_default_writes_under_out_not_docs(tmp_path, monkeypatch
     config = SimpleNamespace(_name_or_path="demo", text_config=SimpleNamespace(hidden_size=7))
     monkeypatch.setattr(vlmfix.demo.load, "load_demo", lambda weights=None: (SimpleNamespace(config=config), None))
     monkeypatch.setattr(vlmfix.data.world, "generate_world", lambda *a, **k: None)
-    monkeypatch.setattr(vlmfix.cli_eval, "run", lambda task, cfg, model, processor: {
+    monkeypatch.setattr(vlmfix.cli_eval, "run", lambda task, cfg, model, processor, restart: {
         "results": {s: {"sentences": []} for s in results.METHOD_SETS}})
     monkeypatch.setattr(results, "sink_profile", lambda *a: {})
     monkeypatch.setattr(results, "sink_plot", lambda sinks, tau, path: path.write_text("plot"))

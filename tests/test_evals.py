@@ -20,7 +20,7 @@ import torch
 
 from vlmfix import methods, runner
 from vlmfix.cli import main
-from vlmfix.cli_eval import load_config, pope_task, resolve_data, run
+from vlmfix.cli_eval import _chosen_ids, load_config, pope_task, resolve_data, run
 from vlmfix.data.errors import DataFormatError
 from vlmfix.data.world import generate_world
 
@@ -171,7 +171,7 @@ def test_config_layers_yaml_then_file_then_flags(tmp_path):
     assert config["prompt"] == "{question}\nAnswer the question using a single word or phrase."
     assert load_config("pope", mine, {"world": "w"})["data"] == {"world": "w"}  # a data flag replaces the section
     chair = load_config("chair")
-    assert chair["max_new_tokens"] == 128 and chair["n_images"] == 500
+    assert chair["max_new_tokens"] == 128 and chair["n_images"] is None  # all images, at most 500
     assert chair["prompt"] == "Please describe this image in detail."
     mine.write_text("batch_sise: 3\n")
     with pytest.raises(DataFormatError, match=r"unknown key\(s\) \['batch_sise'\]"):
@@ -240,6 +240,32 @@ def test_bad_inputs_fail_before_loading_the_model(world, tmp_path, capsys):
     (tmp_path / "ids.json").write_text("[1, 3, 1]")
     err = _fails(["eval", "chair", "--data", str(world), "--image-ids", str(tmp_path / "ids.json"), *base], capsys)
     assert "chair: item id '1' occurs twice" in err
+
+
+def test_chair_without_n_images_takes_every_image_up_to_500(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    err = _fails(["eval", "chair", "--data", str(world), "--model", "no-such-model", "--out", str(out)], capsys)
+    assert "cannot find model 'no-such-model'" in err and "n_images" not in err  # it got as far as the model
+    assert json.loads((out / "chair_image_ids.json").read_text())["image_ids"] == [1, 2, 3, 4]
+    config = {"image_ids": None, "n_images": None, "seed": 0}
+    ids = _chosen_ids(config, list(range(1, 701)), "x")
+    assert len(ids) == 500 and ids == _chosen_ids({**config, "n_images": 500}, list(range(1, 701)), "x")
+    with pytest.raises(ValueError, match=r"n_images is 5 but x has 4 images: pass --n-images 4 or fewer \(or leave "
+                       r"it out for all of them, at most 500\)"):
+        _chosen_ids({**config, "n_images": 5}, [1, 2, 3, 4], "x")
+
+
+def test_an_unwritable_out_is_one_error_line(world, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = ["--out", str(tmp_path / "file" / "out")]
+    model = ["--model", "no-such-model"]
+    for argv in (["eval", "pope", "--data", str(world), *model], ["eval", "chair", "--data", str(world), *model],
+                 ["sinks", *model], ["generate", *model], ["world"], ["demo"], ["demo", "results"],
+                 ["demo", "train"]):
+        err = _fails([*argv, *out], capsys)
+        said = err.splitlines()[-1]  # (after a progress line or none)
+        assert said.startswith("vlmfix: error: ") and err.count("vlmfix: error") == 1 and "Traceback" not in err
+        assert "/file" in said and ("Not a directory" in said or "a file, not a folder" in said), (argv, err)
 
 
 # ------------------------------------------------------------------------------- with SmolLM2
@@ -375,3 +401,84 @@ def test_two_processes_give_the_same_table(world, uninterrupted, tmp_path):
     assert sorted(p.name for p in out.glob("*.jsonl")) == ["none.jsonl"]  # shards merged and removed
     assert _lines(out / "none.jsonl") == _lines(uninterrupted / "none.jsonl")
     assert _table(out) == _table(uninterrupted)
+
+
+# ------------------------------------------------------------------------------- with the demo VLM
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from vlmfix import load_demo
+
+    return load_demo()
+
+
+def _demo_pope(world: Path, out: Path, **overrides) -> dict:
+    return load_config("pope", None, {"model": "demo", "world": str(world), "splits": ["random"], "limit": 2,
+                                      "methods": ["none"], "batch_size": 2, "max_new_tokens": 2, "out": str(out),
+                                      **overrides})
+
+
+def test_a_rerun_on_other_data_is_refused_and_one_on_the_same_data_resumes(demo, tmp_path, capsys, one_thread):
+    world, out = tmp_path / "world", tmp_path / "out"
+    generate_world(world, 4, seed=0)
+    config = _demo_pope(world, out)
+    first = run("pope", config, *demo)
+    shutil.rmtree(world)
+    generate_world(world, 4, seed=0)  # the same world written again: same bytes, newer files
+    assert run("pope", config, *demo)["results"] == first["results"]
+    assert "pope none: 2 of 2 items done, 0 to generate" in capsys.readouterr().err
+
+    shutil.rmtree(world)
+    generate_world(world, 4, seed=3)  # another world in the same place (as `vlmfix world --overwrite` writes it)
+    with pytest.raises(ValueError, match=r"holds results of 'none' for 2 item\(s\) whose data changed since \(first "
+                       r"'random/1': its question, label, prompt or image differs\); rerun with --restart to discard "
+                       r"them and start afresh, or choose another --out"):
+        run("pope", config, *demo)
+    run("pope", config, *demo, restart=True)
+    assert "pope none: 0 of 2 items done, 2 to generate" in capsys.readouterr().err
+    questions = (world / "coco_pope_random.json").read_text().splitlines()
+    assert [r["prompt"].split("\n")[0] for r in _lines(out / "none.jsonl")] == \
+        [json.loads(q)["text"] for q in questions[:2]]
+
+    run("pope", {**config, "limit": 3}, *demo)  # more items: the finished ones are kept
+    assert "pope none: 2 of 3 items done, 1 to generate" in capsys.readouterr().err
+
+    flipped = {**json.loads(questions[1]), "label": "no" if json.loads(questions[1])["label"] == "yes" else "yes"}
+    (world / "coco_pope_random.json").write_text("\n".join([questions[0], json.dumps(flipped), *questions[2:]]) + "\n")
+    with pytest.raises(ValueError, match=r"for 1 item\(s\) whose data changed since \(first 'random/2'"):
+        run("pope", config, *demo)  # a label alone changed
+
+
+def test_what_each_method_did_is_counted_and_a_method_that_never_acted_is_named(demo, world, tmp_path, capsys,
+                                                                                one_thread):
+    out = tmp_path / "out"
+    results = run("pope", _demo_pope(world, out, methods=["var", "fastv:quarter"]), *demo)
+    sets = results["config"]["method_sets"]
+    assert sets["var"]["acted"] == {"var": {"what": "items where var moved attention", "items": 0, "of": 2}}
+    assert sets["fastv:quarter"]["acted"]["fastv"]["items"] == 2  # it pruned image tokens on every item
+    warning = "method set `var`: var acted on no item (items where var moved attention: 0 of 2)"
+    assert results["warnings"] == [warning]
+    captured = capsys.readouterr()
+    assert f"**Warning**: {warning}" in captured.out and f"vlmfix: warning: {warning}" in captured.err
+    assert f"**Warning**: {warning}" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["warnings"] == [warning]
+    assert [r["acted"] for r in _lines(out / "var.jsonl")] == [{"var": False}] * 2
+
+
+def test_ctrl_c_ends_an_eval_with_one_line_saying_how_to_resume(world, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "vlmfix", "eval", "pope", "--data", str(world), "--out", str(out), "--splits",
+               "random", "--limit", "24", "--methods", "none", "--batch-size", "1", "--max-new-tokens", "2"]
+    proc = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    jsonl, deadline = out / "none.jsonl", time.monotonic() + 120
+    while not (jsonl.exists() and jsonl.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before any result was written"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("vlmfix: interrupted; rerun the same command to resume: finished items "
+                                            "are kept")
+    assert 1 <= len(_lines(jsonl)) < 24

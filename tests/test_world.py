@@ -149,3 +149,48 @@ def test_co_occurrence_follows_scene_types():
     for a, b in (("fork", "giraffe"), ("toilet", "car"), ("skis", "pizza")):
         assert lift(a, b) < 0.5, (a, b, lift(a, b))
     assert count["person"] == max(count.values())
+
+
+def test_world_into_a_non_empty_folder_is_refused_and_overwrite_removes_stale_files(tmp_path, capsys):
+    from vlmfix.cli import main
+
+    out = tmp_path / "w"
+    assert main(["world", "--out", str(out), "--n-images", "6", "--seed", "0"]) == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["world", "--out", str(out), "--n-images", "4", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlmfix: error: ") and "is not empty; pass --overwrite" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
+
+    assert main(["world", "--out", str(out), "--n-images", "4", "--seed", "3", "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in range(1, 5)]  # 5, 6 gone
+    instances = json.loads((out / "instances.json").read_text())
+    assert instances["info"]["seed"] == 3 and len(instances["images"]) == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folder left behind
+
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["world", "--out", str(out), "--n-images", "4", "--overwrite"]) == 2
+    assert "not an EmojiCOCO world's (notes.txt)" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "instances.json").read_text())["info"]["seed"] == 3
+
+
+def test_world_too_small_for_pope_is_refused(tmp_path, capsys):
+    from vlmfix.cli import main
+
+    # seed 1: images 1-3 hold 2 categories each, and POPE asks about 3 per image
+    assert main(["world", "--out", str(tmp_path / "w"), "--n-images", "3", "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "has no image with 3 or more object categories, so its POPE files" in err and "generate more images" in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_world_into_an_unwritable_place_is_one_error_line(tmp_path, capsys):
+    from vlmfix.cli import main
+
+    (tmp_path / "file").write_text("")
+    assert main(["world", "--out", str(tmp_path / "file" / "w"), "--n-images", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlmfix: error: ") and err.count("\n") == 1 and "file" in err

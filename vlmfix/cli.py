@@ -125,6 +125,7 @@ def cmd_sinks(args: argparse.Namespace) -> int:
     if args.tau is not None:
         check_tau(args.tau, hidden_size=1)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before the model loads
     model, processor = load_for(args.model)
     is_vlm = hasattr(processor, "image_processor")
     if is_vlm:
@@ -137,7 +138,6 @@ def cmd_sinks(args: argparse.Namespace) -> int:
             print(f"note: {args.model} is a text-only LM; --image is ignored", file=sys.stderr)
         report = _text_report(model, processor, chat_prompt(processor, args.prompt, False), args.tau, args.sink_dims)
     report["model"] = args.model
-    out.mkdir(parents=True, exist_ok=True)
     (out / "sinks.json").write_text(json.dumps(report, indent=2))
     print(f"model: {args.model}")
     print(f"sink dims: {report['sink_dims']}" + (f" ({report['sink_dims_source']})" if "sink_dims_source" in report else ""))
@@ -180,6 +180,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.tau is not None:
         check_tau(args.tau, hidden_size=1)
     image = _open_image(args.image)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before the model loads
     model, processor = load_for(args.model, needs_vlm="generate")
     inputs = processor(images=image, text=chat_prompt(processor, args.prompt, True), return_tensors="pt")
     n_prompt = inputs["input_ids"].shape[1]
@@ -193,7 +195,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     with torch.no_grad():  # warm-up, so the first timing is not the slowest for no reason of its own
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
-    out = Path(args.out)
     plain, t_plain = run(model)
     print(f"model: {args.model}   prompt: {args.prompt!r}")
     print(f"{'plain':<16} {t_plain:5.2f} s  {plain}")
@@ -206,7 +207,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"{spec:<16} {seconds:5.2f} s  {text}")
         runs.append({"methods": spec, "configs": [repr(m) for m in methods], "text": text, "seconds": seconds,
                      "sink_dims": list(fixed.sink_dims), "sink_dims_source": fixed.sink_source})
-        lines = method_heat_maps(state, processor, inputs, image, folders[spec])
+        lines = method_heat_maps(state, processor, inputs, image, folders[spec],
+                                 hints={"tau_hint": "--tau", "dims_hint": "--sink-dims"})
         if fixed.sink_source == "discovered" and not fixed.sink_dims:
             lines.insert(0, "sink-dim discovery found none in this model, so phi is 0 for every token and no token "
                          "is a sink at any tau; --sink-dims sets them")
@@ -214,7 +216,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print()
     for line in notes:
         print(line)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "generate.json").write_text(json.dumps(
         {"model": args.model, "prompt": args.prompt, "plain": {"text": plain, "seconds": t_plain}, "runs": runs},
         indent=2))
@@ -223,11 +224,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_world(args: argparse.Namespace) -> int:
+    from .data.world import WorldExists
     from .data.world import main as world
 
     if args.n_images < 1:
         raise ValueError(f"--n-images must be >= 1, got {args.n_images}")
-    world(args.out, args.n_images, args.seed)
+    try:
+        world(args.out, args.n_images, args.seed, overwrite=args.overwrite)
+    except WorldExists as err:
+        raise ValueError(f"{err.filename} is not empty; pass --overwrite to replace the EmojiCOCO world in it, or "
+                         "choose another --out") from None
     return 0
 
 
@@ -277,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--n-images", type=int, default=500, metavar="N", help="number of images to draw")
     deprecated(w, "--images", "--n-images", "n_images", type=int)
     w.add_argument("--seed", type=int, default=0, help="world seed (the demo trained on seed 1; seed 0 is held out)")
+    w.add_argument("--overwrite", action="store_true",
+                   help="replace the EmojiCOCO world already in --out (its images and files; nothing else is touched)")
     w.set_defaults(func=cmd_world)
 
     add_calibrate_parser(sub)
@@ -286,12 +294,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. A user error (bad input, a file that cannot be read or written) is one
+    `vlmfix: error:` line and exit code 2; Ctrl-C is one line saying how to resume, exit code 130."""
     args = build_parser().parse_args(argv)
     quiet_loaders(getattr(args, "verbose", False))
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"vlmfix: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        hint = getattr(args, "resume", "")
+        if hint and getattr(args, "restart", False):
+            hint += " (without --restart, which starts afresh)"
+        print(f"vlmfix: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as err:
+        said = str(err)
+        if isinstance(err, OSError) and err.filename and err.strerror:  # "[Errno 20] ..." -> "PATH: what is wrong"
+            a_file = isinstance(err, FileExistsError) and Path(err.filename).is_file()
+            said = f"{err.filename}: {'a file, not a folder' if a_file else err.strerror}"
+        print(f"vlmfix: error: {' '.join(said.split())}", file=sys.stderr)
         return 2
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
-from .cli_flags import add_methods, add_model, add_n_images, add_out, add_parser, deprecated
+from .cli_flags import RESUME, add_methods, add_model, add_n_images, add_out, add_parser, add_restart, deprecated
 from .data.errors import DataFormatError
 from .loading import DTYPES
 
@@ -32,6 +32,8 @@ TASKS = ("pope", "chair")
 COMMON_KEYS = ("model", "dtype", "data", "world_images", "methods", "batch_size", "max_new_tokens", "prompt",
                "seed", "out", "prep_workers")
 TASK_KEYS = {"pope": ("splits", "limit", "rule"), "chair": ("n_images", "image_ids")}
+#: CHAIR's sample size in the literature: `eval chair` without --n-images captions this many images (or all, if fewer)
+CHAIR_SAMPLE = 500
 DATA_KEYS = {"pope": ("world", "images", "pope_dir", "pope_hf"), "chair": ("world", "images", "instances", "captions")}
 
 
@@ -161,11 +163,12 @@ def resolve_data(task: str, config: dict) -> dict[str, Any]:
     return resolved
 
 
-def _check_count(key: str, count: int | None, available: int, source: str, unit: str) -> None:
-    """A count beyond the data is an error, as everywhere in vlmfix: it names the flag and how many there are."""
+def _check_count(key: str, count: int | None, available: int, source: str, unit: str, unset: str) -> None:
+    """A count beyond the data is an error, as everywhere in vlmfix: it names the flag, how many there are and
+    what leaving the flag out does (`unset`)."""
     if count is not None and count > available:
         raise ValueError(f"{key} is {count} but {source} has {available} {unit}: pass --{key.replace('_', '-')} "
-                         f"{available} or fewer (or leave it out for all of them)")
+                         f"{available} or fewer (or leave it out for {unset})")
 
 
 def _image_finder(folder: str):
@@ -201,7 +204,7 @@ def pope_task(config: dict, data: dict) -> Task:
             path = pope_file(data["pope_dir"], split)
             source, questions = str(path), load_pope_jsonl(path)
         limit = config["limit"]
-        _check_count("limit", limit, len(questions), source, "questions")
+        _check_count("limit", limit, len(questions), source, "questions", "all of them")
         for q in questions[:limit]:
             image = find(q.image)
             if image is None:
@@ -246,7 +249,8 @@ def _merge_coco(parts: list[dict]) -> dict:
 
 
 def _chosen_ids(config: dict, pool: list[int], source: str) -> list[int]:
-    """The image ids to caption: the `image_ids` file, else `n_images` drawn with `seed` (all if None)."""
+    """The image ids to caption: the `image_ids` file, else `n_images` drawn with `seed` (None: every image,
+    at most `CHAIR_SAMPLE` of them, drawn the same way)."""
     import json
 
     if config["image_ids"] is not None:
@@ -265,10 +269,8 @@ def _chosen_ids(config: dict, pool: list[int], source: str) -> list[int]:
             raise DataFormatError(f"{path}: {len(unknown)} image id(s) are not images of {source} (first {unknown[0]})")
         return ids
     n = config["n_images"]
-    if n is None:
-        return sorted(pool)
-    _check_count("n_images", n, len(pool), source, "images")
-    return sorted(random.Random(config["seed"]).sample(sorted(pool), n))
+    _check_count("n_images", n, len(pool), source, "images", f"all of them, at most {CHAIR_SAMPLE}")
+    return sorted(random.Random(config["seed"]).sample(sorted(pool), min(len(pool), n or CHAIR_SAMPLE)))
 
 
 def chair_task(config: dict, data: dict) -> Task:
@@ -328,9 +330,10 @@ def chair_task(config: dict, data: dict) -> Task:
 # ------------------------------------------------------------------------------- running
 
 
-def run(task: str, config: dict, model: Any = None, processor: Any = None) -> dict | None:
+def run(task: str, config: dict, model: Any = None, processor: Any = None, restart: bool = False) -> dict | None:
     """Evaluate `task` with `config` (see `load_config`); loads `config["model"]` unless a
-    (model, processor) is given. Returns the results on the main process, else None."""
+    (model, processor) is given; `restart` discards the output folder's results of these method sets
+    first. Returns the results on the main process, else None."""
     import torch
 
     from .loading import load, require_vlm
@@ -341,7 +344,7 @@ def run(task: str, config: dict, model: Any = None, processor: Any = None) -> di
     built = pope_task(config, data) if task == "pope" else chair_task(config, data)
     settings = Settings(model=config["model"], out=Path(config["out"]), dtype=config["dtype"],
                         batch_size=config["batch_size"], max_new_tokens=config["max_new_tokens"], seed=config["seed"],
-                        prep_workers=config["prep_workers"])
+                        prep_workers=config["prep_workers"], restart=restart)
     prepare(built, method_sets, settings)
     if model is None:
         model, processor = load(config["model"], getattr(torch, config["dtype"]))
@@ -349,6 +352,8 @@ def run(task: str, config: dict, model: Any = None, processor: Any = None) -> di
     results = evaluate(built, model, processor, method_sets, settings)
     if results is not None:
         print((settings.out / "results.md").read_text(encoding="utf-8"))
+        for warning in results["warnings"]:
+            print(f"vlmfix: warning: {warning}", file=sys.stderr)
         print(f"results: {settings.out / 'results.md'}, {settings.out / 'results.json'}")
     return results
 
@@ -356,7 +361,7 @@ def run(task: str, config: dict, model: Any = None, processor: Any = None) -> di
 def cmd_eval(args: argparse.Namespace) -> int:
     keys = COMMON_KEYS + TASK_KEYS[args.task] + DATA_KEYS[args.task]
     overrides = {k: getattr(args, k) for k in keys if hasattr(args, k)}
-    run(args.task, load_config(args.task, args.config, overrides))
+    run(args.task, load_config(args.task, args.config, overrides), restart=args.restart)
     return 0
 
 
@@ -395,7 +400,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--instances", nargs="+", metavar="FILE",
                            help="COCO instances file(s); images are drawn from the first")
             p.add_argument("--captions", nargs="+", metavar="FILE", help="COCO captions file(s)")
-            add_n_images(p, None, "images to caption, drawn with --seed (config default: 500)")
+            add_n_images(p, None, f"images to caption, drawn with --seed (config default: all, at most {CHAIR_SAMPLE})")
             p.add_argument("--image-ids", metavar="FILE",
                            help="JSON file of image ids to caption (e.g. a saved chair_image_ids.json)")
         add_methods(p, None, "method sets, each evaluated on its own (config default: none var gift)")
@@ -407,4 +412,5 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                        help="CPU threads preparing the next batches (default: 0 on CPU, up to 8 with a GPU)")
         add_out(p, None, f"output folder: JSONL per method set, results.md, results.json (config default: "
                 f"out/eval/{task})")
-        p.set_defaults(func=cmd_eval)
+        add_restart(p)
+        p.set_defaults(func=cmd_eval, resume=RESUME)

@@ -1,12 +1,13 @@
 """The flags every `vlmfix` subcommand shares, so one thing has one name everywhere.
 
-- `--model NAME|PATH`: a named test-bed (`demo`, `smollm2`, ...), a local folder or a cached hub id;
+- `--model NAME|PATH`: a named test-bed (`demo`, `smollm2`, ...), a local folder or a hub id;
 - `--methods SET [SET ...]`: method sets, each `NAME[:PRESET]` joined by commas (`var`, `var,gift`,
   `fastv:keep64`; `none` is the model alone);
 - `--n-images N`: how many images to use or make. A count larger than the data holds is an error that
   says how many there are; nothing is capped silently;
 - `--data DIR`: an EmojiCOCO folder (`vlmfix world`); `--image-dir DIR`: a real dataset's images;
-- `--out DIR`: where results go (always under `out/` by default, never a committed file);
+- `--out DIR`: where results go (always under `out/` by default, never a committed file); a rerun
+  of a resumable command resumes, `--restart` starts afresh, `vlmfix world --overwrite` replaces a world;
 - `--prompt TEXT`, `--max-new-tokens N`, `--batch-size N`, `--seed S`;
 - `--verbose`: show the model loaders' progress bars and warnings (quiet by default).
 
@@ -79,8 +80,8 @@ def add_model(parser: argparse.ArgumentParser, default: str | None = "demo", req
     from .loading import NAMED
 
     parser.add_argument("--model", default=None if required else default, required=required, metavar="NAME|PATH",
-                        help=f"{what}: a local folder with config.json, a hub id already in the local cache, or one "
-                        f"of: {', '.join(NAMED)}")
+                        help=f"{what}: a local folder with config.json, a hub id (downloaded unless "
+                        f"HF_HUB_OFFLINE=1), or one of: {', '.join(NAMED)}")
 
 
 def add_methods(parser: argparse.ArgumentParser, default: list[str] | None, several: str) -> None:
@@ -96,6 +97,16 @@ def add_n_images(parser: argparse.ArgumentParser, default: int | None, what: str
 
 def add_out(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
     parser.add_argument("--out", default=default, metavar="DIR", help=what)
+
+
+#: what a resumable command says when it is interrupted (Ctrl-C)
+RESUME = "rerun the same command to resume: finished items are kept"
+
+
+def add_restart(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the results already in --out for these method sets and start afresh (without "
+                        "it a rerun resumes, and results made with other data or settings are refused)")
 
 
 def quiet_loaders(verbose: bool) -> None:

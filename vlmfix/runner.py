@@ -15,7 +15,14 @@ for one model and several method sets (`prepare()` checks a run before the model
 - a rerun resumes: items already in the method set's files are skipped, a last line cut by a
   crash is dropped (and cut from the file that process writes), so no item is computed twice
   and none is lost. `<out>/<label>.config.json` keeps what determines the outputs (model, dtype,
-  methods, max_new_tokens, prompt, data); a rerun with another such config is refused;
+  methods, max_new_tokens, prompt, data paths, the vlmfix version), and each record the
+  `fingerprint` of what its item read (id, prompt, fields such as the label, the bytes of the
+  image); a rerun with another config, or whose items read other data than a finished record's,
+  is refused (never reusing a stale answer) unless `Settings.restart` discards the method set's
+  results first. Items may be added (a larger --limit): they are simply not done yet;
+- each record says, per method, whether it acted on the item (`Runtime.acted`: VAR moved
+  attention, GIFT boosted, a pruner dropped tokens); results.json and results.md count the items
+  per method and warn when a method acted on none;
 - sharding with `accelerate`: process r of n takes the items i with i % n == r and appends to
   its own `<label>.rank<r>.jsonl`; after `wait_for_everyone()` the main process merges the
   shards into `<label>.jsonl` (item order), scores, and writes `results.md` and `results.json`
@@ -27,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -102,7 +110,8 @@ class Settings:
     """How to generate: the model's name (as recorded), dtype, batch size, max_new_tokens, seed,
     the output folder, and `prep_workers`: CPU threads that prepare the next batches (image
     decoding, processor) while one generates; None = 0 for a model on the CPU (it needs the
-    cores), else min(8, cores per process - 1). It changes speed only, never an output."""
+    cores), else min(8, cores per process - 1). It changes speed only, never an output.
+    `restart`: discard the output folder's results of the method sets being run, and start afresh."""
 
     model: str
     out: Path
@@ -111,6 +120,7 @@ class Settings:
     max_new_tokens: int = 8
     seed: int = 0
     prep_workers: int | None = None
+    restart: bool = False
 
 
 # ------------------------------------------------------------------------------- method sets
@@ -224,19 +234,62 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, in hex (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprints(items: Sequence[Item]) -> dict[str, str]:
+    """{item id: a digest of everything the item reads}: its id, prompt, fields (label, ...), image file
+    name and the sha256 of the image's bytes (each file read once); 16 hex digits."""
+    images: dict[Path, str] = {}
+    found = {}
+    for item in items:
+        if item.image not in images:
+            try:
+                images[item.image] = file_sha256(item.image)
+            except OSError as err:
+                raise DataFormatError(f"{item.image}: cannot read the image ({err.strerror})") from None
+        entry = [item.id, item.prompt, dict(item.fields), item.image.name, images[item.image]]
+        found[item.id] = hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+    return found
+
+
+def check_records(out: Path, label: str, prints: Mapping[str, str]) -> None:
+    """Refuse finished records of a method set whose item now reads other data (another fingerprint)."""
+    stale = [r["id"] for path in result_files(out, label) for r in read_records(path)
+             if r["id"] in prints and r.get("fingerprint") != prints[r["id"]]]
+    if stale:
+        raise ValueError(
+            f"{out} holds results of {label!r} for {len(stale)} item(s) whose data changed since (first {stale[0]!r}: "
+            "its question, label, prompt or image differs); rerun with --restart to discard them and start afresh, "
+            "or choose another --out")
+
+
 def check_identity(path: Path, identity: dict, write: bool) -> None:
     """Refuse to resume results produced with another config; record it (`write`) when new."""
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(k for k in {*old, *identity} if old.get(k) != identity.get(k))
         if changed:
+            said = "; ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in changed)
             raise ValueError(
                 f"{path.parent} holds results of {path.stem.removesuffix('.config')!r} made with another "
-                f"{', '.join(changed)} ({'; '.join(f'{k}: {old.get(k)!r} -> {identity.get(k)!r}' for k in changed)}); "
-                "choose another output folder or delete those files"
+                f"{', '.join(changed)} ({said}); rerun with --restart to discard them and start afresh, or "
+                "choose another --out"
             )
     elif write:
         write_atomic(path, json.dumps(identity, indent=2, default=str))
+
+
+def discard(out: Path, label: str) -> None:
+    """Remove a method set's results and config from `out` (`Settings.restart`)."""
+    for path in [*result_files(out, label), out / f"{label}.config.json"]:
+        path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------- processes
@@ -341,8 +394,10 @@ def prefetched(make: Callable[[Any, Job], Made], processor: Any, jobs: Sequence[
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, settings: Settings) -> dict:
-    """Generate this process's pending items of one method set; returns what attach resolved."""
+def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, settings: Settings,
+                    prints: Mapping[str, str]) -> dict:
+    """Generate this process's pending items of one method set (each record with its item's fingerprint
+    from `prints`); returns what attach resolved."""
     from tqdm.auto import tqdm
 
     from .attach import attach
@@ -360,7 +415,8 @@ def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, set
     methods = list(mset.methods)
     handle = attach(model, processor, methods) if methods else contextlib.nullcontext()
     with handle as fixed:
-        resolved = {"methods": method_params(methods, fixed.runtimes if fixed is not None else ())}
+        resolved = {"methods": method_params(methods, fixed.runtimes if fixed is not None else ()),
+                    "acts": {r.config.name: r.acts for r in (fixed.runtimes if fixed is not None else ()) if r.acts}}
         if fixed is not None and fixed.tracks_sinks:
             resolved.update(sink_dims=list(fixed.sink_dims), tau=fixed.tau, sink_dims_source=fixed.sink_source)
         bar = tqdm(total=len(pending), desc=f"{task.name} {mset.spec}{where}", position=rank, unit="item",
@@ -369,16 +425,33 @@ def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, set
         prepared = prefetched(prepare_batch, processor, batches, prep_workers(settings, model, n))
         for batch, inputs in zip(batches, prepared):
             answers = generate_prepared(model, processor, inputs, settings.max_new_tokens)
-            append_records(mine, [{"id": item.id, **item.fields, "prompt": item.prompt, "output": answer}
-                                  for item, answer in zip(batch, answers)])
+            acted = _acted(fixed, len(batch))
+            append_records(mine, [{"id": item.id, **item.fields, "prompt": item.prompt, "output": answer,
+                                   **({"acted": flags} if flags else {}), "fingerprint": prints[item.id]}
+                                  for item, answer, flags in zip(batch, answers, acted)])
             bar.update(len(batch))
         bar.close()
     return {"label": mset.label, **resolved}
 
 
-def prepare(task: Task, method_sets: Sequence[MethodSet], settings: Settings) -> None:
-    """Check a run before any model is loaded (items, settings, the output folder's configs) and
-    write the task's artifacts (main process). Every process checks, so all fail together."""
+def _acted(fixed: Any, rows: int) -> list[dict[str, bool]]:
+    """Per batch row of the last call of `fixed` (None: the plain model): {method name: whether it acted},
+    for the methods that say (`Runtime.acted`)."""
+    said = [] if fixed is None else [(rt.config.name, rt.acted(rec)) for rt, rec in fixed.last_state.records]
+    said = [(name, flags) for name, flags in said if flags is not None]
+    return [{name: bool(flags[i]) for name, flags in said} for i in range(rows)]
+
+
+def activity(records: Sequence[dict], acts: Mapping[str, str]) -> dict[str, dict]:
+    """{method name: {"what", "items", "of"}}: on how many of the records each method acted."""
+    return {name: {"what": f"items where {name} {what}", "of": len(records),
+                   "items": sum(bool(r.get("acted", {}).get(name)) for r in records)} for name, what in acts.items()}
+
+
+def prepare(task: Task, method_sets: Sequence[MethodSet], settings: Settings) -> dict[str, str]:
+    """Check a run before any model is loaded (items, settings, the output folder's configs and finished
+    records) and write the task's artifacts (main process). Every process checks, so all fail together.
+    Returns the items' fingerprints."""
     if not task.items:
         raise ValueError(f"{task.name}: no items to evaluate")
     seen: set[str] = set()
@@ -390,11 +463,18 @@ def prepare(task: Task, method_sets: Sequence[MethodSet], settings: Settings) ->
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     acc = accelerator()
     settings.out.mkdir(parents=True, exist_ok=True)
-    for mset in method_sets:
-        check_identity(settings.out / f"{mset.label}.config.json", _identity(task, mset, settings), acc.is_main_process)
+    prints = fingerprints(task.items)
+    with acc.main_process_first():  # a restart is done before the other processes check
+        for mset in method_sets:
+            if settings.restart and acc.is_main_process:
+                discard(settings.out, mset.label)
+            check_identity(settings.out / f"{mset.label}.config.json", _identity(task, mset, settings),
+                           acc.is_main_process)
+            check_records(settings.out, mset.label, prints)
     if acc.is_main_process:
         for name, content in task.artifacts.items():
             write_atomic(settings.out / name, json.dumps(content, indent=2, default=str))
+    return prints
 
 
 def evaluate(task: Task, model: Any, processor: Any, method_sets: Sequence[MethodSet],
@@ -403,35 +483,44 @@ def evaluate(task: Task, model: Any, processor: Any, method_sets: Sequence[Metho
     score and write results.md / results.json. Returns the results on the main process, else None."""
     from accelerate.utils import set_seed
 
-    prepare(task, method_sets, settings)
+    prints = prepare(task, method_sets, settings)
     acc = accelerator()
     out = settings.out
     set_seed(settings.seed)
     if not getattr(model, "hf_device_map", None):
         model.to(acc.device)
     model.eval()
-    resolved = {mset.spec: _run_method_set(model, processor, task, mset, settings) for mset in method_sets}
+    resolved = {mset.spec: _run_method_set(model, processor, task, mset, settings, prints) for mset in method_sets}
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return None
 
-    metrics = {mset.spec: task.score(merge(out, mset.label, task.items)) for mset in method_sets}
+    metrics, warnings = {}, []
+    for mset in method_sets:
+        records = merge(out, mset.label, task.items)
+        metrics[mset.spec] = task.score(records)
+        acted = resolved[mset.spec]["acted"] = activity(records, resolved[mset.spec].pop("acts"))
+        warnings += [f"method set `{mset.spec}`: {name} acted on no item ({a['what']}: 0 of {a['of']})"
+                     for name, a in acted.items() if a["items"] == 0]
     config = {"task": task.name, "model": settings.model, "dtype": settings.dtype,
               "batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens,
               "decoding": "greedy", "seed": settings.seed, "num_processes": acc.num_processes,
               "items": len(task.items), **task.config, "method_sets": resolved, "versions": versions()}
-    results = {"config": config, "results": metrics}
+    results = {"config": config, "results": metrics, "warnings": warnings}
     write_atomic(out / RESULTS_JSON, json.dumps(results, indent=2, default=str))
-    write_atomic(out / RESULTS_MD, _markdown(task, config, metrics))
+    write_atomic(out / RESULTS_MD, _markdown(task, config, metrics, warnings))
     return results
 
 
 def _identity(task: Task, mset: MethodSet, settings: Settings) -> dict:
+    from . import __version__
+
     return {"task": task.name, "model": settings.model, "dtype": settings.dtype,
-            "methods": method_params(mset.methods), "max_new_tokens": settings.max_new_tokens, **task.identity}
+            "methods": method_params(mset.methods), "max_new_tokens": settings.max_new_tokens, **task.identity,
+            "vlmfix": __version__}
 
 
-def _markdown(task: Task, config: dict, metrics: Mapping[str, dict]) -> str:
+def _markdown(task: Task, config: dict, metrics: Mapping[str, dict], warnings: Sequence[str]) -> str:
     shown = {k: v for k, v in config.items() if k not in ("task", "method_sets", "versions")}
     lines = [f"# {task.name.upper()} results", ""]
     for key, value in shown.items():
@@ -439,6 +528,8 @@ def _markdown(task: Task, config: dict, metrics: Mapping[str, dict]) -> str:
         lines.append(f"- {key}: {text if len(text) <= 300 else text[:300] + ' ... (in results.json)'}")
     for spec, mset in config["method_sets"].items():
         params = "; ".join(f"{m['class']} {json.dumps(m['params'], default=str)}" for m in mset["methods"])
-        lines.append(f"- method set `{spec}`: {params or 'plain model'}")
+        acted = "; ".join(f"{a['items']} of {a['of']} {a['what']}" for a in mset["acted"].values())
+        lines.append(f"- method set `{spec}`: {params or 'plain model'}" + (f" (acted: {acted})" if acted else ""))
     lines.append(f"- versions: {', '.join(f'{k} {v}' for k, v in config['versions'].items())}")
+    lines += [""] + [f"**Warning**: {w}" for w in warnings] if warnings else []
     return "\n".join(lines) + "\n\n" + task.report(metrics)

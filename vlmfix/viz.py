@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -372,9 +372,11 @@ def image_view(inputs: Any, processor: Any, image: Image.Image, row: Any) -> tup
     return view, pad
 
 
-def method_heat_maps(state: CallState, processor: Any, inputs: Any, image: Image.Image, out: Path) -> list[str]:
+def method_heat_maps(state: CallState, processor: Any, inputs: Any, image: Image.Image, out: Path,
+                     hints: Mapping[str, str] | None = None) -> list[str]:
     """Write the heat maps of the methods attached in the call of `state` (batch row 0) under `out`; one
-    line each, saying where a map is or why there is none:
+    line each, saying where a map is or why there is none (`hints`: `VAR.why_unchanged`'s tau_hint and
+    dims_hint, how the calling command sets them):
 
     - VAR: `sinks.png` (phi at the layer with the most visual sinks, else the middle VAR layer) and
       `var_moved.png` when VAR moved attention;
@@ -393,7 +395,7 @@ def method_heat_maps(state: CallState, processor: Any, inputs: Any, image: Image
         layer = rec.layers[max(range(len(counts)), key=lambda k: (counts[k], -k))] if max(counts) > 0 \
             else rec.layers[len(rec.layers) // 2]
         lines.append(f"heat map, sink scores (layer {layer}): {sink_heatmap(state, layer, out / 'sinks.png', view, padding=pad)}")
-        why = VAR.why_unchanged(state)
+        why = VAR.why_unchanged(state, **(hints or {}))
         if why:
             lines.append(f"VAR moved no attention: {why}; so no var_moved.png")
         else:

@@ -14,6 +14,12 @@ generated here are adaptations of it and carry the same licence (CC BY-SA 4.0).
   coco_pope_{random,popular,adversarial}.json   POPE questions built from instances.json
                           (`pope.build_pope`, every image with >= 3 categories).
 
+The world is drawn in a hidden folder beside `out_dir` and moved in when complete, so a refused or
+failed run leaves `out_dir` as it was. A world too small for POPE (no image with 3 categories) is
+refused. `out_dir` must be absent or empty; with `overwrite` it may hold a world, whose files
+(images/ and the JSON files above) are all removed first, so no stale image stays beside the new
+annotations; a folder that holds anything else is refused.
+
 Per image (its own `random.Random("emojicoco/{seed}/{id}")`, so image i does not depend on
 n_images): a scene (`scenes.py`), 1 to 6 objects (weights `OBJECT_COUNT_WEIGHTS`), a background
 (`backgrounds.py`). Object size: longest side = u * sqrt(W * H), u uniform in its size class
@@ -26,9 +32,13 @@ on the seed (and the Pillow / numpy / zlib versions).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import random
+import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -59,8 +69,14 @@ SMALL = frozenset({
 })
 CATEGORIES: tuple[str, ...] = tuple(c["name"] for c in coco_category_dicts(CATEGORY_GLYPHS))
 Placed = tuple[str, tuple[int, int, int, int], int]  # (category name, (x, y, w, h), area in pixels)
+#: what a world folder holds: the image folder and these files
+WORLD_FILES = ("images", "instances.json", "captions.json", *(f"coco_pope_{split}.json" for split in SPLITS))
 LICENSE = {"id": 1, "name": "CC BY-SA 4.0 (emoji artwork by OpenMoji, openmoji.org)",
            "url": "https://creativecommons.org/licenses/by-sa/4.0/"}
+
+
+class WorldExists(FileExistsError):
+    """The output folder is not empty and overwriting it was not asked for."""
 
 
 def generate_world(
@@ -70,16 +86,65 @@ def generate_world(
     max_side: int = 336,
     captions_per_image: int = 5,
     workers: int = 2,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write an EmojiCOCO split to `out_dir` (see the module docstring); returns a summary.
 
     `workers` threads draw and encode images (Pillow and numpy release the GIL); the output does
-    not depend on it."""
+    not depend on it. Raises WorldExists when `out_dir` is not empty (unless `overwrite`), and
+    ValueError for a world too small for POPE or a folder that holds more than a world."""
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
+    target = Path(out_dir)
+    _check_target(target, overwrite)
+    partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        summary = _write_world(partial, n_images, seed, max_side, captions_per_image, workers)
+        empty = [split for split, n in summary["pope_questions"].items() if n == 0]
+        if empty:
+            raise ValueError(f"a world of {n_images} image(s) (seed {seed}) has no image with 3 or more object "
+                             f"categories, so its POPE files ({', '.join(empty)}) would be empty: generate more "
+                             "images (10 or more)")
+        for name in WORLD_FILES:  # the world that was there, if any (`_check_target` allowed it)
+            old = target / name
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink(missing_ok=True)
+        target.mkdir(parents=True, exist_ok=True)
+        for entry in partial.iterdir():
+            os.replace(entry, target / entry.name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return {**summary, "out_dir": str(target)}
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    """`out` may receive a world: absent or empty, or, with `overwrite`, holding only a world's files."""
+    out.parent.mkdir(parents=True, exist_ok=True)  # the world is drawn beside `out`: fail here, naming the path
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(out))
+    entries = sorted(e.name for e in out.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise WorldExists(errno.EEXIST, "not empty", str(out))
+    foreign = [name for name in entries if name not in WORLD_FILES]
+    if (out / "images").is_dir():
+        foreign += [f"images/{e.name}" for e in (out / "images").iterdir() if not re.fullmatch(r"\d{6}\.png", e.name)]
+    if foreign:
+        raise ValueError(f"{out} holds files that are not an EmojiCOCO world's ({', '.join(sorted(foreign)[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); only a world is overwritten: choose another folder")
+
+
+def _write_world(out: Path, n_images: int, seed: int, max_side: int, captions_per_image: int,
+                 workers: int) -> dict[str, Any]:
+    """Draw the world into the new folder `out`; its summary."""
     start = time.perf_counter()
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(parents=True)
     categories = coco_category_dicts(CATEGORIES)
     category_ids = {c["name"]: c["id"] for c in categories}
     images, annotations, captions = [], [], []
@@ -112,9 +177,9 @@ def generate_world(
             "captions": len(captions), "pope_questions": pope, "seconds": time.perf_counter() - start}
 
 
-def main(out: str | Path, images: int, seed: int) -> dict[str, Any]:
-    """`vlmfix world --out DIR --n-images N --seed S`: generate and print a one-line summary."""
-    summary = generate_world(out, images, seed)
+def main(out: str | Path, images: int, seed: int, overwrite: bool = False) -> dict[str, Any]:
+    """`vlmfix world --out DIR --n-images N --seed S [--overwrite]`: generate and print a one-line summary."""
+    summary = generate_world(out, images, seed, overwrite=overwrite)
     print(
         f"EmojiCOCO: {summary['images']} images, {summary['annotations']} objects, {summary['captions']} "
         f"captions, POPE {summary['pope_questions']} -> {summary['out_dir']} ({summary['seconds']:.1f} s)"

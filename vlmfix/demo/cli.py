@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli_flags import add_methods, add_n_images, add_out, add_parser, deprecated
+from ..cli_flags import RESUME, add_methods, add_n_images, add_out, add_parser, add_restart, deprecated
 from .prompts import CAPTION_PROMPTS
 
 #: the showcase image: EmojiCOCO world seed 0 (held out from training), this image id
@@ -58,7 +58,8 @@ def cmd_showcase(args: argparse.Namespace) -> int:
         label = LABELS.get(spec, spec)
         print(f"{label:<22} {seconds:5.2f} s  {text}")
         if methods:
-            maps += method_heat_maps(state, processor, inputs, image, folders[spec])
+            maps += method_heat_maps(state, processor, inputs, image, folders[spec], hints={
+                "tau_hint": "`vlmfix generate --tau`", "dims_hint": "`vlmfix generate --sink-dims`"})
     print()
     for line in maps:
         print(line)
@@ -80,7 +81,8 @@ def cmd_results(args: argparse.Namespace) -> int:
     from .results import run_results
 
     run_results(args.out, args.doc, images=args.n_images, batch_size=args.batch_size, weights=args.weights,
-                max_new_tokens=args.max_new_tokens, command=shlex.join(["vlmfix", *sys.argv[1:]]))
+                max_new_tokens=args.max_new_tokens, command=shlex.join(["vlmfix", *sys.argv[1:]]),
+                restart=args.restart)
     return 0
 
 
@@ -102,7 +104,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--pretrain-steps", type=int, help="stage-1 steps (default: the recipe's)")
     add_n_images(t, None, "training scenes (default: the recipe's)")
     t.add_argument("--seed", type=int, help="training seed (default: the recipe's)")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, resume="rerun the same command to resume from the last checkpoint")
     r = add_parser(actions, "results", "POPE + CHAIR for every method on held-out images -> <out>/results.md")
     add_out(r, "out/demo-results", "results folder (resumable)")
     r.add_argument("--doc", default=None, help="where the markdown report goes (default <out>/results.md; "
@@ -112,4 +114,5 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--batch-size", type=int, help="default: 128 with a GPU, 16 on the CPU")
     r.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="caption length for CHAIR")
     r.add_argument("--weights", metavar="FILE", help="a demo.safetensors (default: the committed one)")
-    r.set_defaults(func=cmd_results)
+    add_restart(r)
+    r.set_defaults(func=cmd_results, resume=RESUME)

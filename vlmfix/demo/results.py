@@ -118,30 +118,40 @@ def sink_plot(sinks: Mapping[int, Mapping[str, float]], tau: float, path: Path, 
     return path
 
 
-def _noise(p: float, n: int) -> float:
-    """Two standard errors of the difference of two independent proportions near p, n each:
-    2 * sqrt(2 p (1 - p) / n). A change smaller than this is called noise."""
-    return 2 * math.sqrt(2 * p * (1 - p) / max(n, 1))
+def _changes(base_p: Mapping[str, Any], p: Mapping[str, Any], base_c: Mapping[str, Any],
+             c: Mapping[str, Any]) -> dict[str, tuple[float, str]]:
+    """{measure: (change in points as a fraction, `intervals.verdict`)} of one method against the plain
+    model, from the raw counts: CHAIR_s over captions, CHAIR_i over object mentions, POPE accuracy per
+    split over its questions (each side with its own counts)."""
+    from ..metrics.intervals import verdict
+
+    def counts(k: str, n: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        return (base_c["counts"][k], base_c["counts"][n]), (c["counts"][k], c["counts"][n])
+
+    pairs = {"CHAIR_s": counts("hallucinated_captions", "captions"),
+             "CHAIR_i": counts("hallucinated_mentions", "mentions")}
+    for split, m in p["splits"].items():
+        b = base_p["splits"][split]
+        pairs[f"POPE {split}"] = ((b["tp"] + b["tn"], b["n"]), (m["tp"] + m["tn"], m["n"]))
+    return {k: (k2 / max(n2, 1) - k1 / max(n1, 1), verdict(k1, n1, k2, n2))
+            for k, ((k1, n1), (k2, n2)) in pairs.items()}
 
 
 def _verdicts(pope: Mapping[str, Any], chair: Mapping[str, Any]) -> list[str]:
     """One plain sentence per method: what it changed against the plain model, and whether each
-    change is beyond noise (`_noise`; POPE per split with its n questions, CHAIR_s with the number
-    of captions, CHAIR_i with the plain model's object mentions)."""
+    change is beyond noise (`_changes`, `vlmfix.metrics.intervals`), or the items are too few to tell."""
+    from ..metrics.intervals import BEYOND, TOO_FEW
+
     base_c, base_p = chair["none"], pope["none"]
-    counts = base_c.get("counts", {})
     lines = []
     for spec in METHOD_SETS[1:]:
         c, p = chair[spec], pope[spec]
         if c == base_c and p == base_p:
             lines.append(f"- **{LABELS[spec]}**: identical to the plain model on every number.")
             continue
-        changes = {"CHAIR_s": (c["CHAIRs"] - base_c["CHAIRs"], _noise(base_c["CHAIRs"], counts.get("captions", 0))),
-                   "CHAIR_i": (c["CHAIRi"] - base_c["CHAIRi"], _noise(base_c["CHAIRi"], counts.get("mentions", 0)))}
-        for split, m in p["splits"].items():
-            base = base_p["splits"][split]
-            changes[f"POPE {split}"] = (m["accuracy"] - base["accuracy"], _noise(base["accuracy"], base.get("n", 0)))
-        real = {k: d for k, (d, noise) in changes.items() if abs(d) > noise}
+        changes = _changes(base_p, p, base_c, c)
+        real = {k: d for k, (d, said) in changes.items() if said == BEYOND}
+        too_few = [k for k, (_, said) in changes.items() if said == TOO_FEW]
         listed = ", ".join(f"{k} {100 * d:+.1f}" for k, (d, _) in changes.items())
         fewer = [k for k in ("CHAIR_s", "CHAIR_i") if real.get(k, 0) < 0]
         more = [k for k in ("CHAIR_s", "CHAIR_i") if real.get(k, 0) > 0]
@@ -156,8 +166,14 @@ def _verdicts(pope: Mapping[str, Any], chair: Mapping[str, Any]) -> list[str]:
             said.append(f"higher POPE accuracy ({', '.join(k[5:] for k in better)})")
         if worse:
             said.append(f"lower POPE accuracy ({', '.join(k[5:] for k in worse)})")
-        verdict = ("Beyond noise: " + "; ".join(said) + ".") if said else \
-            "Every change is within noise: no measurable effect on hallucination or accuracy."
+        if len(too_few) == len(changes):
+            verdict = "Too few items to tell any change from noise."
+        elif said:
+            verdict = "Beyond noise: " + "; ".join(said) + "."
+        else:
+            verdict = "Every change is within noise: no measurable effect on hallucination or accuracy."
+        if too_few and len(too_few) < len(changes):
+            verdict += f" Too few items to tell for {', '.join(too_few)}."
         lines.append(f"- **{LABELS[spec]}** (points against plain): {listed}. {verdict}")
     return lines
 
@@ -196,9 +212,11 @@ def report(pope: Mapping[str, Any], chair: Mapping[str, Any], sinks: Mapping[int
         f"## CHAIR ({meta['images']} images, max {meta['chair_max_new_tokens']} new tokens, %)",
         _table(["method", "CHAIR_s", "CHAIR_i", "Recall", "Len (words)"], chair_rows),
         "## What each method did here",
-        "Noise is two standard errors of the difference of two proportions (POPE accuracy: over the questions of "
-        "the split; CHAIR_s: over the captions; CHAIR_i: over the plain model's object mentions).",
-        "\n".join(_verdicts(pope, chair)),
+        "A change is beyond noise when the 95 % Newcombe interval of the difference of the two proportions "
+        "(Wilson score intervals with continuity correction) excludes 0: POPE accuracy over the questions of the "
+        "split, CHAIR_s over the captions, CHAIR_i over each side's object mentions. \"Too few items\" means that "
+        "no outcome at that size could be told from noise.",
+        "\n".join(_verdicts(pope, chair) + [f"- **Warning**: {w}" for w in meta.get("warnings", [])]),
         "## Visual sinks in the demo VLM",
         "![sink scores and visual-sink attention share per layer](results_sink_phi.png)\n\n"
         f"Largest sink score of a text and of an image token per layer, and the share of the image attention of "
@@ -207,16 +225,33 @@ def report(pope: Mapping[str, Any], chair: Mapping[str, Any], sinks: Mapping[int
     ]) + "\n"
 
 
+def _world_size(world: Path) -> int | None:
+    """The number of images of the EmojiCOCO world in `world` (None: no world there)."""
+    try:
+        return len(json.loads((world / "instances.json").read_text(encoding="utf-8"))["images"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _model_name(weights: str | Path | None) -> str:
+    """The model as the evaluations record it: "demo", or with other weights their path and digest (so a
+    resumed run never mixes answers of two sets of weights)."""
+    from ..runner import file_sha256
+
+    return "demo" if weights is None else f"demo with {weights} (sha256 {file_sha256(weights)[:16]})"
+
+
 def _stage(text: str) -> None:
     print(f"demo results: {text}", file=sys.stderr, flush=True)
 
 
 def run_results(out: str | Path = "out/demo-results", doc: str | Path | None = None, images: int = 500,
                 batch_size: int | None = None, max_new_tokens: int = 128, share_images: int = 50,
-                weights: str | Path | None = None, command: str = "vlmfix demo results") -> dict[str, Any]:
-    """Run the whole table (resumable: rerun the same command after a crash) and write `doc` (default
-    `<out>/results.md`, its sink plot beside it: a committed report is rewritten only when named).
-    `batch_size` None: 128 with a GPU, 16 on the CPU."""
+                weights: str | Path | None = None, command: str = "vlmfix demo results",
+                restart: bool = False) -> dict[str, Any]:
+    """Run the whole table (resumable: rerun the same command after a crash; `restart` discards the
+    evaluations' results first) and write `doc` (default `<out>/results.md`, its sink plot beside it: a
+    committed report is rewritten only when named). `batch_size` None: 128 with a GPU, 16 on the CPU."""
     from datetime import date
 
     from ..cli_eval import load_config, run
@@ -228,17 +263,18 @@ def run_results(out: str | Path = "out/demo-results", doc: str | Path | None = N
     out = Path(out)
     doc = out / "results.md" if doc is None else Path(doc)
     world = out / "emojicoco-heldout"
-    if not (world / "instances.json").is_file():
+    if _world_size(world) != images:  # the folder is this command's: a world of another size is replaced
         _stage(f"1/4 writing the held-out EmojiCOCO world ({images} images, seed 0) in {world}")
-        generate_world(world, images, seed=0)
+        generate_world(world, images, seed=0, overwrite=True)
     model, processor = load_demo(weights)  # the evaluation runner moves it to the accelerator's device
     batch_size = batch_size or (128 if torch.cuda.is_available() else 16)
-    common = {"model": "demo", "methods": list(METHOD_SETS), "batch_size": batch_size, "world": str(world)}
+    common = {"model": _model_name(weights), "methods": list(METHOD_SETS), "batch_size": batch_size,
+              "world": str(world)}
     _stage(f"2/4 POPE, {len(METHOD_SETS)} method sets (resumable: rerun the command after a stop)")
-    pope = run("pope", load_config("pope", None, {**common, "out": str(out / "pope")}), model, processor)
+    pope = run("pope", load_config("pope", None, {**common, "out": str(out / "pope")}), model, processor, restart)
     _stage(f"3/4 CHAIR, {len(METHOD_SETS)} method sets")
     chair = run("chair", load_config("chair", None, {**common, "out": str(out / "chair"), "n_images": images,
-                                                      "max_new_tokens": max_new_tokens}), model, processor)
+                                                      "max_new_tokens": max_new_tokens}), model, processor, restart)
     _stage(f"4/4 the visual-sink profile per layer over {share_images} POPE prompts")
     sinks = sink_profile(model, processor, world, share_images)
     tau = float((model_preset(model.config._name_or_path, model.config.text_config.hidden_size) or {"tau": 20.0})["tau"])
@@ -247,7 +283,8 @@ def run_results(out: str | Path = "out/demo-results", doc: str | Path | None = N
     meta = {"command": command, "minutes": (time.perf_counter() - start) / 60, "images": images,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
             "date": date.today().isoformat(), "chair_max_new_tokens": max_new_tokens, "share_images": share_images,
-            "tau": tau}
+            "tau": tau, "warnings": [f"{task}: {w}" for task, got in (("POPE", pope), ("CHAIR", chair))
+                                     for w in got.get("warnings", [])]}
     pope_metrics = {s: pope["results"][s] for s in METHOD_SETS}
     chair_metrics = {s: {k: v for k, v in chair["results"][s].items() if k != "sentences"} for s in METHOD_SETS}
     doc.write_text(report(pope_metrics, chair_metrics, sinks, meta), encoding="utf-8")

@@ -134,7 +134,7 @@ def load_vlm(pretrained: str, dtype: torch.dtype | None, attn_implementation: st
         if arch not in MODEL_CLASSES:
             raise VlmfixInputError(f"vlmfix does not support {arch} ({pretrained}). Supported families: "
                                    f"{supported_families()}.")
-        processor = _processor(pretrained, local_files_only=False)  # before the weights: fails fast
+        processor = _processor(pretrained)  # before the weights: fails fast
         options = {"dtype": dtype or "auto", "attn_implementation": attn_implementation, "device_map": device_map}
         model = getattr(transformers, arch).from_pretrained(pretrained, **{k: v for k, v in options.items() if v})
     require_vlm(processor, pretrained, "lmms-eval's tasks", hint="pretrained=demo")

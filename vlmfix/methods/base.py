@@ -86,6 +86,15 @@ class Runtime:
         """The settings attach resolved for this model (what the config left as None), as plain data."""
         return {}
 
+    #: what `acted` reports, in words that follow "items where the method ..." (e.g. "moved attention")
+    acts: ClassVar[str] = ""
+
+    def acted(self, record: Any) -> list[bool] | None:
+        """Per batch row of the call that made `record` (this runtime's record): whether the method changed
+        anything there (None: the method does not say). Evaluation runs count these per item and warn when
+        a method acted on no item."""
+        return None
+
     def check_combination(self, others: Sequence["Runtime"]) -> None:
         """Raise ValueError when this method cannot run beside the `others` attached with it."""
 

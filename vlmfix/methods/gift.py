@@ -164,6 +164,12 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         return {"alpha": self.alpha, "saliency_layers": list(self.saliency_layers),
                 "boost_layers": list(self.boost_layers)}
 
+    acts = "boosted attention"
+
+    def acted(self, record: GIFTRecord) -> list[bool]:
+        """Rows that got a boost map (a question with an informative word, a saliency that is not flat), alpha > 0."""
+        return [bool(ok) and record.alpha > 0 for ok in record.has_map.tolist()]
+
     @property
     def needs_prepass(self) -> bool:
         """True when a boost layer comes at or before the last saliency layer."""

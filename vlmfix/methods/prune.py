@@ -156,6 +156,15 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
             out["trend"] = {"family": self.trend.family, **self.trend.named()}
         return out
 
+    acts = "pruned image tokens"
+
+    def acted(self, record: PruneRecord) -> list[bool]:
+        """Rows that kept fewer image tokens after the last stage than they had."""
+        if not record.stages:
+            return [False] * len(record.pad_frac)
+        last, first = record.stages[-1], record.stages[0]
+        return [len(kept) < len(scores) for kept, scores in zip(last.kept, first.scores)]
+
     def check_combination(self, others: Sequence[Runtime]) -> None:
         if any(isinstance(r, PrunerRuntime) for r in others):
             raise ValueError("attach at most one pruner (FastVPrune or StagedPrune)")

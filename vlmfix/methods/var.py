@@ -68,8 +68,10 @@ class VAR(MethodConfig):
         return state.record(VAR, index).summary() if state.has_record(VAR) else {}
 
     @staticmethod
-    def why_unchanged(state: CallState, index: int | None = None) -> str:
-        """Why the VAR attached in the call of `state` moved no attention, in words ('' when it moved some)."""
+    def why_unchanged(state: CallState, index: int | None = None, tau_hint: str = "attach(..., tau=...)",
+                      dims_hint: str = "attach(..., sink_dims=[...])") -> str:
+        """Why the VAR attached in the call of `state` moved no attention, in words ('' when it moved some);
+        `tau_hint` and `dims_hint` say how the caller sets tau and the sink dims (a command names its flags)."""
         if not state.has_record(VAR):
             return "VAR was not attached in this call"
         rec = state.record(VAR, index)
@@ -78,12 +80,12 @@ class VAR(MethodConfig):
         tau = state.tau if isinstance(state.tau, str) else f"{state.tau:.2f}"
         if not state.sink_dims:
             return ("no sink dimensions (none in a preset, none found by discovery, none given), so phi is 0 "
-                    "everywhere; pass attach(..., sink_dims=[...])")
+                    f"everywhere; pass {dims_hint}")
         if not bool(rec.visual.any()):
             top = max((float(state.phi[k][r.index, r.image_positions].max()) for k in rec.layers if k in state.phi
                        for r in state.rows if r.has_image), default=float("nan"))
             return (f"no visual sinks at tau={tau} in layers {rec.layers[0]}-{rec.layers[-1]}: the largest image "
-                    f"phi is {top:.1f}; a lower tau (attach(..., tau=...)) finds some")
+                    f"phi is {top:.1f}; a lower tau ({tau_hint}) finds some")
         return ("no image-centric head: in every head with visual sinks, the visual non-sinks held less than rho "
                 "of the image attention or the image less than m_min of the row (see VAR.summary per layer)")
 
@@ -158,6 +160,12 @@ class VARRuntime(Runtime, EditsRows):
 
     def resolved(self) -> dict:
         return {"tau": self.tau, "layers": list(self.layers)}
+
+    acts = "moved attention"
+
+    def acted(self, record: VARRecord) -> list[bool]:
+        """Rows where some attention moved to the visual non-sinks (in any layer, prefill or decoding)."""
+        return (record.received.sum((0, 2)) > 0).tolist()
 
     # -- per call ---------------------------------------------------------------------------------
     def begin(self, state: CallState) -> VARRecord:
