@@ -1,7 +1,8 @@
 """A slow reference implementation of GIFT as the paper specifies it (see vlmfix/methods/gift.py), the explicit two-pass way:
 
 1. a full prefill with every attention map (eager attention, output_attentions) builds the
-   saliency map with plain loops over layers, heads and query rows;
+   saliency map with plain loops over layers, heads and query rows: the question's informative
+   tokens after the row's last image token (a token before the image cannot attend to it);
 2. generation with a reference attention function that boosts the last query row of each boost
    layer (the last prompt position, then every decoding step), again with plain loops.
 """
@@ -16,8 +17,9 @@ from reference_attention import eager_probs, routed, text_key, visual_ids
 NAME = "gift_reference"
 
 
-def saliency(model, inputs, spans, informative, layers, alpha):
-    """Per batch row: (S_hat, M) over its image tokens, or None without informative rows."""
+def saliency(model, inputs, questions, informative, layers, alpha):
+    """Per batch row: (S_hat, M) over its image tokens, or None without informative rows after the image.
+    `questions[b]`: the positions of row b's question (or None), `informative[b]` a flag per position."""
     key = text_key(model)
     previous = model.config.get_text_config()._attn_implementation
     model.set_attn_implementation({key: "eager"})
@@ -35,7 +37,7 @@ def saliency(model, inputs, spans, informative, layers, alpha):
     out = []
     for b in range(inputs["input_ids"].shape[0]):
         image = torch.isin(inputs["input_ids"][b], visual).nonzero().flatten().tolist()
-        rows = [i for i, keep in zip(range(*spans[b]), informative[b]) if keep] if spans[b] else []
+        rows = [i for i, keep in zip(questions[b] or [], informative[b] or []) if keep and image and i > image[-1]]
         if not image or not rows:
             out.append(None)
             continue
@@ -62,11 +64,11 @@ def saliency(model, inputs, spans, informative, layers, alpha):
 
 
 class Booster:
-    def __init__(self, model, inputs, spans, maps, boost_layers, beta=1.0):
+    def __init__(self, model, inputs, questions, maps, boost_layers, beta=1.0):
         self.visual = torch.tensor(sorted(visual_ids(model)))
         self.ids = inputs["input_ids"]
         self.prompt_len = self.ids.shape[1]
-        self.spans, self.maps, self.layers, self.beta = spans, maps, set(boost_layers), beta
+        self.questions, self.maps, self.layers, self.beta = questions, maps, set(boost_layers), beta
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         probs, v, q_start = eager_probs(query, key, value, attention_mask, scaling)
@@ -82,11 +84,11 @@ class Booster:
     def boost(self, a, b):
         heads = a.shape[0]
         image = torch.isin(self.ids[b], self.visual).nonzero().flatten().tolist()
-        start, end = self.spans[b]
+        question = self.questions[b]
         m = self.maps[b][1]
         half = max(1, heads // 2)
         vis = sorted(range(heads), key=lambda h: -sum(float(a[h, j]) for j in image))[:half]
-        qry = sorted(range(heads), key=lambda h: -sum(float(a[h, j]) for j in range(start, end)))[:half]
+        qry = sorted(range(heads), key=lambda h: -sum(float(a[h, j]) for j in question))[:half]
         new = a.clone()
         before = after = 0.0
         for h in vis:
@@ -96,7 +98,7 @@ class Booster:
                 after += float(new[h, j])
         r = after / before if before > 0 else 1.0
         for h in qry:
-            for j in range(start, end):
+            for j in question:
                 new[h, j] = new[h, j] * (self.beta * r)
         for h in set(vis) | set(qry):
             new[h] = new[h] / new[h].sum()

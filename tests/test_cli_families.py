@@ -97,11 +97,12 @@ def test_generate_from_a_local_folder(family, checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("family", BUILT)
 def test_chat_template_query_span_is_the_question(family, checkpoint):
-    """The adapter's user-query span on what the saved processor and its chat template write is exactly
+    """The adapter's question on what the saved processor and its chat template write is exactly
     the question (GIFT reads its words)."""
     model, processor = load(str(checkpoint(family)))
     inputs = processor(images=_default_image(), text=chat_prompt(processor, QUESTION), return_tensors="pt")
     row = get_adapter(model, processor).row_layouts(inputs)[0]
+    assert "".join(row.query_pieces) == processor.tokenizer.decode(inputs["input_ids"][0, row.query_positions])
     assert "".join(row.query_pieces) == QUESTION
 
 

@@ -164,8 +164,8 @@ class RecordingGIFT(vlmfix.GIFT):
 
 @pytest.mark.parametrize("form", ["inplace", "mask"])
 def test_gift_gaze_shift_skips_pruned_tokens(form):
-    """Without a tokenizer the query span starts right after the image, so the row before it is the
-    last image token; when pruning removed it, the gaze shift is taken against the nearest present token."""
+    """The question's first token after the image follows the last image token; when pruning removed
+    it, the gaze shift is taken against the nearest present token."""
     model = make_model("llava")
     batch = make_batch("llava", model, gift_prompts())
     gift = RecordingGIFT(alpha=3.0, saliency_layers=(2,), boost_layers=(3,))
@@ -173,7 +173,7 @@ def test_gift_gaze_shift_skips_pruned_tokens(form):
     dropped_last = 0
     for row in state.rows:
         last = int(row.image_positions[-1])
-        start = row.query_span[0]
+        start = int(row.query_positions[row.query_positions > last][0])
         kept = kept_tokens(state, row.index).tolist()
         expected = last if last in kept else kept[-1]
         assert state.previous_token(2, row.index, start) == expected

@@ -1,6 +1,6 @@
 """Acceptance checks of every family module in tests/families (`MODULES`), on images and, where the
 family takes them, on videos: attach with no methods is the model; layouts cover exactly the visual
-tokens and the query span is exactly the user's question; VAR and GIFT equal the slow references of
+tokens and the question is exactly the user turn's text; VAR and GIFT equal the slow references of
 their specs; in-place and mask pruning agree (or in-place pruning is refused, as the module says);
 a batch equals its rows run alone."""
 
@@ -15,7 +15,7 @@ from families import MODULES
 from reference_var import reference_var
 from test_gift import check_against_reference
 from test_var import RecordingVAR, compare_rows
-from tiny import PAD, QUESTION, VOCAB, chat_after, tokenizer
+from tiny import PAD, QUESTION, VOCAB, chat_after, tokenizer, user_turn
 
 import vlmfix
 from vlmfix.adapters import GenericAdapter, get_adapter
@@ -30,12 +30,15 @@ FAMILIES = {name: importlib.import_module(f"families.{name}") for name in MODULE
 CASES = [(name, "image") for name in MODULES] + [(name, "video") for name in MODULES if FAMILIES[name].VIDEO]
 
 
-def prompts(kind: str, module=None) -> list:
+def prompts(kind: str, module=None, header: bool = False) -> list:
     """Two chat prompts of different lengths (a left-padded batch): images (H, W) or clips (frames, H, W), of
-    the module's `VIDEO_FRAMES` (default 4 and 2; LLaVA-OneVision stacks a batch's clips: one frame count)."""
+    the module's `VIDEO_FRAMES` (default 4 and 2; LLaVA-OneVision stacks a batch's clips: one frame count).
+    Two text tokens precede the image; with `header` they stand before a user header (a system prompt),
+    without it they are the start of the user's text (a prompt without chat markers is one user turn)."""
     frames = getattr(module, "VIDEO_FRAMES", (4, 2))
     sizes = [(56, 84), (84, 56)] if kind == "image" else [(frames[0], 56, 84), (frames[1], 84, 56)]
-    return [([1, 5, 6], sizes[0], chat_after(QUESTION)), ([1, 12], sizes[1], chat_after(OTHER))]
+    before = (user_turn([5, 6]), user_turn([12])) if header else ([1, 5, 6], [1, 12])
+    return [(before[0], sizes[0], chat_after(QUESTION)), (before[1], sizes[1], chat_after(OTHER))]
 
 
 @lru_cache(maxsize=None)
@@ -95,8 +98,9 @@ def test_no_methods_is_the_model(case):
 
 def test_layout_and_query_span(case):
     """Forward (raw pixels) and generate (pre-encoded features) see the same layout; it covers exactly
-    the visual tokens; the query span is exactly the question."""
-    module, model, kind, batch = case
+    the visual tokens; the question is exactly the user turn's text (Qwen3-VL's video timestamps aside)."""
+    module, model, kind, _ = case
+    batch = batch_of(module.NAME, kind, model, prompts(kind, module, header=True))
     tok = tokenizer()
     with vlmfix.attach(model, tok) as fixed:
         with torch.no_grad():
@@ -107,14 +111,13 @@ def test_layout_and_query_span(case):
         visual = torch.tensor(fixed.adapter.visual_token_ids)
     for row, other, question in zip(forward_rows, generate_rows, (QUESTION, OTHER)):
         ids = batch["input_ids"][row.index]
-        assert row.segments == other.segments and row.query_span == other.query_span
+        assert row.segments == other.segments and torch.equal(row.query_positions, other.query_positions)
         assert torch.equal(row.image_positions, other.image_positions)
         assert torch.equal(row.newline_positions, other.newline_positions)
         assert torch.equal(row.image_positions, torch.isin(ids, visual).nonzero().flatten())
         grid = torch.cat([s.grid_positions().flatten() for s in row.segments] + [row.newline_positions])
         assert sorted(grid.tolist()) == row.image_positions.tolist()
-        start, end = row.query_span
-        assert tok.decode(ids[start:end]) == question
+        assert tok.decode(ids[row.query_positions]) == question
         assert row.pad_left == int((batch["attention_mask"][row.index] == 0).sum())
     if kind == "video":
         assert all(s.name.startswith("frame") for r in forward_rows for s in r.segments)

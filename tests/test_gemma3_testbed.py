@@ -118,8 +118,8 @@ def test_var_matches_reference_on_gemma3(gemma3_vlm):
 def test_gift_matches_reference_on_gemma3(gemma3_vlm, plain):
     model, processor, inputs = gemma3_vlm
     ours, state = check_against_reference(model, processor, inputs, vlmfix.GIFT(), {})
-    start, end = state.rows[0].query_span
-    assert processor.tokenizer.decode(inputs["input_ids"][0, start:end]) == QUESTION  # up to <end_of_turn>
+    question = state.rows[0].query_positions
+    assert processor.tokenizer.decode(inputs["input_ids"][0, question]) == QUESTION  # up to <end_of_turn>
     assert (ours[1] - plain[1]).abs().max() > 1e-2, "GIFT changed nothing"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_gift import Booster, boosted, saliency
-from tiny import FAMILIES, PAD, QUESTION, chat_after, make_batch, make_model, tokenizer
+from tiny import FAMILIES, PAD, QUESTION, chat_after, make_batch, make_model, tokenizer, user_turn
 
 import vlmfix
 from vlmfix.attention import ROUTE
@@ -26,7 +26,8 @@ def generate(model, inputs, **kw):
 
 
 def spans_and_flags(state):
-    spans = [r.query_span for r in state.rows]
+    """Per batch row the question's positions and its informative flags (lists; None where there is none)."""
+    spans = [None if r.query_positions is None else r.query_positions.tolist() for r in state.rows]
     flags = [state.record(vlmfix.GIFT).rows[r.index].informative for r in state.rows]
     return spans, [None if f is None else f.tolist() for f in flags]
 
@@ -108,15 +109,15 @@ def test_alpha_zero_is_the_model_alone(family):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_bare_tokenizer_gives_the_question_span_and_words(family):
-    """A tokenizer passed where the processor goes is used: the query span ends at the turn-end marker
-    (the assistant header is not the question), only informative words count, and GIFT equals the reference."""
+    """A tokenizer passed where the processor goes is used: the question is the user turn's text, from its
+    header to its turn-end marker (neither the text before the header nor the assistant header is the
+    question), only informative words count, and GIFT equals the reference."""
     model = make_model(family)
-    batch = make_batch(family, model, [([1, 5], (60, 90), chat_after(QUESTION)),
-                                       ([1, 12, 13], (90, 60), chat_after(" What is the colour of the dog?"))])
+    batch = make_batch(family, model, [(user_turn([5]), (60, 90), chat_after(QUESTION)),
+                                       (user_turn([12, 13]), (90, 60), chat_after(" What is the colour of the dog?"))])
     gift = vlmfix.GIFT(alpha=3.0, saliency_layers=(1,), boost_layers=(2, 3))
     _, state = check_against_reference(model, tokenizer(), batch, gift, dict(pad_token_id=PAD))
-    start, end = state.rows[0].query_span
-    assert tokenizer().decode(batch["input_ids"][0, start:end]) == QUESTION
+    assert tokenizer().decode(batch["input_ids"][0, state.rows[0].query_positions]) == QUESTION
     assert spans_and_flags(state)[1] == [[False, False, False, True, True, False, False, True, False],
                                          [False, False, False, True, False, False, True, False]]
 

@@ -126,15 +126,17 @@ _WORDS = ("cat dog red blue tree car bird house green ball sky water man woman b
           "phone horse boat train cloud flower colour picture image").split()
 _CLOSED = ["Ġ" + w for w in "Is there a the in of what is What on this Describe".split()]
 _CLOSED += ["user", "assistant", ".", ","]
-_FILLERS = [f"Ġw{i}" for i in range(5 + len(_WORDS), 100 - len(_CLOSED))]
+#: the pieces of Qwen3-VL's video timestamps ("<0.5 seconds>")
+_STAMPS = ["<", ">", "0", "1", "5", "Ġseconds"]
+_FILLERS = [f"Ġw{i}" for i in range(5 + len(_WORDS), 100 - len(_CLOSED) - len(_STAMPS))] + _STAMPS
 _TEXT = ["Ċ", "?"] + [f"Ġ{w}" for w in _WORDS] + _FILLERS + _CLOSED
 #: ids >= 100 are special tokens (image, vision start / end, the turn end, video, Pixtral's row break and end,
-#: Idefics3's token around images, global-image tag and tile tags)
+#: Idefics3's token around images, global-image tag and tile tags, the turn start)
 SPECIALS = {0: "<pad>", 1: "<s>", 2: "</s>", IMAGE: "<image>", VSTART: "<|vision_start|>", VEND: "<|vision_end|>",
             103: "<|im_end|>", 104: "<|video_pad|>", 105: "[IMG_BREAK]", 106: "[IMG_END]", VOCAB - 1: "<unk>",
-            107: "<fake_token_around_image>", 108: "<global-img>",
+            107: "<fake_token_around_image>", 108: "<global-img>", 113: "<|im_start|>",
             **{109 + 2 * r + c: f"<row_{r + 1}_col_{c + 1}>" for r in range(2) for c in range(2)}}
-IM_END, VIDEO = 103, 104
+IM_END, VIDEO, IM_START = 103, 104, 113
 QUESTION = " Is there a red cat in the picture?"
 
 
@@ -161,6 +163,12 @@ def tokenizer():
 def encode(text: str) -> list[int]:
     """The tiny tokenizer's ids of `text` (no special tokens added)."""
     return tokenizer()(text, add_special_tokens=False).input_ids
+
+
+def user_turn(before: list[int] = ()) -> list[int]:
+    """The ids up to the user's content in a chat prompt: BOS, `before` (a system prompt's stand-in), the
+    user header "<|im_start|>user\n"."""
+    return [1, *before, IM_START, *encode("user\n")]
 
 
 def chat_after(question: str = QUESTION) -> list[int]:

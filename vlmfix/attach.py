@@ -446,8 +446,8 @@ def attach(
     detection; without a preset the dims are discovered with `find_sink_dims` and tau follows
     `scaled_tau(hidden_size)`. tau may be a number, "scaled", or "bos:F" (F x the first token's
     phi per row and layer). `processor` may be the model's processor or a bare tokenizer
-    (anything with `decode` and `convert_tokens_to_ids`): either gives the tokenizer (the user-query
-    span and its words, sink-dim discovery) and is checked against the model. A method that reads
+    (anything with `decode` and `convert_tokens_to_ids`): either gives the tokenizer (the user's
+    question, the last user turn's text, and its words; sink-dim discovery) and is checked against the model. A method that reads
     the question's words (GIFT) is refused without one.
     """
     if methods is None:

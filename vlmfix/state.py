@@ -17,6 +17,12 @@ from typing import Any, NamedTuple
 import torch
 
 
+def runs(positions: torch.Tensor) -> list[torch.Tensor]:
+    """The maximal runs of consecutive values in sorted `positions` (none for no positions)."""
+    breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
+    return [run for run in torch.tensor_split(positions, breaks.tolist()) if len(run)]
+
+
 def above_threshold(phi: torch.Tensor, tau: float | str, first: torch.Tensor) -> torch.Tensor:
     """phi (B, N) > tau, strictly; tau a number or "bos:F" (F x phi of each row's token at `first[b]`)."""
     if isinstance(tau, str):
@@ -76,8 +82,11 @@ class RowLayout:
     image_positions: torch.Tensor
     newline_positions: torch.Tensor
     segments: tuple[ImageSegment, ...]
-    query_span: tuple[int, int] | None
-    query_pieces: tuple[str, ...] | None = None  # decoded tokens of the query span (with a tokenizer)
+    #: the sorted positions of the user's question, the text of the last user turn (`Adapter.question`; not
+    #: contiguous when the image stands between text pieces); None without a tokenizer or without such text
+    query_positions: torch.Tensor | None
+    #: the decoded tokens at `query_positions`
+    query_pieces: tuple[str, ...] | None = None
 
     @property
     def has_image(self) -> bool:
@@ -87,6 +96,13 @@ class RowLayout:
     def note(self) -> str:
         """Why methods leave this row alone ('' when they do not)."""
         return "" if self.has_image else "text-only row: no image tokens, left untouched"
+
+    @property
+    def query_runs(self) -> list[tuple[int, int]]:
+        """The question's positions as [start, end) runs of consecutive positions (none without a question)."""
+        if self.query_positions is None:
+            return []
+        return [(int(r[0]), int(r[-1]) + 1) for r in runs(self.query_positions)]
 
     @property
     def after_image(self) -> int | None:
@@ -158,7 +174,7 @@ class Rows(NamedTuple):
 class CallState:
     """What the current call found; `Attached.last_state` keeps the last one for inspection.
 
-    - `rows`: per batch row layout (image positions, grid, newline tokens, query span, padding);
+    - `rows`: per batch row layout (image positions, grid, newline tokens, the question, padding);
     - `phi[layer]`: (B, prompt_len) fp32 sink scores of the prefill residual stream entering the
       layer (on the model's device), for layers >= 2 when a method or report asks for sinks;
     - `record(VAR)`: the typed record a method's runtime wrote in this call;
@@ -312,7 +328,7 @@ class CallState:
                 "image_tokens": len(r.image_positions),
                 "grids": [(s.rows, s.cols) for s in r.segments],
                 "newline_tokens": len(r.newline_positions),
-                "query_span": r.query_span,
+                "question": r.query_runs,
                 "note": r.note,
             }
             for r in self.rows

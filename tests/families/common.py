@@ -16,7 +16,7 @@ Protocol: a module `families.<name>` exports
 from __future__ import annotations
 
 import torch
-from tiny import IMAGE, PAD, VEND, VIDEO, VSTART, _text, chat_after, left_pad, tokenizer
+from tiny import IMAGE, PAD, VEND, VIDEO, VSTART, _text, chat_after, encode, left_pad, tokenizer
 
 __all__ = ["IMAGE", "PAD", "VEND", "VIDEO", "VSTART", "chat_after", "left_pad", "qwen_batch", "text_config",
            "tokenizer"]
@@ -38,7 +38,8 @@ def qwen_batch(prompts: list, video: bool = False, frames_apart: bool = False) -
     """Qwen2-VL-style inputs: 14-px patches merged 2 x 2, 2 frames per temporal patch. An image (H, W)
     is h x w patches (h = H // 14, even, >= 2); a clip (T, H, W) is T // 2 such frames. The placeholder
     is vision start, the merged tokens, vision end; with `frames_apart` (Qwen3-VL) each frame of a clip
-    is its own "<timestamp>" text (k + 1 word tokens for frame k) + vision start + tokens + vision end."""
+    is its own timestamp text as Qwen3-VL's processor writes it ("<0 seconds>", "<0.5 seconds>", ...: 4 or
+    6 tokens) + vision start + tokens + vision end."""
     token, key = (VIDEO, "video") if video else (IMAGE, "image")
     seqs, pixels, grids = [], [], []
     for before, size, after in prompts:
@@ -50,7 +51,7 @@ def qwen_batch(prompts: list, video: bool = False, frames_apart: bool = False) -
             frame = [token] * (h * w // 4)
             if frames_apart and video:
                 for k in range(t):
-                    ids += [60 + k] * (k + 1) + [VSTART] + frame + [VEND]
+                    ids += encode(f"<{k * 0.5:g} seconds>") + [VSTART] + frame + [VEND]
             else:
                 ids += [VSTART] + frame * t + [VEND]
             pixels.append(_pixels(t * h * w, seed=sum(size)))

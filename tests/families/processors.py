@@ -4,8 +4,8 @@ Each family gets its real transformers processor class over
 - the tiny tokenizer of tests/tiny.py with its special tokens renamed to the family's own, at the ids
   the tiny model's config expects (e.g. Qwen's "<|image_pad|>" at 100, Gemma 3's "<start_of_image>"
   at 101), and its turn markers on free special ids;
-- a chat template in the family's turn format that writes the family's image placeholder (the tiny
-  vocabulary has no bare space and few words: pieces it lacks become <unk>, and LLaVA's
+- a chat template in the family's turn format (user and assistant turns) that writes the family's
+  image placeholder (the tiny vocabulary has no bare space and few words: pieces it lacks become <unk>, and LLaVA's
   "? ASSISTANT:" is written "?ASSISTANT:");
 - the family's real image processor (PIL backend), sized to the tiny vision tower, so the processor
   writes as many image tokens as the tower gives features.
@@ -38,15 +38,16 @@ from families.llava_onevision import PATCH as OV_PATCH
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-#: free special ids of the tiny tokenizer ("<|special_i|>" there), for the turn markers a family needs
-_FREE = (113, 114)
+#: special ids of the tiny tokenizer ("<|im_start|>", then "<|special_i|>") a family renames to its turn markers
+_FREE = (113, 114, 115)
 
 
 @dataclass(frozen=True)
 class Spec:
     """One family's processor: its class, the tiny tokenizer's renamed special tokens {id: name}, the
     tokenizer's named token attributes, the image processor, the processor's settings and its chat
-    template (a turn `user` with {CONTENT} for the content items; an image item writes `image`)."""
+    template (a turn `user` with {CONTENT} for the content items; an image item writes `image`; an assistant
+    turn is `generation`, its content, `reply_end`)."""
 
     processor: str
     names: dict[int, str]
@@ -54,6 +55,7 @@ class Spec:
     user: str
     image: str
     generation: str
+    reply_end: str
     settings: dict = field(default_factory=dict)
     named: dict = field(default_factory=dict)
     #: the video processor's class and settings, where the processor has one (torchvision-only here)
@@ -65,25 +67,28 @@ class Spec:
         content = ("{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
                    "{% if c['type'] == 'image' %}" + self.image + "{% else %}{{ c['text'] }}{% endif %}"
                    "{% endfor %}{% endif %}")
-        return ("{% for m in messages %}" + self.user.replace("{CONTENT}", content) + "{% endfor %}"
+        return ("{% for m in messages %}{% if m['role'] == 'assistant' %}" + self.generation + content
+                + self.reply_end + "{% else %}" + self.user.replace("{CONTENT}", content) + "{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}" + self.generation + "{% endif %}")
 
 
-_LLAVA_TEXT = dict(names={tiny.IMAGE: "<image>", _FREE[0]: "ASSISTANT:"}, user="USER: {CONTENT}",
-                   image="<image>\n", generation="ASSISTANT:")
+_LLAVA_TEXT = dict(names={tiny.IMAGE: "<image>", _FREE[0]: "ASSISTANT:", _FREE[1]: "USER:"}, user="USER: {CONTENT}",
+                   image="<image>\n", generation="ASSISTANT:", reply_end="</s>")
 _LLAVA_SETTINGS = dict(patch_size=6, vision_feature_select_strategy="default", num_additional_image_tokens=1)
 _CROP = dict(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
 _QWEN_NAMES = {tiny.IMAGE: "<|image_pad|>", tiny.VSTART: "<|vision_start|>", tiny.VEND: "<|vision_end|>",
                tiny.IM_END: "<|im_end|>", tiny.VIDEO: "<|video_pad|>", _FREE[0]: "<|im_start|>"}
-_QWEN_TEXT = dict(user="<|im_start|>user\n{CONTENT}<|im_end|>\n", generation="<|im_start|>assistant\n")
+_QWEN_TEXT = dict(user="<|im_start|>user\n{CONTENT}<|im_end|>\n", generation="<|im_start|>assistant\n",
+                  reply_end="<|im_end|>\n")
 _QWEN_IMAGES = ("Qwen2VLImageProcessorPil", dict(patch_size=14, merge_size=2, temporal_patch_size=2))
 _QWEN = dict(names=_QWEN_NAMES, image_processor=_QWEN_IMAGES, image="<|vision_start|><|image_pad|><|vision_end|>",
              needs_torchvision=True, **_QWEN_TEXT)
 _QWEN3 = dict(_QWEN, video_processor=("Qwen3VLVideoProcessor", _QWEN_IMAGES[1]))
 _QWEN = dict(_QWEN, video_processor=("Qwen2VLVideoProcessor", _QWEN_IMAGES[1]))
 _IDEFICS3 = dict(
-    names={tiny.IMAGE: "<image>", _FREE[0]: "<end_of_utterance>", _FREE[1]: "<|im_start|>"},
+    names={tiny.IMAGE: "<image>", _FREE[0]: "<end_of_utterance>", _FREE[1]: "<|im_start|>", _FREE[2]: "User:"},
     user="<|im_start|>User:{CONTENT}<end_of_utterance>\n", image="<image>", generation="Assistant:",
+    reply_end="<end_of_utterance>\n",
     settings=dict(image_seq_len=IDEFICS3_PER_TILE))
 _IDEFICS3_SIZES = dict(size={"longest_edge": 2 * IDEFICS3_TILE}, max_image_size={"longest_edge": IDEFICS3_TILE})
 
@@ -119,7 +124,7 @@ SPECS: dict[str, Spec] = {
     "smolvlm": Spec("SmolVLMProcessor", image_processor=("SmolVLMImageProcessorPil", _IDEFICS3_SIZES),
                     needs_torchvision=True, video_processor=("SmolVLMVideoProcessor", _IDEFICS3_SIZES), **_IDEFICS3),
     "gemma3": Spec(
-        "Gemma3Processor", image="<start_of_image>", generation="<start_of_turn>model\n",
+        "Gemma3Processor", image="<start_of_image>", generation="<start_of_turn>model\n", reply_end="<end_of_turn>\n",
         user="<start_of_turn>user\n{CONTENT}<end_of_turn>\n",
         names={tiny.IMAGE: "<image_soft_token>", 101: "<start_of_image>", 102: "<end_of_image>",
                _FREE[0]: "<start_of_turn>", _FREE[1]: "<end_of_turn>"},
@@ -127,7 +132,8 @@ SPECS: dict[str, Spec] = {
         image_processor=("Gemma3ImageProcessorPil", dict(size={"height": GEMMA3_SIZE, "width": GEMMA3_SIZE})),
         settings=dict(image_seq_length=GEMMA3_SIDE ** 2)),
     "mistral3": Spec(
-        "PixtralProcessor", image="[IMG]", user="[INST]{CONTENT}[/INST]", generation="", needs_torchvision=True,
+        "PixtralProcessor", image="[IMG]", user="[INST]{CONTENT}[/INST]", generation="", reply_end="</s>",
+        needs_torchvision=True,
         names={tiny.IMAGE: "[IMG]", 105: "[IMG_BREAK]", 106: "[IMG_END]", _FREE[0]: "[INST]", _FREE[1]: "[/INST]"},
         image_processor=("PixtralImageProcessorPil", dict(size={"longest_edge": 112},
                                                           patch_size={"height": 14, "width": 14})),

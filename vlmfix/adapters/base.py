@@ -3,20 +3,23 @@
 An adapter knows *where* things are in one family of VLMs: the decoder layers, the head counts,
 the image- and video-token ids, how many visual tokens each image (video) becomes and how they are
 laid out (grid rows x cols, tiles, frames, newline tokens, separators that are not visual tokens),
-and which strings end the user's turn in its chat templates.
+and which strings open and end the user's turn in its chat templates (from which `question` reads the
+user's question off the token ids).
 Everything else in vlmfix is family-agnostic.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any, Mapping
+from itertools import accumulate
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..state import ImageSegment, RowLayout
+from ..state import ImageSegment, RowLayout, runs
 
 
 class VlmfixInputError(ValueError):
@@ -68,8 +71,14 @@ class Adapter:
     family: str = ""
     model_classes: tuple[str, ...] = ()
     processor_classes: tuple[str, ...] = ()
-    #: strings that end the user's turn in this family's chat templates (first match after the image wins)
+    #: strings that open a user turn in this family's chat templates: the last one in the prompt opens the
+    #: turn that holds the question (ChatML, Vicuna, Mistral, Llama 3)
+    user_markers: tuple[str, ...] = ("<|im_start|>user", "USER:", "[INST]", "<|start_header_id|>user<|end_header_id|>")
+    #: strings that end the user's turn in this family's chat templates (the first after the turn's opener ends it)
     turn_end_markers: tuple[str, ...] = ("<|im_end|>", "ASSISTANT:", "[/INST]", "<|eot_id|>", "<end_of_turn>", "\nassistant")
+    #: a regular expression of the text this family's processor writes beside visual tokens (video timestamps,
+    #: frame labels), never the user's; None: it writes none
+    processor_text: str | None = None
 
     def __init__(self, model: nn.Module, processor: Any | None = None):
         self.model = model
@@ -187,7 +196,8 @@ class Adapter:
         return queues
 
     def row_layouts(self, inputs: Mapping[str, Any]) -> list[RowLayout]:
-        """Per batch row: padding, visual-token positions and grid segments, newline tokens, the user-query span.
+        """Per batch row: padding, visual-token positions and grid segments, newline tokens, the user's
+        question (`question`).
 
         Each image's tokens must sit at exactly its first token + `ImageLayout.offsets`; a
         VlmfixInputError says so otherwise, and when the prompt's visual tokens do not match the
@@ -224,14 +234,19 @@ class Adapter:
             positions = is_visual[b].nonzero().flatten()
             segments: list[ImageSegment] = []
             newlines: list[torch.Tensor] = []
+            extents: list[tuple[int, int]] = []  # [first, last] position of each image / video
             cursor, image_index = 0, -1
             while cursor < len(positions):
                 start = int(positions[cursor])
                 token = int(input_ids[b, start])
                 kind = "video" if token == self.video_token_id else "image"
                 lay = queues[token].pop(0)
-                if not (lay.continues and image_index >= 0):
+                last = start + int(lay.offsets[-1])
+                if lay.continues and image_index >= 0:
+                    extents[-1] = (extents[-1][0], last)
+                else:
                     image_index += 1
+                    extents.append((start, last))
                 span = positions[cursor : cursor + lay.length]
                 fits = len(span) == lay.length and torch.equal(span, start + lay.offsets)
                 if not fits or bool((input_ids[b, span] != token).any()):
@@ -246,7 +261,7 @@ class Adapter:
                     newlines.append(seg.newline_positions())
                 newlines.append(start + torch.tensor(lay.newlines, dtype=torch.long))
                 cursor += lay.length
-            query, pieces = self._query_span(input_ids[b], positions, seq_len) if len(positions) else (None, None)
+            question = self.question(input_ids[b], pad_left, extents)
             rows.append(
                 RowLayout(
                     index=b,
@@ -255,46 +270,58 @@ class Adapter:
                     image_positions=positions,
                     newline_positions=torch.cat([torch.zeros(0, dtype=torch.long), *newlines]).sort().values,
                     segments=tuple(segments),
-                    query_span=query,
-                    query_pieces=pieces,
+                    query_positions=None if question is None else question[0],
+                    query_pieces=None if question is None else question[1],
                 )
             )
         return rows
 
-    def _query_span(
-        self, ids: torch.Tensor, image_positions: torch.Tensor, seq_len: int
-    ) -> tuple[tuple[int, int] | None, tuple[str, ...] | None]:
-        """[start, end) of the user's own text after the last image token, up to the turn-end marker,
-        and the decoded pieces of its tokens (None without a tokenizer).
+    def question(
+        self, ids: torch.Tensor, pad_left: int = 0, visual_extents: Sequence[tuple[int, int]] = ()
+    ) -> tuple[torch.Tensor, tuple[str, ...]] | None:
+        """The user's question in one prompt row `ids` (1-D, on the CPU): (the sorted positions of its tokens,
+        their decoded pieces), or None when no tokenizer was given (the question is then unknown, and
+        nothing guesses it) or the last user turn holds no text.
 
-        Tokens right after the image that hold no text (e.g. a vision-end marker) are skipped. Without a
-        tokenizer the span runs to the end of the prompt, a guess that only reports show: attach refuses
-        the methods that read the question's words (GIFT) without a tokenizer.
+        The question is the text of the last user turn, wherever the images stand (before, after or
+        between its text pieces, or in an earlier turn). The turn opens after the last of the family's
+        `user_markers` in the row (at the row's first token when there is none: a prompt written without
+        a chat template is one user turn) and closes at the first of its `turn_end_markers` after that
+        (at the end of the prompt when none follows). Its text is every token that decodes wholly inside
+        the turn, except visual tokens, the tokenizer's special and added tokens (role headers, image
+        placeholders, vision start / end), tokens between the first and last visual token of one image
+        or video (`visual_extents`: [first, last] positions; tile separators, frame timestamps), text of
+        `processor_text`, and whitespace-only tokens at either edge of a stretch of text (the newline a
+        template writes after an image). Text pieces around an image give positions that are not
+        contiguous.
         """
-        start = int(image_positions[-1]) + 1
-        if start >= seq_len:
-            return None, None
         if self.tokenizer is None:
-            return (start, seq_len), None
-        tail = ids[start:].tolist()
-        pieces = [self.tokenizer.decode([t]) for t in tail]
-        special = set(getattr(self.tokenizer, "all_special_ids", []))
-        # skip leading special tokens / whitespace-only pieces (vision end marker, the newline after <image>)
-        lead = 0
-        while lead < len(tail) and (tail[lead] in special or not pieces[lead].strip()):
-            lead += 1
+            return None
+        tail = ids[pad_left:].tolist()
+        decoded = {t: self.tokenizer.decode([t]) for t in set(tail)}
+        pieces = [decoded[t] for t in tail]
+        ends = list(accumulate(map(len, pieces), initial=0))
         text = "".join(pieces)
-        ends = [0]
-        for p in pieces:
-            ends.append(ends[-1] + len(p))
-        first = min((c for c in (text.find(m, ends[lead]) for m in self.turn_end_markers) if c >= 0), default=-1)
-        stop = len(tail)
-        if first >= 0:
-            stop = next(k for k in range(len(tail)) if ends[k + 1] > first)
-        if stop <= lead:
-            return None, None
-        return (start + lead, start + stop), tuple(pieces[lead:stop])
-
+        opener = max((i + len(m) for m in self.user_markers if (i := text.rfind(m)) >= 0), default=0)
+        close = min((c for c in (text.find(m, opener) for m in self.turn_end_markers) if c >= 0), default=len(text))
+        skip = {*getattr(self.tokenizer, "all_special_ids", ()), *getattr(self.tokenizer, "added_tokens_decoder", {}),
+                *self.visual_token_ids}
+        written = [m.span() for m in re.finditer(self.processor_text, text)] if self.processor_text else []
+        inside = [(first - pad_left, last - pad_left) for first, last in visual_extents]
+        kept = [
+            k for k, t in enumerate(tail)
+            if opener <= ends[k] and ends[k + 1] <= close and t not in skip
+            and not any(first < k < last for first, last in inside)
+            and not any(a <= ends[k] and ends[k + 1] <= b for a, b in written)
+        ]
+        positions: list[int] = []
+        for stretch in runs(torch.tensor(kept, dtype=torch.long)):
+            words = [k for k in stretch.tolist() if pieces[k].strip()]
+            if words:
+                positions += range(words[0], words[-1] + 1)
+        if not positions:
+            return None
+        return torch.tensor(positions) + pad_left, tuple(pieces[k] for k in positions)
 
 
 def padding_mask(mask: Any, seq_len: int) -> torch.Tensor | None:
@@ -337,12 +364,6 @@ def config_token_id(config: Any, kind: str) -> int | None:
         if value is not None:
             return int(value)
     return None
-
-
-def runs(positions: torch.Tensor) -> list[torch.Tensor]:
-    """The maximal runs of consecutive values in sorted `positions` (none for no positions)."""
-    breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
-    return [run for run in torch.tensor_split(positions, breaks.tolist()) if len(run)]
 
 
 def _brief(offsets: torch.Tensor) -> str:

@@ -31,6 +31,8 @@ class Gemma3Adapter(Adapter):
     family = "Gemma 3"
     model_classes = ("Gemma3ForConditionalGeneration",)
     processor_classes = ("Gemma3Processor",)
+    #: its chat template writes a user turn "<start_of_turn>user\n...<end_of_turn>"
+    user_markers = ("<start_of_turn>user", *Adapter.user_markers)
 
     def __init__(self, model: Any, processor: Any | None = None):
         super().__init__(model, processor)

@@ -33,7 +33,8 @@ class Idefics3Adapter(Adapter):
     family = "Idefics3 / SmolVLM"
     model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     processor_classes = ("Idefics3Processor", "SmolVLMProcessor")
-    #: their chat templates end the user's turn with "<end_of_utterance>\nAssistant:"
+    #: their chat templates write a user turn "<|im_start|>User:...<end_of_utterance>\nAssistant:"
+    user_markers = ("User:", *Adapter.user_markers)
     turn_end_markers = ("<end_of_utterance>", *Adapter.turn_end_markers)
 
     def __init__(self, model: Any, processor: Any | None = None):

@@ -26,6 +26,8 @@ class InternVLAdapter(Adapter):
     family = "InternVL"
     model_classes = ("InternVLForConditionalGeneration",)
     processor_classes = ("InternVLProcessor",)
+    #: the processor's label before each video frame ("Frame1: <img>...</img>")
+    processor_text = r"Frame\d+: "
 
     def __init__(self, model: Any, processor: Any | None = None):
         super().__init__(model, processor)

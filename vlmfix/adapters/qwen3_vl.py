@@ -22,6 +22,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     processor_classes = ("Qwen3VLProcessor",)
     frames_apart = True
+    #: the processor's timestamp before each video frame, "<t seconds>" (the first one precedes the video's tokens)
+    processor_text = r"<\d+(?:\.\d+)? seconds>"
 
     @property
     def deepstack_layers(self) -> int:

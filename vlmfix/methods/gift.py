@@ -1,8 +1,12 @@
 """GIFT: gaze shift-guided cross-modal fusion enhancement ("Capturing Gaze Shifts for Guidance:
 Cross-Modal Fusion Enhancement for VLM Hallucination Mitigation", arXiv 2510.22067).
 
-Saliency, once per sample from the prompt, at the saliency layer(s) l, over the user-query rows i
-(informative words only) and the image columns j:
+The question is the text of the last user turn (`Adapter.question`: wherever the image stands, read
+off the token ids with the family's chat markers; its positions need not be contiguous).
+
+Saliency, once per sample from the prompt, at the saliency layer(s) l, over the question's rows i
+after the row's last visual token (informative words only: under causal attention a token before the
+image cannot attend to it, so it shows no gaze shift) and the image columns j:
   dA[l,h,i,j] = max(A[l,h,i,j] - A[l,h,i-1,j], 0)   (a "gaze shift": attention that rises on j;
   after token pruning, i-1 is the nearest earlier token still present)
   per layer keep the top floor(H/2) heads by sum_{i,j} dA; S_j = mean over layers, kept heads and
@@ -11,13 +15,15 @@ Saliency, once per sample from the prompt, at the saliency layer(s) l, over the 
 Boost, in each boost layer on the last query row (each decoding step and the last prompt position):
   top floor(H/2) heads by image attention: A'_hj = A_hj * M_j on image columns;
   r = sum of A' / sum of A over those heads and image columns;
-  top floor(H/2) heads by attention to the user-query span: query-span entries times beta * r;
+  top floor(H/2) heads by attention to the question (all its tokens, before the image too): those entries
+  times beta * r;
   every modified row renormalised to sum 1. Head selections use the unmodified row.
 
 Cost: the saliency map becomes, once per call, matrices over the prompt positions (image, M, query
-span), so the boost of a layer call is two batched products, two head rankings and a few
-element-wise ops for all batch rows at once; a batch row without a map has zero rows in them and is
-left exactly as it is. The flat-map test is a tensor too, so nothing is read on the host.
+positions), so the boost of a layer call is two batched products, two head rankings and a few
+element-wise ops for all batch rows at once; a batch row without a map (no question, a question
+wholly before the image, no informative word after the image) has zero rows in them and is left
+exactly as it is, its record saying why. The flat-map test is a tensor too, so nothing is read on the host.
 
 One prefill suffices when every saliency layer precedes every boost layer; otherwise `attach`
 runs a pre-pass over the prompt that stops after the last saliency layer.
@@ -33,6 +39,7 @@ from typing import Any, Sequence
 import torch
 
 from ..words import informative_tokens
+from ..state import RowLayout
 from .base import Block, Buffers, CallState, EditsRows, MethodConfig, NeedsPrepass, Phase, Rows, Runtime, Target
 
 
@@ -59,7 +66,7 @@ class GIFT(MethodConfig):
 
     - alpha: boost strength, M in [1, e^alpha]; 0 turns GIFT off exactly;
     - saliency_layers / boost_layers: 0-indexed decoder layers (None: preset or depth rule);
-    - beta: factor on r for the query-span boost (the paper's beta = 1);
+    - beta: factor on r for the boost of the question's columns (the paper's beta = 1);
     - use_spacy: informative words by spaCy POS tags (True), the built-in word list (False), or
       spaCy when installed (None).
     """
@@ -83,21 +90,24 @@ class GIFT(MethodConfig):
 
 @dataclass
 class GIFTRow:
-    """One batch row as GIFT saw it: the query span, its informative tokens (host), why it was left alone."""
+    """One batch row as GIFT saw it (host tensors): the question's positions, which of its tokens are
+    informative, the saliency rows (its informative tokens after the row's last visual token), why it was
+    left alone."""
 
-    span: tuple[int, int] | None
+    positions: torch.Tensor | None
     informative: torch.Tensor | None
+    gaze_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     note: str = ""
 
     @property
     def acting(self) -> bool:
-        """Whether GIFT acts on this row: it has a question with an informative token."""
-        return self.informative is not None and bool(self.informative.any())
+        """Whether GIFT acts on this row: its question has an informative token after the image."""
+        return len(self.gaze_rows) > 0
 
 
 @dataclass
 class GIFTRecord:
-    """What GIFT found in one call: per batch row its span and informative tokens (`rows`), the
+    """What GIFT found in one call: per batch row its question, informative tokens and saliency rows (`rows`), the
     saliency S_hat over prompt positions (`saliency_map`, (B, P), on the image tokens) and whether the
     row got a boost map (`has_map`, (B,) bool; False for a flat map or no informative word)."""
 
@@ -129,7 +139,7 @@ class GIFTRecord:
 
 class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
     """GIFT bound to a model: resolved alpha and layers; per call the saliency and the boost matrices.
-    It reads the question's words (its query span ends at the chat template's turn-end marker, its
+    It reads the question's words (the last user turn's text, found with the chat template's markers; its
     informative tokens are words), so attach refuses it without a tokenizer."""
 
     needs_tokenizer = True
@@ -185,24 +195,38 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         rows: list[GIFTRow] = []
         for row in state.rows:
             if not row.has_image:
-                rows.append(GIFTRow(row.query_span, None, row.note))
-            elif row.query_span is None:
-                rows.append(GIFTRow(None, None, "no user text after the image: no saliency, no boost"))
+                rows.append(GIFTRow(row.query_positions, None, note=row.note))
+            elif row.query_positions is None:
+                rows.append(GIFTRow(None, None, note="the last user turn holds no text (no question): no saliency, "
+                                                     "no boost"))
             else:
-                flags = informative_tokens(row.query_pieces, self.config.use_spacy)
-                note = "" if any(flags) else "no informative word in the question: saliency is flat, attention unchanged"
-                rows.append(GIFTRow(row.query_span, torch.tensor(flags, dtype=torch.bool), note))
+                rows.append(self._question_row(row))
         b, p, dev = state.batch_size, state.prompt_len, state.device
-        #: the rows GIFT acts on (an informative token in the question)
+        #: the rows GIFT acts on (an informative question token after the image)
         self._acting = [i for i, info in enumerate(rows) if info.acting]
         self._shifts: dict[int, dict[int, torch.Tensor]] = {}  # saliency layer -> batch row -> (N_img,)
         self._built = False
-        #: (B, P, 3) columns [image, M on the image, query span] and (B, 2, P) rows [(M - 1) on the image, span]
+        #: (B, P, 3) columns [image, M on the image, question] and (B, 2, P) rows [(M - 1) on the image, question]
         self._columns = self._buffers.zeros("columns", (b, p, 3), torch.float32, dev)
         self._update = self._buffers.zeros("update", (b, 2, p), torch.float32, dev)
         return GIFTRecord(self.alpha, rows, [r.image_positions for r in state.rows],
                           self._buffers.zeros("saliency", (b, p), torch.float32, dev),
                           self._buffers.zeros("has_map", (b,), torch.bool, dev))
+
+    def _question_row(self, row: RowLayout) -> GIFTRow:
+        """The question of an image row: its informative tokens, and the saliency rows among them."""
+        positions = row.query_positions
+        informative = torch.tensor(informative_tokens(row.query_pieces, self.config.use_spacy), dtype=torch.bool)
+        after = positions > row.image_positions[-1]
+        gaze = positions[informative & after]
+        note = ""
+        if not bool(after.any()):
+            note = ("the question precedes the image: under causal attention its tokens cannot attend to the image, "
+                    "so they show no gaze shift; no saliency, no boost (ask the question after the image)")
+        elif not len(gaze):
+            where = "" if bool(after.all()) else "'s text after the image"
+            note = f"no informative word in the question{where}: saliency is flat, attention unchanged"
+        return GIFTRow(positions, informative, gaze, note)
 
     # -- the capability -----------------------------------------------------------------------------
     def rows(self, block: Block, state: CallState) -> range | None:
@@ -214,9 +238,9 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         lo, hi = block.q_len, 0
         if layer in self._sal and not self._built:
             info = self.record.rows
-            starts = [state.previous_token(layer, b, info[b].span[0]) for b in self._acting]
-            lo = max(min(starts) - block.q_start, 0)  # from the token before the first span token
-            hi = min(max(info[b].span[1] for b in self._acting) - block.q_start, block.q_len)
+            starts = [state.previous_token(layer, b, int(info[b].gaze_rows[0])) for b in self._acting]
+            lo = max(min(starts) - block.q_start, 0)  # from the token before the first saliency row
+            hi = min(max(int(info[b].gaze_rows[-1]) for b in self._acting) + 1 - block.q_start, block.q_len)
         if layer in self._boost and block.phase is Phase.PREFILL:
             lo, hi = min(lo, block.q_len - 1), block.q_len
         return range(lo, hi) if lo < hi else None
@@ -241,12 +265,11 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         per_row = self._shifts.setdefault(layer, {})
         where = {p: k for k, p in enumerate(positions.tolist())}
         for b in self._acting:
-            info, row = self.record.rows[b], state.rows[b]
-            start, end = info.span
-            kept = [i for i, f in zip(range(start, end), info.informative.tolist()) if f]
-            before = state.previous_token(layer, b, start)  # pruning may have removed start - 1
-            cur = torch.tensor([where[i] for i in kept], device=probs.device)
-            prev = torch.tensor([where[i - 1 if i > start else before] for i in kept], device=probs.device)
+            gaze = self.record.rows[b].gaze_rows.tolist()
+            cur = torch.tensor([where[i] for i in gaze], device=probs.device)
+            # pruning may have removed i - 1 (an image token): the nearest earlier token still present
+            prev = torch.tensor([where[state.previous_token(layer, b, i)] for i in gaze], device=probs.device)
+            row = state.rows[b]
             a = probs[b][:, :, row.image_positions.to(probs.device)]  # (H, R, N_img)
             shift = (a[:, cur] - a[:, prev]).clamp_min(0)  # (H, kept rows, N_img)
             heads = shift.sum((1, 2)).topk(half(shift.shape[0])).indices
@@ -267,32 +290,32 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
             ok = hi > lo  # a flat map gives S_hat = 0, M = 1: nothing to boost (a tensor: no host read)
             s_hat = torch.where(ok, (s - lo) / torch.where(ok, hi - lo, 1.0), 0.0)
             image = state.rows[b].image_positions.to(s.device)
-            start, end = rec.rows[b].span
+            question = rec.rows[b].positions.to(s.device)
             rec.saliency_map[b, image] = s_hat
             rec.has_map[b] = ok
             m = torch.exp(self.alpha * s_hat)
             self._columns[b, image, 0] = 1.0
             self._columns[b, image, 1] = m
-            self._columns[b, start:end, 2] = 1.0
+            self._columns[b, question, 2] = 1.0
             self._update[b, 0, image] = (m - 1) * ok
-            self._update[b, 1, start:end] = ok.float()
+            self._update[b, 1, question] = ok.float()
 
     # -- boost ------------------------------------------------------------------------------------
     def _boost_rows(self, probs: torch.Tensor) -> None:
         """The boost of rows `probs` (B, H, R, K), all batch rows at once, in place.
 
-        columns @ A gives per (head, row) its image mass, boosted image mass sum A M and query-span
-        mass; the top floor(H/2) heads by image mass (vis) and by span mass (qry) are ranked on that
-        unmodified row. With r = sum_vis sum A M / sum_vis sum A over the image, each entry becomes
-        A_j f_j, f_j - 1 = vis (M_j - 1) [j in I] + qry (beta r - 1) [j in span], i.e. one product
-        [vis, qry (beta r - 1)] @ update; the row is divided by its new sum 1 + sum_j A_j (f_j - 1).
+        columns @ A gives per (head, row) its image mass, boosted image mass sum A M and question mass
+        (Q: the question's positions); the top floor(H/2) heads by image mass (vis) and by question mass
+        (qry) are ranked on that unmodified row. With r = sum_vis sum A M / sum_vis sum A over the
+        image, each entry becomes A_j f_j, f_j - 1 = vis (M_j - 1) [j in I] + qry (beta r - 1) [j in Q],
+        i.e. one product [vis, qry (beta r - 1)] @ update; the row is divided by its new sum 1 + sum_j A_j (f_j - 1).
         Unselected heads and rows without a map have f = 1 and a sum of exactly 1: they are unchanged.
         """
         b, h, r, _ = probs.shape
         p = self._columns.shape[1]
         a = probs[..., :p]
-        mass = torch.bmm(a.reshape(b, h * r, p), self._columns).view(b, h, r, 3)  # image, boosted image, span
-        ranked = mass[..., ::2]  # (B, H, R, 2): image and span mass, ranked over the heads at once
+        mass = torch.bmm(a.reshape(b, h * r, p), self._columns).view(b, h, r, 3)  # image, boosted image, question
+        ranked = mass[..., ::2]  # (B, H, R, 2): image and question mass, ranked over the heads at once
         kth = h - self._top + 1  # the top-th largest is the (H - top + 1)-th smallest
         coef = (ranked >= ranked.kthvalue(kth, dim=1, keepdim=True).values).float()  # [vis, qry] per (head, row)
         sums = (coef[..., :1] * mass[..., :2]).sum(1, keepdim=True)  # (B, 1, R, 2) over the vis heads
