@@ -11,6 +11,12 @@ Prefill or decoding step: a forward starts a new call when it brings no cache, a
 has not seen, or new tokens on an empty cache. A forward running inside `torch.compile` is a
 decoding step (transformers compiles only those), so a compiled step runs no Python bookkeeping.
 The layer hooks that read the prefill's hidden states exist only during the prefill.
+
+Padding: a forward takes a batch padded on either side (each row's real tokens come from its
+attention mask, see `vlmfix.state`). Generation continues every row after the prompt's last
+column, so a prefill handed a KV cache (what `generate` does) refuses right-padded rows with a
+`VlmfixError` naming `padding_side="left"`, before the decoder runs; `Attached.generate` refuses
+them before generate starts.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import nn
 
 from . import attention
 from .adapters import Adapter, get_adapter
+from .adapters.base import sides
 from .eager import additive_bias
 from .methods.base import (EditsRows, MethodConfig, MovesTokens, NeedsPrepass, Phase, ReadsInputs, ReplacesMask,
                            Runtime, Target)
@@ -53,6 +60,17 @@ def _text_config_key(config: Any, text_config: Any) -> str | None:
 
 class _Stop(Exception):
     """Ends a pre-pass after its last layer."""
+
+
+def _refuse_right_padding(rows: list[int]) -> None:
+    """Raise VlmfixError when batch rows `rows` are padded on the right of a prompt about to be generated from."""
+    if rows:
+        raise VlmfixError(
+            f"batch rows {rows} are padded on the right, and generation (a prefill handed a KV cache) continues "
+            "every row after the prompt's last column, i.e. after their padding: decoder-only generation needs "
+            "left padding. Build the inputs with processor(..., padding=True, padding_side=\"left\") (or set "
+            "processor.tokenizer.padding_side = \"left\"). A plain forward, model(**inputs), takes either side."
+        )
 
 
 def _cache_of(kwargs: dict) -> Any:
@@ -201,8 +219,13 @@ class Attached:
 
     # -- calls ------------------------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's generate. A batch padded on the right is refused before any work (generation
+        needs left padding); a plain `model.generate` is refused at its prefill."""
         if not self._attached:
             raise VlmfixError("this handle was detached; attach again with vlmfix.attach(model, processor, methods)")
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            _refuse_right_padding(sides(mask.cpu())[:, 1].nonzero().flatten().tolist())
         return self.model.generate(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -253,6 +276,8 @@ class Attached:
             inputs.setdefault("input_ids", args[0])
         ids = inputs.get("input_ids")
         rows = self.adapter.row_layouts(inputs)
+        if cache is not None:  # generation continues after the last column: a right-padded row cannot be right
+            _refuse_right_padding([r.index for r in rows if r.pad_right])
         if self.active:
             self.adapter.prepare_cache(cache)
         self.state = state = CallState(rows=rows, prompt_len=ids.shape[1], sink_dims=self.sink_dims, tau=self.tau,

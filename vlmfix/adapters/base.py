@@ -189,6 +189,9 @@ class Adapter:
     def row_layouts(self, inputs: Mapping[str, Any]) -> list[RowLayout]:
         """Per batch row: padding, visual-token positions and grid segments, newline tokens, the user-query span.
 
+        The padding comes from the attention mask, on either side: the row's real tokens run from its
+        first masked-in position to its last, and the query span ends by its last real token.
+
         Each image's tokens must sit at exactly its first token + `ImageLayout.offsets`; a
         VlmfixInputError says so otherwise, and when the prompt's visual tokens do not match the
         image / video features.
@@ -215,12 +218,9 @@ class Adapter:
         is_visual = torch.isin(input_ids, torch.tensor(self.visual_token_ids))
         rows: list[RowLayout] = []
         seq_len = input_ids.shape[1]
+        pads = torch.zeros(input_ids.shape[0], 2, dtype=torch.long) if attention_mask is None else sides(attention_mask)
         for b in range(input_ids.shape[0]):
-            if attention_mask is not None:
-                real = attention_mask[b].nonzero().flatten()
-                pad_left = int(real[0]) if len(real) else seq_len
-            else:
-                pad_left = 0
+            pad_left, pad_right = pads[b].tolist()
             positions = is_visual[b].nonzero().flatten()
             segments: list[ImageSegment] = []
             newlines: list[torch.Tensor] = []
@@ -246,7 +246,8 @@ class Adapter:
                     newlines.append(seg.newline_positions())
                 newlines.append(start + torch.tensor(lay.newlines, dtype=torch.long))
                 cursor += lay.length
-            query, pieces = self._query_span(input_ids[b], positions, seq_len) if len(positions) else (None, None)
+            end = seq_len - pad_right
+            query, pieces = self._query_span(input_ids[b], positions, end) if len(positions) else (None, None)
             rows.append(
                 RowLayout(
                     index=b,
@@ -257,26 +258,28 @@ class Adapter:
                     segments=tuple(segments),
                     query_span=query,
                     query_pieces=pieces,
+                    pad_right=pad_right,
                 )
             )
         return rows
 
     def _query_span(
-        self, ids: torch.Tensor, image_positions: torch.Tensor, seq_len: int
+        self, ids: torch.Tensor, image_positions: torch.Tensor, end: int
     ) -> tuple[tuple[int, int] | None, tuple[str, ...] | None]:
         """[start, end) of the user's own text after the last image token, up to the turn-end marker,
-        and the decoded pieces of its tokens (None without a tokenizer).
+        and the decoded pieces of its tokens (None without a tokenizer); `end` is the end of the row's
+        real tokens (right padding excluded).
 
         Tokens right after the image that hold no text (e.g. a vision-end marker) are skipped. Without a
-        tokenizer the span runs to the end of the prompt, a guess that only reports show: attach refuses
-        the methods that read the question's words (GIFT) without a tokenizer.
+        tokenizer the span runs to the end of the row's prompt, a guess that only reports show: attach
+        refuses the methods that read the question's words (GIFT) without a tokenizer.
         """
         start = int(image_positions[-1]) + 1
-        if start >= seq_len:
+        if start >= end:
             return None, None
         if self.tokenizer is None:
-            return (start, seq_len), None
-        tail = ids[start:].tolist()
+            return (start, end), None
+        tail = ids[start:end].tolist()
         pieces = [self.tokenizer.decode([t]) for t in tail]
         special = set(getattr(self.tokenizer, "all_special_ids", []))
         # skip leading special tokens / whitespace-only pieces (vision end marker, the newline after <image>)
@@ -311,6 +314,17 @@ def padding_mask(mask: Any, seq_len: int) -> torch.Tensor | None:
     if last.dtype != torch.bool:
         last = last > torch.finfo(last.dtype).min / 2
     return last.cpu()
+
+
+def sides(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 2): per row of a 2-D padding mask (B, seq_len), the padding positions before its first real token
+    and after its last, whichever side the processor padded ((seq_len, 0) for a row with no real token)."""
+    real = mask.bool()
+    seq_len = real.shape[1]
+    some = real.any(1)
+    left = torch.where(some, real.int().argmax(1), seq_len)
+    right = torch.where(some, real.flip(1).int().argmax(1), 0)
+    return torch.stack([left, right], 1)
 
 
 def feature_spans(
