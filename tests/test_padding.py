@@ -95,7 +95,8 @@ def row_records(state, row: int) -> dict:
 
 
 def assert_same(ours, alone, where: str) -> None:
-    """Records equal: numbers to 1e-5, everything else exactly."""
+    """Records equal: numbers to 1e-4 (a saliency map is min-max normalised: the batch's rounding grows), the
+    rest exactly."""
     if isinstance(ours, dict):
         assert ours.keys() == alone.keys(), where
         for key in ours:
@@ -106,9 +107,10 @@ def assert_same(ours, alone, where: str) -> None:
             assert_same(a, b, f"{where}[{k}]")
     elif isinstance(ours, torch.Tensor):
         assert alone is not None, where
-        assert torch.allclose(ours.float(), alone.float(), atol=1e-5, rtol=0, equal_nan=True), where
+        ours, alone = ours.float(), alone.float()
+        assert torch.allclose(ours, alone, atol=1e-4, rtol=0, equal_nan=True), f"{where}: {(ours - alone).abs().max()}"
     elif isinstance(ours, float):
-        assert ours == pytest.approx(alone, abs=1e-5, nan_ok=True), where
+        assert ours == pytest.approx(alone, abs=1e-4, nan_ok=True), where
     else:
         assert ours == alone, where
 
@@ -132,10 +134,13 @@ def test_padded_rows_equal_the_rows_alone(family, model, methods):
 def test_every_family_right_padded_rows_equal_alone(case):
     """The families of tests/families (images, and videos where the family takes them), VAR, GIFT and FastV
     together (in place where the family allows it)."""
-    module, model, kind, left = case
-    right = right_pad(left)
+    module, model, kind, _ = case
+    items = family_prompts(kind, module)
+    before, size, after = items[0]
+    items.append((before + [30] * 9, size, after))  # a longer copy of the first: some row is padded
+    right = right_pad(batch_of(module.NAME, kind, model, items))
     assert bool((right["attention_mask"][:, -1] == 0).any()), "the batch must be padded on the right"
-    alone = [batch_of(module.NAME, kind, model, [p]) for p in family_prompts(kind, module)]
+    alone = [batch_of(module.NAME, kind, model, [p]) for p in items]
     form = "inplace" if module.PRUNE_IN_PLACE else "mask"
     methods = [vlmfix.VAR(**VAR_TINY), vlmfix.GIFT(**GIFT_TINY), vlmfix.FastVPrune(layer=2, keep=4, form=form)]
     with vlmfix.attach(model, tokenizer(), methods, sink_dims=[0, 1]) as fixed:

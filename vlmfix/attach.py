@@ -400,6 +400,9 @@ def attach(
     (anything with `decode` and `convert_tokens_to_ids`): either gives the tokenizer (the user-query
     span and its words, sink-dim discovery) and is checked against the model. A method that reads
     the question's words (GIFT) is refused without one.
+
+    A forward takes a batch padded on either side (each row's real tokens come from its attention
+    mask); generation needs left padding, and a right-padded batch is refused with a VlmfixError.
     """
     if methods is None:
         methods = ()

@@ -159,14 +159,12 @@ class Rows(NamedTuple):
     """The block rows computed in eager form for one layer call (the union of what the runtimes asked).
 
     `index`: a slice or a (R,) index into the block's rows; `positions`: their prompt positions as a
-    CPU tensor (None at a decoding step, where the rows are the whole block); `count`: R; `last`: the
-    last row's block index (a Python int, so that no method reads it from a tensor).
+    CPU tensor (None at a decoding step, where the rows are the whole block); `count`: R.
     """
 
     index: slice | torch.Tensor
     positions: torch.Tensor | None
     count: int
-    last: int
 
 
 @dataclass
@@ -300,7 +298,8 @@ class CallState:
         return self._cache[key]
 
     def real_mask(self, device: torch.device | None = None) -> torch.Tensor:
-        """(B, prompt_len) bool: True from each row's first real token to its last (on `device`, default the model's)."""
+        """(B, prompt_len) bool: True from each row's first real token to its last (on `device`, default the
+        model's)."""
         device = self.device if device is None else torch.device(device)
         key = ("real", device)
         if key not in self._cache:

@@ -3,8 +3,8 @@
 One scoring path for both: at each stage layer L, the image tokens still present are scored by the
 attention they receive at layer L - 1 (fp32 eager rows, averaged over heads): FastV from each batch
 row's last real token (the last prompt token, or the one before a right-padded row's padding),
-multi-stage from the mean over the row's text query rows after the image (padding excluded). The top tokens
-(optionally after `Debias`) are kept and the rest dropped from layer L on.
+multi-stage from the mean over the row's text query rows after the image (padding excluded). The
+top tokens (optionally after `Debias`) are kept and the rest dropped from layer L on.
 
 Forms:
 - "inplace": dropped tokens leave the hidden states at layer L (a forward pre-hook slices them),

@@ -237,7 +237,7 @@ class VARRuntime(Runtime, EditsRows):
         sums = torch.bmm(columns, flat.transpose(1, 2))
         limit, zero = self._constants(probs.device)
         chosen = (sums[:, :3] >= limit).all(1, keepdim=True)  # (B, 1, H * R)
-        if block.phase is Phase.PREFILL:  # prompt rows before a batch row's image end, and padding, stay as they are
+        if block.phase is Phase.PREFILL:  # rows up to a row's image end, and its padding, stay as they are
             chosen = chosen & self._rows_after_image(state, rows, h, probs.device)
         # [1, sum_sources A / sum_N A] for chosen pairs, 0 for the others (whose NaN when sum_N A = 0 is dropped)
         ratio = sums[:, 2:]
