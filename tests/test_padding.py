@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_families import batch_of, case  # noqa: F401 (case: the families' fixture)
 from test_families import prompts as family_prompts
-from tiny import FAMILIES, chat_after, make_batch, make_model, right_pad, tokenizer
+from tiny import chat_after, make_batch, make_model, right_pad, tokenizer
 
 import vlmfix
 from vlmfix.adapters import get_adapter
@@ -115,17 +115,31 @@ def assert_same(ours, alone, where: str) -> None:
         assert ours == alone, where
 
 
+def assert_rows_alone(fixed, batch: dict, singles: list[dict], atol: float = 1e-5,
+                      around=lambda rows: contextlib.nullcontext()) -> torch.Tensor:
+    """Each row of `batch` gives, at its last real token, the logits (to `atol`) and the records of its prompt
+    alone (`singles[b]`); `around(rows)`: a context for a forward over `rows` batch rows. Returns the batch's
+    logits there."""
+    alone = []
+    for single in singles:
+        with around(1):
+            alone.append(forward(fixed, single))
+    with around(len(singles)):
+        got, state = forward(fixed, batch)
+    padded = "right" if bool((batch["attention_mask"][:, -1] == 0).any()) else "left"
+    for b, (logits, single) in enumerate(alone):
+        err = (got[b] - logits[0]).abs().max()
+        assert err <= atol, f"{padded}-padded row {b}: logits differ from the row alone by {err:.3g}"
+        assert_same(row_records(state, b), row_records(single, 0), f"{padded}-padded row {b}")
+    return got
+
+
 @pytest.mark.parametrize("methods", list(METHODS))
 def test_padded_rows_equal_the_rows_alone(family, model, methods):
     data = batches(family, model)
     with vlmfix.attach(model, tokenizer(), METHODS[methods](), sink_dims=[0, 1]) as fixed:
-        alone = [forward(fixed, single) for single in data["alone"]]
-        for side in ("left", "right"):
-            got, state = forward(fixed, data[side])
-            for b, (logits, single) in enumerate(alone):
-                err = (got[b] - logits[0]).abs().max()
-                assert err <= 1e-5, f"{side}-padded row {b}: logits differ from the row alone by {err:.3g}"
-                assert_same(row_records(state, b), row_records(single, 0), f"{side}-padded row {b}")
+        assert_rows_alone(fixed, data["left"], data["alone"])
+        got = assert_rows_alone(fixed, data["right"], data["alone"])
     with torch.no_grad():
         plain = model(**data["right"]).logits[torch.arange(3), last_real(data["right"])]
     assert float((plain - got)[:2].abs().max()) > 1e-3, "the methods must act on the image rows"
@@ -140,16 +154,10 @@ def test_every_family_right_padded_rows_equal_alone(case):
     items.append((before + [30] * 9, size, after))  # a longer copy of the first: some row is padded
     right = right_pad(batch_of(module.NAME, kind, model, items))
     assert bool((right["attention_mask"][:, -1] == 0).any()), "the batch must be padded on the right"
-    alone = [batch_of(module.NAME, kind, model, [p]) for p in items]
     form = "inplace" if module.PRUNE_IN_PLACE else "mask"
     methods = [vlmfix.VAR(**VAR_TINY), vlmfix.GIFT(**GIFT_TINY), vlmfix.FastVPrune(layer=2, keep=4, form=form)]
     with vlmfix.attach(model, tokenizer(), methods, sink_dims=[0, 1]) as fixed:
-        got, state = forward(fixed, right)
-        for b, single in enumerate(alone):
-            logits, single_state = forward(fixed, single)
-            err = (got[b] - logits[0]).abs().max()
-            assert err <= 1e-5, f"row {b}: logits differ from the row alone by {err:.3g}"
-            assert_same(row_records(state, b), row_records(single_state, 0), f"row {b}")
+        assert_rows_alone(fixed, right, [batch_of(module.NAME, kind, model, [p]) for p in items])
 
 
 def test_row_layouts_read_the_padding_from_the_mask(family, model):
@@ -195,14 +203,15 @@ def test_generate_refuses_right_padding_before_any_work(family, model, methods):
     data = batches(family, model)
     settings = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
     configs = [m for name in methods for m in METHODS[name]()]
+    refused = r'batch rows \[0, 2\] are padded on the right.*padding_side="left"'
     with Calls(model) as forwards, vlmfix.attach(model, tokenizer(), configs) as fixed:
-        layer = Calls(fixed.adapter.decoder_layers[0])
-        with layer, pytest.raises(VlmfixError, match=r'batch rows \[0, 2\].*padding_side="left"'):
+        first = fixed.adapter.decoder_layers[0]
+        with Calls(first) as layer, pytest.raises(VlmfixError, match=refused):
             fixed.generate(**data["right"], **settings)
         assert forwards.count == 0 and layer.count == 0, "fixed.generate ran before refusing"
-        with layer, pytest.raises(VlmfixError, match=r'batch rows \[0, 2\].*padding_side="left"'):
+        with Calls(first) as layer, pytest.raises(VlmfixError, match=refused):
             model.generate(**data["right"], **settings)
-        assert layer.count == 0, "the prefill ran before refusing"
+        assert forwards.count == 1 and layer.count == 0, "the prefill ran its decoder before refusing"
         # the same handle then generates from left-padded and unpadded (equal-length) batches
         fixed.generate(**data["left"], **settings)
         out = model.generate(**make_batch(family, model, [prompts()[1]] * 2), **settings)
@@ -222,26 +231,11 @@ def test_a_right_padded_forward_handed_a_cache_is_refused():
 
 # -- the SmolLM2 LLaVA and the demo VLM --------------------------------------------------------------
 def smol_batches(processor, images, texts) -> dict:
-    return {"right": dict(processor(images=images, text=texts, return_tensors="pt", padding=True,
-                                    padding_side="right")),
+    """{"right": the prompts right-padded into one batch, "alone": each prompt alone}."""
+    right = dict(processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="right"))
+    assert bool((right["attention_mask"][:, -1] == 0).any()), "the batch must be padded on the right"
+    return {"right": right,
             "alone": [dict(processor(images=i, text=t, return_tensors="pt")) for i, t in zip(images, texts)]}
-
-
-def assert_rows_alone(model, processor, data, methods, around=lambda rows: contextlib.nullcontext()) -> None:
-    """Each row of the right-padded batch gives the logits and records of the row alone; `around(rows)`: a
-    context for a forward over `rows` batch rows."""
-    with vlmfix.attach(model, processor, methods) as fixed:
-        alone = []
-        for single in data["alone"]:
-            with around(1):
-                alone.append(forward(fixed, single))
-        with around(len(alone)):
-            got, state = forward(fixed, data["right"])
-    assert bool((data["right"]["attention_mask"][:, -1] == 0).any()), "the batch must be padded on the right"
-    for b, (logits, single) in enumerate(alone):
-        err = (got[b] - logits[0]).abs().max()
-        assert err <= 1e-4, f"row {b}: logits differ from the row alone by {err:.3g}"
-        assert_same(row_records(state, b), row_records(single, 0), f"row {b}")
 
 
 @pytest.mark.smollm2
@@ -270,7 +264,8 @@ def test_smol_llava_right_padded_rows_equal_alone(small_smol_llava, methods):
             return contextlib.nullcontext()
         return planted_sinks(model, processor.tokenizer, {b: [0, 5, 70, 140] for b in range(rows)})
 
-    assert_rows_alone(model, processor, data, make(), around)
+    with vlmfix.attach(model, processor, make()) as fixed:
+        assert_rows_alone(fixed, data["right"], data["alone"], 1e-4, around)
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +287,7 @@ def test_demo_right_padded_rows_equal_alone_and_generate_refuses(demo):
     assert bool((default["attention_mask"][:, -1] == 0).any()), "the demo processor pads on the right"
     data = smol_batches(processor, images, texts)
     for methods in ([vlmfix.GIFT()], [vlmfix.FastVPrune(keep=32, form="mask")]):
-        assert_rows_alone(model, processor, data, methods)
-    with vlmfix.attach(model, processor, vlmfix.GIFT()) as fixed:
-        with pytest.raises(VlmfixError, match='padding_side="left"'):
-            fixed.generate(**default, max_new_tokens=2)
+        with vlmfix.attach(model, processor, methods) as fixed:
+            assert_rows_alone(fixed, data["right"], data["alone"], 1e-4)
+            with pytest.raises(VlmfixError, match='padding_side="left"'):
+                fixed.generate(**default, max_new_tokens=2)
