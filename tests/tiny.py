@@ -91,6 +91,18 @@ def left_pad(seqs: list[list[int]]) -> dict:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
+def right_pad(batch: dict) -> dict:
+    """The left-padded `batch` (any family's) padded on the right instead: each row's real tokens moved to
+    its start, with every per-token input (input_ids, attention_mask, token type ids) moved alike."""
+    mask = batch["attention_mask"]
+    shift = (mask == 0).sum(1)
+    out = dict(batch)
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+            out[key] = torch.stack([row.roll(-int(k)) for row, k in zip(value, shift)])
+    return out
+
+
 def make_batch(family: str, model, prompts: list[tuple[list[int], tuple[int, int] | None, list[int]]]) -> dict:
     """Left-padded batch. Each prompt: (text before the image, image size or None, text after)."""
     seqs, pixels = [], []

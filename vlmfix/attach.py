@@ -18,6 +18,12 @@ get their own correct result. A forward that reaches the attached model while an
 forward runs on it, or a decoding step of a call whose state another thread's prefill replaced (plain
 `model.generate` from two threads at once), is refused with a `VlmfixError`: never a mixed state.
 Compiled decoding steps run no Python hooks, so there only `fixed.generate` guards the turns.
+
+Padding: a forward takes a batch padded on either side (each row's real tokens come from its
+attention mask, see `vlmfix.state`). Generation continues every row after the prompt's last
+column, so a prefill handed a KV cache (what `generate` does) refuses right-padded rows with a
+`VlmfixError` naming `padding_side="left"`, before the decoder runs; `Attached.generate` refuses
+them before generate starts.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch import nn
 
 from . import attention
 from .adapters import Adapter, get_adapter
+from .adapters.base import sides
 from .eager import additive_bias
 from .methods.base import (EditsRows, MethodConfig, MovesTokens, NeedsPrepass, Phase, ReadsInputs, ReplacesMask,
                            Runtime, Target)
@@ -61,6 +68,17 @@ def _text_config_key(config: Any, text_config: Any) -> str | None:
 
 class _Stop(Exception):
     """Ends a pre-pass after its last layer."""
+
+
+def _refuse_right_padding(rows: list[int]) -> None:
+    """Raise VlmfixError when batch rows `rows` are padded on the right of a prompt about to be generated from."""
+    if rows:
+        raise VlmfixError(
+            f"batch rows {rows} are padded on the right, and generation (a prefill handed a KV cache) continues "
+            "every row after the prompt's last column, i.e. after their padding: decoder-only generation needs "
+            "left padding. Build the inputs with processor(..., padding=True, padding_side=\"left\") (or set "
+            "processor.tokenizer.padding_side = \"left\"). A plain forward, model(**inputs), takes either side."
+        )
 
 
 def _cache_of(kwargs: dict) -> Any:
@@ -226,8 +244,13 @@ class Attached:
             raise VlmfixError("this handle was detached; attach again with vlmfix.attach(model, processor, methods)")
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The model's `generate` with the methods; calls from several threads take turns."""
+        """The model's `generate` with the methods; calls from several threads take turns. A batch padded on
+        the right is refused before any work (generation needs left padding); a plain `model.generate` is
+        refused at its prefill."""
         self._check_attached()
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            _refuse_right_padding(sides(mask.cpu())[:, 1].nonzero().flatten().tolist())
         with self._turn:
             return self.model.generate(*args, **kwargs)
 
@@ -318,6 +341,8 @@ class Attached:
             inputs.setdefault("input_ids", args[0])
         ids = inputs.get("input_ids")
         rows = self.adapter.row_layouts(inputs)
+        if cache is not None:  # generation continues after the last column: a right-padded row cannot be right
+            _refuse_right_padding([r.index for r in rows if r.pad_right])
         if self.active:
             self.adapter.prepare_cache(cache)
         self.state = state = CallState(rows=rows, prompt_len=ids.shape[1], sink_dims=self.sink_dims, tau=self.tau,
@@ -449,6 +474,9 @@ def attach(
     (anything with `decode` and `convert_tokens_to_ids`): either gives the tokenizer (the user's
     question, the last user turn's text, and its words; sink-dim discovery) and is checked against the model. A method that reads
     the question's words (GIFT) is refused without one.
+
+    A forward takes a batch padded on either side (each row's real tokens come from its attention
+    mask); generation needs left padding, and a right-padded batch is refused with a VlmfixError.
     """
     if methods is None:
         methods = ()

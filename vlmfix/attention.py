@@ -156,4 +156,4 @@ def union_rows(ranges: list[range], block: Block) -> Rows:
         index = torch.tensor(merged)
         if block.q_start is not None:
             positions = index + block.q_start
-    return Rows(index, positions, len(merged), merged[-1])
+    return Rows(index, positions, len(merged))

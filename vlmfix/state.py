@@ -2,7 +2,14 @@
 
 A `CallState` is created when a forward starts on an empty cache (the prefill) and replaced at the
 next prefill; nothing in it outlives that or is shared between models. Positions are absolute
-column indices in the (left-padded) prompt, which are also the key indices of the KV cache.
+column indices in the padded prompt, which are also the key indices of the KV cache.
+
+Padding, either side: each row's real tokens are those its attention mask marks, from its first
+real token (`RowLayout.pad_left`) to its last (`RowLayout.last`; `pad_right` padding positions
+follow it). Methods read a row's prompt up to its last real token and act on that token where
+they act on "the last prompt position" (its next-token logits), so a left- or right-padded batch
+gives each row what the row gives alone. Generation needs left padding (attach refuses a
+right-padded prefill that is handed a cache).
 
 Everything a decoding step reads from here is a tensor on the model's device (image mask, sink
 masks): it is built during the prefill, and a decoding step never reads a value on the host.
@@ -74,7 +81,9 @@ class ImageSegment:
 
 @dataclass
 class RowLayout:
-    """The spans of one batch row of the prompt."""
+    """The spans of one batch row of the prompt, and where its real tokens are (from the attention mask):
+    `pad_left` padding positions before its first real token, `pad_right` after its last (a row the mask
+    leaves empty has pad_left = prompt_len)."""
 
     index: int
     pad_left: int
@@ -87,6 +96,12 @@ class RowLayout:
     query_positions: torch.Tensor | None
     #: the decoded tokens at `query_positions`
     query_pieces: tuple[str, ...] | None = None
+    pad_right: int = 0
+
+    @property
+    def last(self) -> int:
+        """The position of the row's last real token, whose logits predict the row's next token."""
+        return self.prompt_len - 1 - self.pad_right
 
     @property
     def has_image(self) -> bool:
@@ -160,14 +175,12 @@ class Rows(NamedTuple):
     """The block rows computed in eager form for one layer call (the union of what the runtimes asked).
 
     `index`: a slice or a (R,) index into the block's rows; `positions`: their prompt positions as a
-    CPU tensor (None at a decoding step, where the rows are the whole block); `count`: R; `last`: the
-    last row's block index (a Python int, so that no method reads it from a tensor).
+    CPU tensor (None at a decoding step, where the rows are the whole block); `count`: R.
     """
 
     index: slice | torch.Tensor
     positions: torch.Tensor | None
     count: int
-    last: int
 
 
 @dataclass
@@ -199,10 +212,23 @@ class CallState:
     def batch_size(self) -> int:
         return len(self.rows)
 
-    def after_image_starts(self) -> torch.Tensor:
-        """(B,) CPU: the first position after each row's image; prompt_len (after every prompt row) for a
-        text-only row."""
-        return torch.tensor([r.after_image if r.has_image else self.prompt_len for r in self.rows])
+    def last_tokens(self) -> torch.Tensor:
+        """(B,) CPU: the position of each row's last real token (`RowLayout.last`)."""
+        return torch.tensor([r.last for r in self.rows])
+
+    @property
+    def last_range(self) -> range:
+        """The prompt positions from the first to the last of the rows' last real tokens (plain ints: no host
+        read); one position unless some row is right-padded."""
+        lasts = [r.last for r in self.rows]
+        return range(min(lasts), max(lasts) + 1)
+
+    def text_after_image(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, R) CPU bool: whether prompt position `positions[i]` (R,) holds text after batch row b's image,
+        from the first position after the image to the row's last real token (right padding excluded);
+        all False in a text-only row."""
+        starts = torch.tensor([r.after_image if r.has_image else self.prompt_len for r in self.rows])
+        return (positions[None, :] >= starts[:, None]) & (positions[None, :] <= self.last_tokens()[:, None])
 
     @property
     def first_after_image(self) -> int | None:
@@ -287,11 +313,22 @@ class CallState:
             self._cache[key] = mask.to(device)
         return self._cache[key]
 
+    def real_mask(self, device: torch.device | None = None) -> torch.Tensor:
+        """(B, prompt_len) bool: True from each row's first real token to its last (on `device`, default the
+        model's)."""
+        device = self.device if device is None else torch.device(device)
+        key = ("real", device)
+        if key not in self._cache:
+            pos = torch.arange(self.prompt_len)
+            first = torch.tensor([r.pad_left for r in self.rows])
+            self._cache[key] = ((pos >= first[:, None]) & (pos <= self.last_tokens()[:, None])).to(device)
+        return self._cache[key]
+
     def sink_mask(self, layer: int, tau: float | str | None = None) -> torch.Tensor | None:
-        """(B, prompt_len) bool on phi's device: tokens whose sink score at `layer` exceeds the
-        threshold (strict); None if sinks were not tracked. Layers 0 and 1 have no sinks by
-        definition (all False). tau: a number, or "bos:F" for F x the phi of each row's first
-        (non-padding) token."""
+        """(B, prompt_len) bool on phi's device: real tokens (never padding) whose sink score at `layer`
+        exceeds the threshold (strict); None if sinks were not tracked. Layers 0 and 1 have no sinks
+        by definition (all False). tau: a number, or "bos:F" for F x the phi of each row's first
+        real token."""
         tau = self.tau if tau is None else tau
         if layer < 2:
             return torch.zeros(self.batch_size, self.prompt_len, dtype=torch.bool, device=self.device)
@@ -301,7 +338,7 @@ class CallState:
         key = ("sinks", layer, tau)
         if key not in self._cache:
             first = torch.tensor([r.pad_left for r in self.rows]).clamp(max=self.prompt_len - 1)
-            self._cache[key] = above_threshold(phi, tau, first.to(phi.device))
+            self._cache[key] = above_threshold(phi, tau, first.to(phi.device)) & self.real_mask(phi.device)
         return self._cache[key]
 
     def sinks(self, layer: int, row: int, tau: float | str | None = None) -> torch.Tensor:
@@ -325,6 +362,7 @@ class CallState:
         out["rows"] = [
             {
                 "pad_left": r.pad_left,
+                "pad_right": r.pad_right,
                 "image_tokens": len(r.image_positions),
                 "grids": [(s.rows, s.cols) for s in r.segments],
                 "newline_tokens": len(r.newline_positions),

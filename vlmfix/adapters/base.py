@@ -199,6 +199,9 @@ class Adapter:
         """Per batch row: padding, visual-token positions and grid segments, newline tokens, the user's
         question (`question`).
 
+        The padding comes from the attention mask, on either side: the row's real tokens run from its
+        first masked-in position to its last, and the question ends by its last real token.
+
         Each image's tokens must sit at exactly its first token + `ImageLayout.offsets`; a
         VlmfixInputError says so otherwise, and when the prompt's visual tokens do not match the
         image / video features.
@@ -225,12 +228,9 @@ class Adapter:
         is_visual = torch.isin(input_ids, torch.tensor(self.visual_token_ids))
         rows: list[RowLayout] = []
         seq_len = input_ids.shape[1]
+        pads = torch.zeros(input_ids.shape[0], 2, dtype=torch.long) if attention_mask is None else sides(attention_mask)
         for b in range(input_ids.shape[0]):
-            if attention_mask is not None:
-                real = attention_mask[b].nonzero().flatten()
-                pad_left = int(real[0]) if len(real) else seq_len
-            else:
-                pad_left = 0
+            pad_left, pad_right = pads[b].tolist()
             positions = is_visual[b].nonzero().flatten()
             segments: list[ImageSegment] = []
             newlines: list[torch.Tensor] = []
@@ -261,7 +261,8 @@ class Adapter:
                     newlines.append(seg.newline_positions())
                 newlines.append(start + torch.tensor(lay.newlines, dtype=torch.long))
                 cursor += lay.length
-            question = self.question(input_ids[b], pad_left, extents)
+            end = seq_len - pad_right
+            question = self.question(input_ids[b], pad_left, extents, end)
             rows.append(
                 RowLayout(
                     index=b,
@@ -272,12 +273,14 @@ class Adapter:
                     segments=tuple(segments),
                     query_positions=None if question is None else question[0],
                     query_pieces=None if question is None else question[1],
+                    pad_right=pad_right,
                 )
             )
         return rows
 
     def question(
-        self, ids: torch.Tensor, pad_left: int = 0, visual_extents: Sequence[tuple[int, int]] = ()
+        self, ids: torch.Tensor, pad_left: int = 0, visual_extents: Sequence[tuple[int, int]] = (),
+        end: int | None = None,
     ) -> tuple[torch.Tensor, tuple[str, ...]] | None:
         """The user's question in one prompt row `ids` (1-D, on the CPU): (the sorted positions of its tokens,
         their decoded pieces), or None when no tokenizer was given (the question is then unknown, and
@@ -293,11 +296,11 @@ class Adapter:
         or video (`visual_extents`: [first, last] positions; tile separators, frame timestamps), text of
         `processor_text`, and whitespace-only tokens at either edge of a stretch of text (the newline a
         template writes after an image). Text pieces around an image give positions that are not
-        contiguous.
+        contiguous. The row's real tokens run from `pad_left` to `end` (exclusive; right padding after).
         """
         if self.tokenizer is None:
             return None
-        tail = ids[pad_left:].tolist()
+        tail = ids[pad_left:end].tolist()
         decoded = {t: self.tokenizer.decode([t]) for t in set(tail)}
         pieces = [decoded[t] for t in tail]
         ends = list(accumulate(map(len, pieces), initial=0))
@@ -338,6 +341,17 @@ def padding_mask(mask: Any, seq_len: int) -> torch.Tensor | None:
     if last.dtype != torch.bool:
         last = last > torch.finfo(last.dtype).min / 2
     return last.cpu()
+
+
+def sides(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 2): per row of a 2-D padding mask (B, seq_len), the padding positions before its first real token
+    and after its last, whichever side the processor padded ((seq_len, 0) for a row with no real token)."""
+    real = mask.bool()
+    seq_len = real.shape[1]
+    some = real.any(1)
+    left = torch.where(some, real.int().argmax(1), seq_len)
+    right = torch.where(some, real.flip(1).int().argmax(1), 0)
+    return torch.stack([left, right], 1)
 
 
 def feature_spans(

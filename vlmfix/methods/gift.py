@@ -12,7 +12,8 @@ image cannot attend to it, so it shows no gaze shift) and the image columns j:
   per layer keep the top floor(H/2) heads by sum_{i,j} dA; S_j = mean over layers, kept heads and
   kept rows of dA[., ., ., j]; clamp S to mean +- 3 std (population), min-max to [0, 1] -> S_hat
   (0 when flat), M_j = exp(alpha * S_hat_j) in [1, e^alpha].
-Boost, in each boost layer on the last query row (each decoding step and the last prompt position):
+Boost, in each boost layer on the last query row (each decoding step, and at the prefill each batch
+row's last real token: the last prompt position, or before a right-padded row's padding):
   top floor(H/2) heads by image attention: A'_hj = A_hj * M_j on image columns;
   r = sum of A' / sum of A over those heads and image columns;
   top floor(H/2) heads by attention to the question (all its tokens, before the image too): those entries
@@ -241,8 +242,9 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
             starts = [state.previous_token(layer, b, int(info[b].gaze_rows[0])) for b in self._acting]
             lo = max(min(starts) - block.q_start, 0)  # from the token before the first saliency row
             hi = min(max(int(info[b].gaze_rows[-1]) for b in self._acting) + 1 - block.q_start, block.q_len)
-        if layer in self._boost and block.phase is Phase.PREFILL:
-            lo, hi = min(lo, block.q_len - 1), block.q_len
+        if layer in self._boost and block.phase is Phase.PREFILL:  # each batch row's last real token
+            last = state.last_range
+            lo, hi = min(lo, last.start - block.q_start), max(hi, last.stop - block.q_start)
         return range(lo, hi) if lo < hi else None
 
     def edit(self, block: Block, state: CallState, rows: Rows, probs: torch.Tensor) -> torch.Tensor:
@@ -256,8 +258,12 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
                 self._build_map(state)
             if block.phase is Phase.DECODE:
                 self._boost_rows(probs)
-            elif rows.last + block.q_start == state.prompt_len - 1:  # the last prompt position
-                self._boost_rows(probs[:, :, -1:])
+            else:  # the prefill: each batch row's last real token (rows asks for them all)
+                batch = torch.arange(probs.shape[0], device=probs.device)
+                at = torch.searchsorted(rows.positions, state.last_tokens()).to(probs.device)
+                last = probs[batch, :, at].unsqueeze(2)  # (B, H, 1, K)
+                self._boost_rows(last)
+                probs[batch, :, at] = last.squeeze(2)
         return probs
 
     # -- saliency (prefill or pre-pass, once per call) ----------------------------------------------

@@ -1,9 +1,10 @@
 """Attention-based visual token pruning: FastV and multi-stage (PyramidDrop-style).
 
 One scoring path for both: at each stage layer L, the image tokens still present are scored by the
-attention they receive at layer L - 1 (fp32 eager rows, averaged over heads): FastV from the last
-prompt token, multi-stage from the mean over the text query rows after the image. The top tokens
-(optionally after `Debias`) are kept and the rest dropped from layer L on.
+attention they receive at layer L - 1 (fp32 eager rows, averaged over heads): FastV from each batch
+row's last real token (the last prompt token, or the one before a right-padded row's padding),
+multi-stage from the mean over the row's text query rows after the image (padding excluded). The
+top tokens (optionally after `Debias`) are kept and the rest dropped from layer L on.
 
 Forms:
 - "inplace": dropped tokens leave the hidden states at layer L (a forward pre-hook slices them),
@@ -34,7 +35,8 @@ layer at or before a saliency layer) does not prune: saliency read there is the 
 
 A query row left with no key it may attend to (left padding) attends to itself, so it cannot give
 NaN. While a pruner is attached, a plain forward over a prompt returns logits for the kept slots
-only (generate only reads the last one).
+only (generate only reads the last one); a row's last real token sits in the slot whose position
+(the last stage's `SlotMap.pos`) is the row's `RowLayout.last`.
 
 Described, with its choices and defaults, in docs/methods.md ("Token pruning and its debiasing").
 """
@@ -222,25 +224,25 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
     def rows(self, block: Block, state: CallState) -> range | None:
         if block.phase is not Phase.PREFILL or not self.record.active or block.layer + 1 not in self.layers:
             return None
-        if self.scoring == "last":
-            return range(block.q_len - 1, block.q_len)
-        first = state.first_after_image - block.q_start
-        return range(first, block.q_len) if first < block.q_len else None
+        last = state.last_range
+        if self.scoring == "last":  # each batch row's last real token
+            return range(last.start - block.q_start, last.stop - block.q_start)
+        first, stop = state.first_after_image - block.q_start, last.stop - block.q_start
+        return range(first, stop) if first < stop else None
 
     def edit(self, block: Block, state: CallState, rows: Rows, probs: torch.Tensor) -> torch.Tensor:
-        """Score image positions: mean over heads, then over the scoring rows of each batch row (the
-        last prompt token, or the text after that row's image; other methods' rows are ignored);
-        reads `probs`, changes nothing."""
+        """Score image positions: mean over heads, then over the scoring rows of each batch row (its
+        last real token, or its text after the image up to that token; other methods' rows and
+        padding are ignored); reads `probs`, changes nothing."""
         if block.phase is not Phase.PREFILL or block.layer + 1 not in self.layers:
             return probs
         stage = self.layers.index(block.layer + 1)
         prev = state.slot_map(block.layer) or self._start
         p = state.prompt_len
         if self.scoring == "last":
-            start = torch.full((state.batch_size,), p - 1)
+            weights = (rows.positions[None, :] == state.last_tokens()[:, None]).float()  # (B, R)
         else:
-            start = state.after_image_starts()
-        weights = (rows.positions[None, :] >= start[:, None]).float()  # (B, R)
+            weights = state.text_after_image(rows.positions).float()
         per_head = probs[..., :p].mean(1).cpu()  # (B, R, P): the one host read of a stage
         scores = (per_head * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
         self._select(state, stage, scores * prev.alive, prev)
@@ -418,7 +420,7 @@ def _check_ratio(owner: str, ratio: float) -> None:
 class FastVPrune(MethodConfig):
     """FastV (paper: layer 2; budgets of 64 / 128 / 192 of LLaVA-1.5's 576).
 
-    - layer: K; tokens are scored at layer K - 1 by the last prompt token and dropped from K on;
+    - layer: K; tokens are scored at layer K - 1 by each row's last real token and dropped from K on;
     - keep: image tokens kept per image row (128 when neither keep nor keep_ratio is given); or
       keep_ratio in (0, 1], the share of each row's image tokens (not both);
     - debias: a `Debias()` or None; form: "inplace" (speed) or "mask" (reference; the form that

@@ -1,7 +1,8 @@
 """A report probe: how much of the image attention lands on visual sinks (Kang et al., ICLR 2025,
 Sec. 3: visual sinks soak up attention without carrying content). It changes no output.
 
-For each layer l >= 2 and batch row, over the prompt's text rows after the image and all heads:
+For each layer l >= 2 and batch row, over the prompt's text rows after the image (up to the row's
+last real token) and all heads:
 share_l = sum A[i, V_l] / sum A[i, I] (V_l the visual sinks, I the image tokens); NaN for a row
 without an image, or whose image got no attention.
 """
@@ -50,7 +51,7 @@ class SinkShareRuntime(Runtime, EditsRows):
         tau = self.target.tau if self.config.tau is None else self.config.tau
         sinks = state.sink_mask(block.layer, tau).to(probs.device)
         image = state.image_mask(probs.device)
-        weight = (rows.positions[None, :] >= state.after_image_starts()[:, None]).to(probs)  # (B, R)
+        weight = state.text_after_image(rows.positions).to(probs)  # (B, R)
         p = state.prompt_len
         per_key = (probs[..., :p].sum(1) * weight[..., None]).sum(1)  # (B, P)
         on_image = (per_key * image).sum(-1)

@@ -13,7 +13,7 @@ non-sinks N_l = I \\ V_l:
   nothing moves when sum_N A = 0. Rows still sum to 1.
 
 Applies in layers 2 .. L-2 (or `layers`), on prefill rows from the first token after the last
-image token to the end of the prompt, and on every decoding step.
+image token to the row's last real token (right padding is left alone), and on every decoding step.
 
 Cost: the sets become, per layer and once per call, two small matrices over the prompt positions
 (`VARRuntime._prepare`), so that selecting and redistributing every (head, row) pair of a layer
@@ -232,7 +232,7 @@ class VARRuntime(Runtime, EditsRows):
 
         One product gives each pair's t, m, sum_N A, sum_sources A (see `_prepare`); the pair is
         chosen iff t >= -(1 - rho) 1e-6, m >= m_min and sum_N A > 0 (and, at the prefill, its row
-        comes after the batch row's image). A chosen pair's prompt entries become
+        is text after the batch row's image, not padding). A chosen pair's prompt entries become
         A'_j = A_j * (1 - p [j in sources] + p [j in N_l] sum_sources A / sum_N A),
         the bracket minus 1 being a second product; other pairs are left exactly as they are.
         """
@@ -245,7 +245,7 @@ class VARRuntime(Runtime, EditsRows):
         sums = torch.bmm(columns, flat.transpose(1, 2))
         limit, zero = self._constants(probs.device)
         chosen = (sums[:, :3] >= limit).all(1, keepdim=True)  # (B, 1, H * R)
-        if block.phase is Phase.PREFILL:  # prompt rows before a batch row's image end stay as they are
+        if block.phase is Phase.PREFILL:  # rows up to a row's image end, and its padding, stay as they are
             chosen = chosen & self._rows_after_image(state, rows, h, probs.device)
         # [1, sum_sources A / sum_N A] for chosen pairs, 0 for the others (whose NaN when sum_N A = 0 is dropped)
         ratio = sums[:, 2:]
@@ -265,11 +265,11 @@ class VARRuntime(Runtime, EditsRows):
         return got
 
     def _rows_after_image(self, state: CallState, rows: Rows, heads: int, device: torch.device) -> torch.Tensor:
-        """(B, 1, H * R) bool: whether each prefill row comes after its batch row's image (once per row range)."""
+        """(B, 1, H * R) bool: whether each prefill row is text after its batch row's image (once per row range)."""
         key = (rows.index.start, rows.index.stop, heads) if isinstance(rows.index, slice) else None
         got = self._row_ok.get(key) if key is not None else None
         if got is None:
-            ok = rows.positions[None, :] >= state.after_image_starts()[:, None]  # (B, R)
+            ok = state.text_after_image(rows.positions)  # (B, R)
             got = ok[:, None].expand(-1, heads, -1).reshape(len(state.rows), 1, -1).to(device)
             if key is not None:
                 self._row_ok[key] = got
