@@ -74,7 +74,7 @@ def row_records(state, row: int) -> dict:
     first = state.rows[row].pad_left
     layout = state.rows[row]
     out = {"image": (layout.image_positions - first).tolist(),
-           "query_span": None if layout.query_span is None else [p - first for p in layout.query_span]}
+           "question": None if layout.query_positions is None else (layout.query_positions - first).tolist()}
     if not layout.has_image:  # methods leave it alone (alone, a pruner or probe may not even run)
         return out
     if state.has_record(vlmfix.GIFT):
@@ -172,9 +172,9 @@ def test_row_layouts_read_the_padding_from_the_mask(family, model):
             assert row.last - row.pad_left == n - 1
             shift = row.pad_left
             assert torch.equal(row.image_positions - shift, single.image_positions)
-            assert (row.query_span is None) == (single.query_span is None)
-            if row.query_span is not None:
-                assert [p - shift for p in row.query_span] == list(single.query_span)
+            assert (row.query_positions is None) == (single.query_positions is None)
+            if row.query_positions is not None:
+                assert torch.equal(row.query_positions - shift, single.query_positions)
                 assert row.query_pieces == single.query_pieces
     mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]])
     assert sides(mask).tolist() == [[1, 1], [0, 0], [4, 0], [0, 1]]
