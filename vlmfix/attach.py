@@ -424,7 +424,7 @@ class Attached:
             state = self.state
             if state.phase is Phase.PREFILL:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                state.phi[layer] = state.to_prompt(layer, sink_scores(hidden, self.sink_dims))
+                state.phi[layer] = state.to_prompt(layer, sink_scores(hidden.detach(), self.sink_dims))
 
         return hook
 

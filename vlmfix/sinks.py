@@ -64,8 +64,9 @@ def check_tau(tau: float | str, hidden_size: int | None = None) -> float | str:
             raise ValueError(
                 f"tau must be a number > 0, 'scaled' or 'bos:F' with 0 < F <= 1, got {tau!r}"
             ) from None
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0 (a sink score threshold; the paper uses 20 for 4096-wide LMs), got {tau}")
+    if not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"tau must be a finite number > 0 (a sink score threshold; the paper uses 20 for 4096-wide "
+                         f"LMs), got {tau}")
     return float(tau)
 
 

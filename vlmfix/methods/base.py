@@ -29,8 +29,10 @@ generation. Runtimes run in ascending `order` (equal orders keep the order given
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
 
 import torch
 
@@ -41,7 +43,8 @@ if TYPE_CHECKING:
     from ..slots import SlotView
 
 __all__ = ["Block", "Buffers", "CallState", "EditsRows", "MethodConfig", "MovesTokens", "NeedsPrepass", "Phase",
-           "ReadsInputs", "ReplacesMask", "Rows", "Runtime", "Target"]
+           "ReadsInputs", "ReplacesMask", "Rows", "Runtime", "Target", "check_choice", "check_layers", "check_number",
+           "check_tau_field", "is_int", "is_number", "raise_problems"]
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,91 @@ class Target:
 
 
 class MethodConfig:
-    """Base class of method configs (plain dataclasses; `bind` makes the runtime)."""
+    """Base class of method configs (plain dataclasses; `bind` makes the runtime).
+
+    A config checks its own fields when it is constructed (`__post_init__`, with the helpers below:
+    types and ranges, every mistake named in one `ValueError`); nothing is truncated or coerced.
+    What depends on a model (a layer beyond its depth) is checked when `attach` binds it.
+    """
 
     name: ClassVar[str] = "method"
 
     def bind(self, target: Target) -> "Runtime":
         raise NotImplementedError
+
+
+# -- field checks for `__post_init__`: each gives a message (None when the value is fine) -------------
+def is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (int, float or numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_number(name: str, value: Any, lo: float, hi: float | None = None, *, lo_open: bool = False) -> str | None:
+    """`value` is a finite number >= lo (> lo when `lo_open`) and, given `hi`, <= hi."""
+    if hi is None:
+        where = f"{'>' if lo_open else '>='} {lo:g}"
+    else:
+        where = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    if not is_number(value):
+        return f"{name} must be a finite number {where}, got {value!r}"
+    if (value <= lo if lo_open else value < lo) or hi is not None and value > hi:
+        return f"{name} must be {where}, got {value!r}"
+    return None
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> str | None:
+    """`value` is one of `choices`."""
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        return f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+    return None
+
+
+def check_layers(name: str, value: Any, lo: int = 0) -> str | None:
+    """`value` is a non-empty list of distinct integer layer indices >= `lo` (an empty one would do nothing)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
+        return f"{name} must be a list of layer indices (ints), got {value!r}"
+    items = list(value)
+    if not items:
+        return f"{name} is empty (it would do nothing): give at least one layer"
+    wrong = [x for x in items if not is_int(x)]
+    if wrong:
+        return f"{name} must hold integer layer indices, got {', '.join(map(repr, wrong))}"
+    low = [int(x) for x in items if x < lo]
+    if low:
+        return f"{name} must be >= {lo}, got {', '.join(map(str, low))}"
+    if len(set(int(x) for x in items)) < len(items):
+        return f"{name} lists a layer more than once: {list(items)}"
+    return None
+
+
+def check_tau_field(name: str, value: Any) -> str | None:
+    """A sink threshold field: None (the one attach resolves), a finite number > 0, "scaled" or "bos:F"
+    (`vlmfix.sinks.check_tau`; "scaled" is resolved against the model's width at bind)."""
+    from ..sinks import check_tau
+
+    if value is None or isinstance(value, str) and value.strip().lower() == "scaled":
+        return None
+    if not isinstance(value, str) and not is_number(value):
+        return f"{name} must be None, a finite number > 0, 'scaled' or 'bos:F', got {value!r}"
+    try:
+        check_tau(value)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def raise_problems(owner: str, problems: Iterable[str | None]) -> None:
+    """Raise one ValueError naming every mistake found in a config of type `owner` (none: return)."""
+    found = [p for p in problems if p]
+    if len(found) == 1:
+        raise ValueError(f"{owner}: {found[0]}")
+    if found:
+        raise ValueError(f"{owner} has {len(found)} mistakes: " + "; ".join(found))
 
 
 class Runtime:
@@ -110,7 +192,9 @@ class EditsRows:
         raise NotImplementedError
 
     def edit(self, block: Block, state: CallState, rows: Rows, probs: torch.Tensor) -> torch.Tensor:
-        """Edit `probs` (B, H, R, K: rows `rows`, keys in prompt positions then generated tokens); may work in place."""
+        """The edited rows of `probs` (B, H, R, K: rows `rows`, keys in prompt positions then generated tokens):
+        `probs` itself, or a new tensor. Never written in place: it is the softmax's output, which autograd
+        needs when gradients are on. A record keeps detached values (a record never requires grad)."""
         raise NotImplementedError
 
 

@@ -11,7 +11,9 @@ A pruner-agnostic transform of image-token scores before ranking:
    least squares). Fitted trends are data: <model>__<pruner>.yaml files (written by `vlmfix
    calibrate-trend`), matched on the model's name, searched in the folders of $VLMFIX_TRENDS and
    then in configs/trends; `Debias(trend=PATH)` names one file. Without a fitted trend, the trend
-   is fitted to the score vector being ranked (a one-sample calibration; skipped below 4 scores).
+   is fitted to the score vector being ranked (a one-sample calibration; skipped below 4 scores
+   or when the fit is no valid `Trend`). A trend must be finite and >= MIN_TREND on [0, 1]
+   (`Trend` refuses anything else), so the division never meets a zero or a clamp.
 2. **Padding.** LLaVA-1.5's "pad" mode centres the image in a max(W, H) square (filled with the
    mean colour) and resizes it; patches that are mostly padding get inflated attention. Their
    padding fraction is computed from the original size and that geometry (`padding_fractions`);
@@ -37,21 +39,44 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import yaml
 
+from .base import check_choice, check_number, is_number, raise_problems
+
 if TYPE_CHECKING:
     from ..state import RowLayout
 
 FAMILIES = ("exp", "cubic")
 PARAM_NAMES = {"exp": ("mu", "sigma"), "cubic": ("a", "b", "c", "d")}  # a trend's parameters, in order
 GEOMETRIES = ("pad", "crop", "none")
+MIN_TREND = 1e-300  # the least value a trend may take on [0, 1] (`Trend`)
 TRENDS_ENV = "VLMFIX_TRENDS"  # folders (os.pathsep-separated) searched for trend presets before configs/trends
 
 
 @dataclass(frozen=True)
 class Trend:
-    """A fitted position trend: family "exp" with params (mu, sigma), or "cubic" with (a, b, c, d)."""
+    """A fitted position trend: family "exp" with params (mu, sigma), or "cubic" with (a, b, c, d).
+
+    Scores (attention, at most 1) are divided by it, so on [0, 1] it must be finite and at least
+    MIN_TREND = 1e-300 (the quotient then stays finite in float64): the parameters are finite, and
+    the least and largest values are checked at the ends (exp: monotone) or, for a cubic, also where
+    its derivative is 0. Anything else is refused here rather than clamped when dividing.
+    """
 
     family: str
     params: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.family not in PARAM_NAMES:
+            raise ValueError(f"unknown trend family {self.family!r}; use one of {FAMILIES}")
+        names = PARAM_NAMES[self.family]
+        if len(self.params) != len(names) or not all(is_number(v) for v in self.params):
+            raise ValueError(f"a {self.family} trend takes {len(names)} finite numbers ({', '.join(names)}), "
+                             f"got {self.params!r}")
+        # an exp trend is monotone: its extremes on [0, 1] are at the ends
+        at = self(torch.tensor([0.0, 1.0] if self.family == "exp" else _cubic_extremes(self.params)))
+        if not bool(torch.isfinite(at).all()) or not float(at.min()) >= MIN_TREND:
+            raise ValueError(f"the {self.family} trend {self.named()} cannot divide scores: on [0, 1] it must be "
+                             f"finite and >= {MIN_TREND:g}, and it ranges over [{float(at.min()):g}, "
+                             f"{float(at.max()):g}] there")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.double()
@@ -69,7 +94,15 @@ class Trend:
         family = data.get("family", "exp")
         if family not in PARAM_NAMES:
             raise ValueError(f"unknown trend family {family!r}; use one of {FAMILIES}")
-        return cls(family, tuple(float(data[k]) for k in PARAM_NAMES[family]))
+        missing = [k for k in PARAM_NAMES[family] if k not in data]
+        if missing:
+            raise ValueError(f"the {family} trend lacks the key(s) {', '.join(missing)}")
+        try:  # YAML reads an exponent without a dot ("3e-3") as a string
+            params = tuple(float(data[k]) for k in PARAM_NAMES[family])
+        except (TypeError, ValueError):
+            raise ValueError(f"the {family} trend's parameters must be numbers, got "
+                             f"{ {k: data[k] for k in PARAM_NAMES[family]} }") from None
+        return cls(family, params)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Trend":
@@ -80,8 +113,20 @@ class Trend:
         data = yaml.safe_load(path.read_text()) or {}
         try:
             return cls.from_dict(data)
-        except KeyError as err:
-            raise ValueError(f"{path}: trend preset lacks the key {err}") from None
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+def _cubic_extremes(params: Sequence[float]) -> list[float]:
+    """The points of [0, 1] where a + b x + c x^2 + d x^3 can take its least value: the ends and the
+    roots of b + 2 c x + 3 d x^2 inside."""
+    _, b, c, d = params
+    if d:
+        disc = c * c - 3 * b * d
+        roots = [(-c + sign * math.sqrt(disc)) / (3 * d) for sign in (1, -1)] if disc >= 0 else []
+    else:
+        roots = [-b / (2 * c)] if c else []
+    return [0.0, 1.0, *(x for x in roots if 0 < x < 1)]
 
 
 def _x(n: int) -> torch.Tensor:
@@ -93,7 +138,9 @@ def fit_trend(mean_scores: torch.Tensor | Sequence[float], family: str = "exp",
     """Least-squares fit of f(x) to scores at x (default x = i / (N - 1)).
 
     exp: log-linear fit of log(score) (positive scores only) as the start, then Gauss-Newton
-    steps minimising sum (score - mu exp(sigma x))^2; cubic: ordinary least squares.
+    steps minimising sum (score - mu exp(sigma x))^2; cubic: ordinary least squares. A fit that
+    is no valid `Trend` (not finite, or below MIN_TREND somewhere on [0, 1]: a cubic dipping to 0)
+    raises ValueError.
     """
     y = torch.as_tensor(mean_scores, dtype=torch.float64).flatten()
     x = _x(len(y)) if x is None else torch.as_tensor(x, dtype=torch.float64).flatten()
@@ -213,14 +260,19 @@ class Debias:
     trend: Trend | dict | str | Path | None = None
 
     def __post_init__(self) -> None:
-        if self.position not in (*FAMILIES, None):
-            raise ValueError(f"Debias position must be one of {FAMILIES} or None, got {self.position!r}")
-        if not 0.0 <= self.padding_threshold <= 1.0:
-            raise ValueError(f"Debias padding_threshold must be in [0, 1], got {self.padding_threshold}")
-        if isinstance(self.trend, dict):
-            self.trend = Trend.from_dict(self.trend)
-        elif isinstance(self.trend, (str, Path)):
-            self.trend = Trend.from_file(self.trend)
+        problems = [check_choice("position", self.position, (*FAMILIES, None)),
+                    check_choice("padding", self.padding, (True, False)),
+                    check_number("padding_threshold", self.padding_threshold, 0.0, 1.0)]
+        try:
+            if isinstance(self.trend, dict):
+                self.trend = Trend.from_dict(self.trend)
+            elif isinstance(self.trend, (str, Path)):
+                self.trend = Trend.from_file(self.trend)
+            elif self.trend is not None and not isinstance(self.trend, Trend):
+                problems.append(f"trend must be a Trend, a mapping, a preset file's path or None, got {self.trend!r}")
+        except ValueError as err:
+            problems.append(f"trend: {err}")
+        raise_problems("Debias", problems)
 
     def resolve(self, model_name: str, pruner: str) -> Trend | None:
         """The trend to divide by for this model and pruner (None: fit per call)."""
@@ -233,19 +285,24 @@ class Debias:
 
     def transform(self, scores: torch.Tensor, x: torch.Tensor, pad_frac: torch.Tensor | None = None,
                   trend: Trend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(debiased scores, content mask) for scores at raster positions x in [0, 1]; `trend`
-        defaults to this config's own (else it is fitted to `scores`).
+        """(debiased scores (float64), content mask) for scores at raster positions x in [0, 1]; `trend`
+        defaults to this config's own (else it is fitted to `scores`; a fit that is no valid `Trend`,
+        e.g. a cubic dipping below 0, is skipped, like a fit to fewer than 4 scores).
 
-        Padded patches (fraction > threshold) score 0 and are False in the content mask.
+        score_hat = score / f(x) in float64, finite for any `Trend` (>= MIN_TREND on [0, 1]). Padded
+        patches (fraction > threshold) score 0 and are False in the content mask.
         """
         out = scores.double()
         trend = trend if trend is not None else self.trend
         if trend is None and self.position is not None and len(out) >= 4:
-            trend = fit_trend(out, self.position, x)
+            try:
+                trend = fit_trend(out, self.position, x)
+            except ValueError:  # a one-sample fit with no positive trend: no position fix for this ranking
+                trend = None
         if trend is not None and self.position is not None:
-            out = out / trend(x).clamp_min(1e-12)
+            out = out / trend(x)
         content = torch.ones(len(out), dtype=torch.bool)
         if self.padding and pad_frac is not None:
             content = pad_frac <= self.padding_threshold
             out = torch.where(content, out, torch.zeros_like(out))
-        return out.float(), content
+        return out, content

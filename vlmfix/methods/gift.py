@@ -20,11 +20,22 @@ row's last real token: the last prompt position, or before a right-padded row's 
   times beta * r;
   every modified row renormalised to sum 1. Head selections use the unmodified row.
 
-Cost: the saliency map becomes, once per call, matrices over the prompt positions (image, M, query
-positions), so the boost of a layer call is two batched products, two head rankings and a few
-element-wise ops for all batch rows at once; a batch row without a map (no question, a question
-wholly before the image, no informative word after the image) has zero rows in them and is left
-exactly as it is, its record saying why. The flat-map test is a tensor too, so nothing is read on the host.
+Numerics: M_j overflows fp32 from alpha = 89 on (and r, beta r with it), so the boost is computed
+from the log factors log f_j (alpha S_hat_j on the image in the vis heads, log beta + log r on the
+question in the query heads, 0 elsewhere): each row becomes A_j e^(log f_j - c) / sum_k A_k e^(log f_k - c),
+c the largest log f_j of an entry with attention, and log r = log sum A M - log sum A takes its first
+term from the largest present alpha S_hat the same way. That is the formula above (equal to it up to
+rounding wherever M fits in fp32), finite for every alpha in [0, ALPHA_MAX] and every beta >= 0.
+With beta = 0 a query head's question entries get 0; a row whose attention was all on them is left as
+it is. alpha = inf is refused: the limit depends on which tokens tie at the top of S_hat.
+
+Cost: the saliency map becomes, once per call, tensors over the prompt positions (image and question
+columns, alpha S_hat), so the boost of a layer call is one batched product, two head rankings and a
+few element-wise ops for all batch rows at once; a batch row without a map (no question, a question
+wholly before the image, no informative word after the image, a flat map) selects no head and is left
+exactly as it is, its record saying why. The flat-map test is a tensor too, so nothing is read on the
+host. The boost works out of place (autograd may need the softmax's output); the saliency map is read
+from detached attention, like sink sets and kept tokens: a constant of the call for gradients.
 
 One prefill suffices when every saliency layer precedes every boost layer; otherwise `attach`
 runs a pre-pass over the prompt that stops after the last saliency layer.
@@ -34,14 +45,20 @@ Described, with its choices and defaults, in docs/methods.md ("GIFT").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..words import informative_tokens
 from ..state import RowLayout
-from .base import Block, Buffers, CallState, EditsRows, MethodConfig, NeedsPrepass, Phase, Rows, Runtime, Target
+from .base import (Block, Buffers, CallState, EditsRows, MethodConfig, NeedsPrepass, Phase, Rows, Runtime, Target,
+                   check_choice, check_layers, check_number, raise_problems)
+
+#: the largest alpha GIFT takes: alpha S_hat, log r and log beta + log r stay far inside fp32's range
+ALPHA_MAX = 1e30
 
 
 def default_layers(num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -65,11 +82,15 @@ class GIFT(MethodConfig):
     """GIFT (defaults: the model preset in configs/models; LLaVA-1.5-7B: alpha 5, saliency layer 11,
     boost layers 12..22; models without a preset: `default_layers` and alpha 5).
 
-    - alpha: boost strength, M in [1, e^alpha]; 0 turns GIFT off exactly;
-    - saliency_layers / boost_layers: 0-indexed decoder layers (None: preset or depth rule);
-    - beta: factor on r for the boost of the question's columns (the paper's beta = 1);
+    - alpha: boost strength, M in [1, e^alpha]; a finite number in [0, ALPHA_MAX = 1e30] (the boost
+      is computed in log space, so no alpha overflows); 0 turns GIFT off exactly;
+    - saliency_layers / boost_layers: 0-indexed decoder layers, non-empty lists of ints (None:
+      preset or depth rule);
+    - beta: factor on r for the boost of the question's columns, a finite number >= 0 (the paper's beta = 1);
     - use_spacy: informative words by spaCy POS tags (True), the built-in word list (False), or
       spaCy when installed (None).
+
+    Every mistake is refused at construction; a layer beyond the model's depth when attach binds it.
     """
 
     alpha: float | None = None
@@ -79,6 +100,15 @@ class GIFT(MethodConfig):
     use_spacy: bool | None = None
 
     name = "gift"
+
+    def __post_init__(self) -> None:
+        raise_problems("GIFT", [
+            None if self.alpha is None else check_number("alpha", self.alpha, 0.0, ALPHA_MAX),
+            *(None if getattr(self, f) is None else check_layers(f, getattr(self, f))
+              for f in ("saliency_layers", "boost_layers")),
+            check_number("beta", self.beta, 0.0),
+            check_choice("use_spacy", self.use_spacy, (None, True, False)),
+        ])
 
     def bind(self, target: Target) -> "GIFTRuntime":
         return GIFTRuntime(self, target)
@@ -157,14 +187,12 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
             (sal, boost), alpha = default_layers(n), 5.0
         self.alpha = float(alpha if config.alpha is None else config.alpha)
         self.beta = float(config.beta)
-        self.saliency_layers = tuple(sal if config.saliency_layers is None else config.saliency_layers)
-        self.boost_layers = tuple(boost if config.boost_layers is None else config.boost_layers)
-        if not self.alpha >= 0:
-            raise ValueError(f"GIFT alpha must be >= 0, got {self.alpha}")
+        self._log_beta = math.log(self.beta) if self.beta > 0 else -math.inf
+        sal = sal if config.saliency_layers is None else config.saliency_layers
+        boost = boost if config.boost_layers is None else config.boost_layers
+        self.saliency_layers, self.boost_layers = tuple(int(x) for x in sal), tuple(int(x) for x in boost)
         for what, layers in (("saliency_layers", self.saliency_layers), ("boost_layers", self.boost_layers)):
-            if not layers:
-                raise ValueError(f"GIFT {what} is empty")
-            bad = [x for x in layers if not 0 <= x < n]
+            bad = [x for x in layers if not x < n]
             if bad:
                 raise ValueError(f"GIFT {what} {bad} are outside the model's {n} decoder layers")
         self._sal, self._boost = frozenset(self.saliency_layers), frozenset(self.boost_layers)
@@ -207,9 +235,12 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         self._acting = [i for i, info in enumerate(rows) if info.acting]
         self._shifts: dict[int, dict[int, torch.Tensor]] = {}  # saliency layer -> batch row -> (N_img,)
         self._built = False
-        #: (B, P, 3) columns [image, M on the image, question] and (B, 2, P) rows [(M - 1) on the image, question]
-        self._columns = self._buffers.zeros("columns", (b, p, 3), torch.float32, dev)
-        self._update = self._buffers.zeros("update", (b, 2, p), torch.float32, dev)
+        #: (B, P, 2) columns [image, question] (head ranking); (B, P) alpha S_hat on the image, and the image
+        #: and question positions of the rows with a map (the boost)
+        self._columns = self._buffers.zeros("columns", (b, p, 2), torch.float32, dev)
+        self._gain = self._buffers.zeros("gain", (b, p), torch.float32, dev)
+        self._image = self._buffers.zeros("image", (b, p), torch.bool, dev)
+        self._question = self._buffers.zeros("question", (b, p), torch.bool, dev)
         return GIFTRecord(self.alpha, rows, [r.image_positions for r in state.rows],
                           self._buffers.zeros("saliency", (b, p), torch.float32, dev),
                           self._buffers.zeros("has_map", (b,), torch.bool, dev))
@@ -257,13 +288,12 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
             if not self._built:
                 self._build_map(state)
             if block.phase is Phase.DECODE:
-                self._boost_rows(probs)
-            else:  # the prefill: each batch row's last real token (rows asks for them all)
-                batch = torch.arange(probs.shape[0], device=probs.device)
-                at = torch.searchsorted(rows.positions, state.last_tokens()).to(probs.device)
-                last = probs[batch, :, at].unsqueeze(2)  # (B, H, 1, K)
-                self._boost_rows(last)
-                probs[batch, :, at] = last.squeeze(2)
+                return self._boosted(probs)
+            # the prefill: each batch row's last real token (rows asks for them all)
+            batch, heads = torch.arange(probs.shape[0]), torch.arange(probs.shape[1])
+            at = torch.searchsorted(rows.positions, state.last_tokens())
+            index = tuple(i.to(probs.device) for i in (batch[:, None], heads[None, :], at[:, None]))
+            return probs.index_put(index, self._boosted(probs[index].unsqueeze(2)).squeeze(2))
         return probs
 
     # -- saliency (prefill or pre-pass, once per call) ----------------------------------------------
@@ -276,7 +306,7 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
             # pruning may have removed i - 1 (an image token): the nearest earlier token still present
             prev = torch.tensor([where[state.previous_token(layer, b, i)] for i in gaze], device=probs.device)
             row = state.rows[b]
-            a = probs[b][:, :, row.image_positions.to(probs.device)]  # (H, R, N_img)
+            a = probs[b].detach()[:, :, row.image_positions.to(probs.device)]  # (H, R, N_img)
             shift = (a[:, cur] - a[:, prev]).clamp_min(0)  # (H, kept rows, N_img)
             heads = shift.sum((1, 2)).topk(half(shift.shape[0])).indices
             per_row[b] = shift[heads].mean((0, 1))  # (N_img,)
@@ -299,36 +329,48 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
             question = rec.rows[b].positions.to(s.device)
             rec.saliency_map[b, image] = s_hat
             rec.has_map[b] = ok
-            m = torch.exp(self.alpha * s_hat)
             self._columns[b, image, 0] = 1.0
-            self._columns[b, image, 1] = m
-            self._columns[b, question, 2] = 1.0
-            self._update[b, 0, image] = (m - 1) * ok
-            self._update[b, 1, question] = ok.float()
+            self._columns[b, question, 1] = 1.0
+            self._gain[b, image] = self.alpha * s_hat
+            self._image[b, image] = ok
+            self._question[b, question] = ok
 
     # -- boost ------------------------------------------------------------------------------------
-    def _boost_rows(self, probs: torch.Tensor) -> None:
-        """The boost of rows `probs` (B, H, R, K), all batch rows at once, in place.
+    def _boosted(self, probs: torch.Tensor) -> torch.Tensor:
+        """The boost of rows `probs` (B, H, R, K), all batch rows at once: a new tensor.
 
-        columns @ A gives per (head, row) its image mass, boosted image mass sum A M and question mass
-        (Q: the question's positions); the top floor(H/2) heads by image mass (vis) and by question mass
-        (qry) are ranked on that unmodified row. With r = sum_vis sum A M / sum_vis sum A over the
-        image, each entry becomes A_j f_j, f_j - 1 = vis (M_j - 1) [j in I] + qry (beta r - 1) [j in Q],
-        i.e. one product [vis, qry (beta r - 1)] @ update; the row is divided by its new sum 1 + sum_j A_j (f_j - 1).
-        Unselected heads and rows without a map have f = 1 and a sum of exactly 1: they are unchanged.
+        columns @ A gives per (head, row) its image and question mass, on which the top floor(H/2)
+        heads by image mass (vis) and by question mass (qry) are ranked. With g_j = alpha S_hat_j,
+        log r = log sum_vis,I A e^g - log sum_vis,I A (Q: the question's positions; 0 where the vis heads give the image no
+        attention: a sliding window that ends after it), each entry gets the log factor
+        log f_j = vis g_j [j in I] + qry (log beta + log r) [j in Q], and the row becomes
+        A_j e^(log f_j - c) / sum_k A_k e^(log f_k - c), c = max log f_j over entries with A_j > 0, so
+        that no factor exceeds 1 and the sum is at least one entry's attention (see the module's
+        "Numerics"). Unselected heads, rows without a map and rows whose every entry beta = 0
+        removed are returned exactly as they are.
         """
-        b, h, r, _ = probs.shape
+        b, h, r, k = probs.shape
         p = self._columns.shape[1]
         a = probs[..., :p]
-        mass = torch.bmm(a.reshape(b, h * r, p), self._columns).view(b, h, r, 3)  # image, boosted image, question
-        ranked = mass[..., ::2]  # (B, H, R, 2): image and question mass, ranked over the heads at once
+        columns = self._columns.clone() if a.requires_grad else self._columns  # autograd keeps it; calls rewrite it
+        mass = torch.bmm(a.reshape(b, h * r, p), columns).view(b, h, r, 2)  # image, question
         kth = h - self._top + 1  # the top-th largest is the (H - top + 1)-th smallest
-        coef = (ranked >= ranked.kthvalue(kth, dim=1, keepdim=True).values).float()  # [vis, qry] per (head, row)
-        sums = (coef[..., :1] * mass[..., :2]).sum(1, keepdim=True)  # (B, 1, R, 2) over the vis heads
-        # r = 1 where the vis heads give the image no attention at all (a sliding window that ends after it)
-        ratio = torch.where(sums[..., :1] > 0, sums[..., 1:] / sums[..., :1].clamp_min(1e-30), 1.0)
-        coef[..., 1:].mul_((ratio.mul_(self.beta) if self.beta != 1.0 else ratio).sub_(1.0))  # [vis, qry (beta r - 1)]
-        change = a * torch.bmm(coef.view(b, h * r, 2), self._update).view(b, h, r, p)
-        total = change.sum(-1, keepdim=True).add_(1.0)
-        a.add_(change)
-        probs.div_(total)
+        chosen = (mass >= mass.kthvalue(kth, dim=1, keepdim=True).values) & self.record.has_map.view(b, 1, 1, 1)
+        vis, qry = chosen[..., :1], chosen[..., 1:]
+        g, image, question = self._gain.view(b, 1, 1, p), self._image.view(b, 1, 1, p), self._question.view(b, 1, 1, p)
+        # log r, sum A e^g taken relative to its largest present e^g (B, 1, R, 1)
+        present = vis & image & (a > 0)
+        top = torch.where(present, g, -math.inf).amax((1, 3), keepdim=True)
+        has = top > -math.inf
+        top = torch.where(has, top, 0.0)
+        boosted = (a * torch.where(present, (g - top).clamp_max(0.0).exp(), 0.0)).sum((1, 3), keepdim=True)
+        plain = (mass[..., :1] * vis).sum(1, keepdim=True)
+        log_r = torch.where(has, top + torch.where(has, boosted, 1.0).log() - torch.where(has, plain, 1.0).log(), 0.0)
+        log_f = torch.where(qry & question, log_r + self._log_beta, torch.where(vis, g, 0.0))
+        if k > p:  # generated tokens: factor 1
+            log_f = F.pad(log_f, (0, k - p))
+        c = torch.where(probs > 0, log_f, -math.inf).amax(-1, keepdim=True)
+        live = c > -math.inf  # False only where beta = 0 removed every entry with attention
+        scaled = probs * (log_f - torch.where(live, c, 0.0)).clamp_max(0.0).exp()
+        total = torch.where(live, scaled.sum(-1, keepdim=True), 1.0)
+        return torch.where((vis | qry) & live, scaled / total, probs)

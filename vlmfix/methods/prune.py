@@ -52,7 +52,7 @@ import torch
 from ..slots import SlotView
 from ..state import SlotMap
 from .base import (Block, CallState, EditsRows, MethodConfig, MovesTokens, Phase, ReadsInputs, ReplacesMask, Rows,
-                   Runtime, Target)
+                   Runtime, Target, check_choice, check_layers, check_number, is_int, raise_problems)
 from .debias import Debias, Trend, content_size, padding_fractions, raster_positions
 
 if TYPE_CHECKING:
@@ -121,13 +121,7 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
         super().__init__(config, target)
         adapter = target.adapter
         self.form, self.debias, self.scoring, self._budget = config.form, config.debias, scoring, budget
-        if isinstance(self.debias, dict):  # from a YAML preset
-            self.debias = Debias(**self.debias)
         name = type(config).__name__
-        if self.form not in FORMS:
-            raise ValueError(f"{name} form must be one of {FORMS}, got {self.form!r}")
-        if self.debias is not None and not isinstance(self.debias, Debias):
-            raise TypeError(f"{name} debias must be a vlmfix.Debias or None")
         implementation = adapter.text_config._attn_implementation
         if implementation not in (None, "eager", "sdpa"):
             raise ValueError(
@@ -243,7 +237,7 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
             weights = (rows.positions[None, :] == state.last_tokens()[:, None]).float()  # (B, R)
         else:
             weights = state.text_after_image(rows.positions).float()
-        per_head = probs[..., :p].mean(1).cpu()  # (B, R, P): the one host read of a stage
+        per_head = probs[..., :p].detach().mean(1).cpu()  # (B, R, P): the one host read of a stage
         scores = (per_head * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
         self._select(state, stage, scores * prev.alive, prev)
         return probs
@@ -411,9 +405,18 @@ def _padding_geometry(adapter: "Adapter") -> tuple[str, torch.Tensor | None]:
     return "pad", (colour - mean) / std
 
 
-def _check_ratio(owner: str, ratio: float) -> None:
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"{owner} keep ratio must be in (0, 1], got {ratio}")
+def _pruner_problems(config: "FastVPrune | StagedPrune") -> list[str | None]:
+    """The checks FastVPrune and StagedPrune share: `form`, and `debias` (a mapping, as a YAML preset
+    gives it, becomes a `Debias` here, checked as such)."""
+    debias = None
+    if isinstance(config.debias, dict):
+        try:
+            config.debias = Debias(**config.debias)
+        except (TypeError, ValueError) as err:
+            debias = f"debias {dict(config.debias)!r} is not a valid Debias: {err}"
+    elif config.debias is not None and not isinstance(config.debias, Debias):
+        debias = f"debias must be a vlmfix.Debias, a mapping of its fields, or None, got {config.debias!r}"
+    return [debias, check_choice("form", config.form, FORMS)]
 
 
 @dataclass
@@ -425,6 +428,8 @@ class FastVPrune(MethodConfig):
       keep_ratio in (0, 1], the share of each row's image tokens (not both);
     - debias: a `Debias()` or None; form: "inplace" (speed) or "mask" (reference; the form that
       runs under a static cache / compiled generation).
+
+    Every mistake is refused at construction; a layer beyond the model's depth when attach binds it.
     """
 
     layer: int = 2
@@ -437,6 +442,19 @@ class FastVPrune(MethodConfig):
     preset_key: ClassVar[str] = "fastv"  # the trend presets' pruner name
     default_keep: ClassVar[int] = 128
 
+    def __post_init__(self) -> None:
+        keep, ratio = self.keep, self.keep_ratio
+        raise_problems("FastVPrune", [
+            f"layer must be an int, got {self.layer!r}" if not is_int(self.layer) else None if self.layer >= 1 else
+            f"layer {self.layer} is out of range: it must be >= 1 (scores come from the layer before)",
+            None if keep is None or is_int(keep) and keep > 0 else
+            f"keep must be a positive number of tokens (an int), got {keep!r}",
+            None if ratio is None else check_number("keep_ratio", ratio, 0.0, 1.0, lo_open=True),
+            None if keep is None or ratio is None else
+            f"takes keep or keep_ratio, not both (got keep={keep!r}, keep_ratio={ratio!r}); set the other to None",
+            *_pruner_problems(self),
+        ])
+
     def stage_layers(self) -> tuple[int, ...]:
         return (int(self.layer),)
 
@@ -446,19 +464,12 @@ class FastVPrune(MethodConfig):
         return None if self.keep_ratio is not None else (self.default_keep if self.keep is None else self.keep)
 
     def bind(self, target: Target) -> PrunerRuntime:
-        keep, ratio = self.keep, self.keep_ratio
+        ratio = self.keep_ratio
         if ratio is not None:
-            if keep is not None:
-                raise ValueError(f"FastVPrune takes keep or keep_ratio, not both (got keep={keep}, "
-                                 f"keep_ratio={ratio}); set the other to None")
-            _check_ratio("FastVPrune", ratio)
-
             def budget(stage: int, n: int) -> int:
                 return min(n, max(1, math.ceil(ratio * n - 1e-9)))
         else:
             keep = self.fixed_keep
-            if isinstance(keep, bool) or int(keep) != keep or keep <= 0:
-                raise ValueError(f"FastVPrune keep must be a positive number of tokens, got {keep!r}")
 
             def budget(stage: int, n: int) -> int:
                 return min(n, int(keep))
@@ -468,7 +479,11 @@ class FastVPrune(MethodConfig):
 @dataclass
 class StagedPrune(MethodConfig):
     """Multi-stage pruning (PyramidDrop-style): at each of `layers`, keep `keep_ratios` (of the
-    image's tokens, strictly decreasing) ranked by the mean attention of the text after the image."""
+    image's tokens, strictly decreasing) ranked by the mean attention of the text after the image.
+
+    layers: a non-empty, strictly increasing list of ints >= 1; keep_ratios: one number in (0, 1] per
+    layer; debias and form as FastVPrune's. Every mistake is refused at construction; a layer beyond
+    the model's depth when attach binds it."""
 
     layers: Sequence[int] = (2, 10, 20)
     keep_ratios: Sequence[float] = (0.32, 0.16, 0.08)
@@ -478,19 +493,29 @@ class StagedPrune(MethodConfig):
     name = "staged"
     preset_key: ClassVar[str] = "staged"
 
+    def __post_init__(self) -> None:
+        layers, ratios = self.layers, self.keep_ratios
+        problems = [check_layers("layers", layers, lo=1), *_pruner_problems(self)]
+        layers_ok = problems[0] is None
+        if layers_ok and any(b <= a for a, b in zip(layers, layers[1:])):
+            problems[0] = f"layers must be strictly increasing, got {list(layers)}"
+        if isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__len__"):
+            problems.append(f"keep_ratios must be a list of numbers in (0, 1], got {ratios!r}")
+        else:
+            wrong = [check_number("keep ratio", r, 0.0, 1.0, lo_open=True) for r in ratios]
+            problems += wrong
+            if layers_ok and len(ratios) != len(layers):
+                problems.append(f"needs one keep ratio per layer, got layers {list(layers)} and keep_ratios "
+                                f"{list(ratios)}")
+            elif not any(wrong) and any(b >= a for a, b in zip(ratios, ratios[1:])):
+                problems.append(f"keep_ratios must be strictly decreasing, got {list(ratios)}")
+        raise_problems("StagedPrune", problems)
+
     def stage_layers(self) -> tuple[int, ...]:
         return tuple(int(x) for x in self.layers)
 
     def bind(self, target: Target) -> PrunerRuntime:
         layers, ratios = self.stage_layers(), tuple(float(r) for r in self.keep_ratios)
-        if not layers or len(layers) != len(ratios):
-            raise ValueError(f"StagedPrune needs one keep ratio per layer, got layers {layers} and ratios {ratios}")
-        if any(b <= a for a, b in zip(layers, layers[1:])):
-            raise ValueError(f"StagedPrune layers must be strictly increasing, got {layers}")
-        for r in ratios:
-            _check_ratio("StagedPrune", r)
-        if any(b >= a for a, b in zip(ratios, ratios[1:])):
-            raise ValueError(f"StagedPrune keep_ratios must be strictly decreasing, got {ratios}")
 
         def budget(stage: int, n: int) -> int:
             return min(n, max(1, math.ceil(ratios[stage] * n - 1e-9)))

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import Block, CallState, EditsRows, MethodConfig, Phase, Rows, Runtime, Target
+from .base import (Block, CallState, EditsRows, MethodConfig, Phase, Rows, Runtime, Target, check_tau_field,
+                   raise_problems)
 
 
 @dataclass
@@ -24,13 +25,16 @@ class SinkShare(MethodConfig):
 
     name = "sink_share"
 
+    def __post_init__(self) -> None:
+        raise_problems("SinkShare", [check_tau_field("tau", self.tau)])
+
     def bind(self, target: Target) -> "SinkShareRuntime":
         return SinkShareRuntime(self, target)
 
 
 @dataclass
 class SinkShareRecord:
-    """`shares[layer]`: (B,) fp32 on the CPU, the share of the image attention on visual sinks."""
+    """`shares[layer]`: (B,) fp32 on the CPU, the share of the image attention on visual sinks (never requires grad)."""
 
     shares: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -53,7 +57,7 @@ class SinkShareRuntime(Runtime, EditsRows):
         image = state.image_mask(probs.device)
         weight = state.text_after_image(rows.positions).to(probs)  # (B, R)
         p = state.prompt_len
-        per_key = (probs[..., :p].sum(1) * weight[..., None]).sum(1)  # (B, P)
+        per_key = (probs[..., :p].detach().sum(1) * weight[..., None]).sum(1)  # (B, P)
         on_image = (per_key * image).sum(-1)
         on_sinks = (per_key * (image & sinks)).sum(-1)
         self.record.shares[block.layer] = torch.where(on_image > 0, on_sinks / on_image, float("nan")).cpu()

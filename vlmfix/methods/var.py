@@ -10,7 +10,8 @@ non-sinks N_l = I \\ V_l:
 - then, with p the fraction of sink attention moved (the paper's semantics):
   A'_j = (1 - p) A_j for j in the source set (S_l, or V_l with sources="visual"),
   Omega = p * sum_{sources} A, and A'_j = A_j + Omega * A_j / sum_N A for j in N_l;
-  nothing moves when sum_N A = 0. Rows still sum to 1.
+  nothing moves when sum_N A = 0 (in fp32: below the smallest normal number, 1.2e-38, where the
+  ratio Omega / sum_N A could overflow). Rows still sum to 1.
 
 Applies in layers 2 .. L-2 (or `layers`), on prefill rows from the first token after the last
 image token to the row's last real token (right padding is left alone), and on every decoding step.
@@ -30,10 +31,12 @@ from typing import Sequence
 
 import torch
 
-from .base import Block, Buffers, CallState, EditsRows, MethodConfig, Phase, Rows, Runtime, Target
+from .base import (Block, Buffers, CallState, EditsRows, MethodConfig, Phase, Rows, Runtime, Target, check_choice,
+                   check_layers, check_number, check_tau_field, raise_problems)
 
-#: the smallest positive fp32 number: `x >= TINY` is `x > 0` for a non-negative sum
-TINY = float(torch.finfo(torch.float32).smallest_normal) * 2.0 ** -23
+#: the smallest normal fp32 number: a pair's visual non-sinks must hold at least this much attention, so that
+#: sum_sources A / sum_N A (<= 1 / TINY) and every product with it stay finite in fp32
+TINY = float(torch.finfo(torch.float32).smallest_normal)
 
 
 @dataclass
@@ -47,7 +50,10 @@ class VAR(MethodConfig):
     - p: fraction of the sinks' attention moved to the visual non-sinks;
     - m_min: minimum attention mass on the image of an image-centric head;
     - sources: "all" (text and visual sinks give attention, the paper) or "visual" (visual only);
-    - layers: the layers it acts in (default 2 .. L-2).
+    - layers: the layers it acts in (default 2 .. L-2), a non-empty list of ints.
+
+    rho, p and m_min are finite numbers in [0, 1]; every mistake is refused at construction, a
+    layer beyond the model's depth when attach binds the config.
     """
 
     tau: float | str | None = 20.0
@@ -58,6 +64,14 @@ class VAR(MethodConfig):
     layers: Sequence[int] | None = None
 
     name = "var"
+
+    def __post_init__(self) -> None:
+        raise_problems("VAR", [
+            check_tau_field("tau", self.tau),
+            *(check_number(f, getattr(self, f), 0.0, 1.0) for f in ("rho", "p", "m_min")),
+            check_choice("sources", self.sources, ("all", "visual")),
+            None if self.layers is None else check_layers("layers", self.layers),
+        ])
 
     def bind(self, target: Target) -> "VARRuntime":
         return VARRuntime(self, target)
@@ -94,9 +108,10 @@ class VAR(MethodConfig):
 class VARRecord:
     """What VAR did in one call, per VAR layer (`layers`, in order): the visual sinks V_l per batch
     row (`visual`, (n, B, P) bool), the image-centric (head, row) pairs it edited (`pairs`, (n, B)),
-    and, summed over those pairs (heads, rows and decoding steps), sum_S A / sum_N A x A_j (`gain`,
-    (n, B, P)); with `weight` = p [j in N_l] that makes the attention each position received,
-    `received` = gain x weight (the sum over positions is the attention mass moved)."""
+    and, summed over those pairs (heads, rows and decoding steps), sum_S A / sum_N A x A_j on the
+    visual non-sinks j in N_l (`gain`, (n, B, P), 0 elsewhere); with `weight` = p [j in N_l] that makes
+    the attention each position received, `received` = gain x weight (the sum over positions is the
+    attention mass moved). The tensors never require grad."""
 
     layers: tuple[int, ...]
     visual: torch.Tensor
@@ -140,18 +155,13 @@ class VARRuntime(Runtime, EditsRows):
         super().__init__(config, target)
         n = target.adapter.num_layers
         self.tau = target.tau if config.tau is None else check_tau(config.tau, target.adapter.hidden_size)
-        for name, value in (("rho", config.rho), ("p", config.p), ("m_min", config.m_min)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"VAR {name} must be in [0, 1], got {value}")
-        if config.sources not in ("all", "visual"):
-            raise ValueError(f"VAR sources must be 'all' or 'visual', got {config.sources!r}")
         if config.layers is None:
             layers = tuple(range(2, n - 1))
         else:
             bad = [x for x in config.layers if not 0 <= x < n]
             if bad:
                 raise ValueError(f"VAR layers {bad} are outside the model's {n} decoder layers")
-            layers = tuple(sorted(set(int(x) for x in config.layers)))
+            layers = tuple(sorted(int(x) for x in config.layers))
         self.layers = layers
         self._index = {layer: k for k, layer in enumerate(layers)}
         self._buffers = Buffers()
@@ -235,28 +245,31 @@ class VARRuntime(Runtime, EditsRows):
         is text after the batch row's image, not padding). A chosen pair's prompt entries become
         A'_j = A_j * (1 - p [j in sources] + p [j in N_l] sum_sources A / sum_N A),
         the bracket minus 1 being a second product; other pairs are left exactly as they are.
+        Out of place (autograd may need `probs`: it is the softmax's output); the record is detached.
         """
         columns, update, pairs, gain = self._views[self._index[block.layer]]
         b, h, r, kv = probs.shape
         p = state.prompt_len
         a = probs[..., :p] if kv > p else probs
         flat = a.reshape(b, h * r, p)  # a view: the rows of a (B, H, R) block are contiguous up to the key stride
+        if flat.requires_grad:  # autograd keeps the operands, and later layers and calls rewrite the buffers
+            columns, update = columns.clone(), update.clone()
         # (B, 4, H * R): t, m, sum_N A, sum_sources A (four wide rows: a narrow (H R, 4) product is slow on CPUs)
         sums = torch.bmm(columns, flat.transpose(1, 2))
         limit, zero = self._constants(probs.device)
         chosen = (sums[:, :3] >= limit).all(1, keepdim=True)  # (B, 1, H * R)
         if block.phase is Phase.PREFILL:  # rows up to a row's image end, and its padding, stay as they are
             chosen = chosen & self._rows_after_image(state, rows, h, probs.device)
-        # [1, sum_sources A / sum_N A] for chosen pairs, 0 for the others (whose NaN when sum_N A = 0 is dropped)
+        # [1, sum_sources A / sum_N A] for chosen pairs, 0 for the others (divided by 1: no 0 / 0, nor in a gradient)
         ratio = sums[:, 2:]
-        coef = torch.where(chosen, ratio / ratio[:, :1], zero)  # (B, 2, H * R)
+        coef = torch.where(chosen, ratio / torch.where(chosen, ratio[:, :1], 1.0), zero)  # (B, 2, H * R)
         pairs.add_(chosen.sum((1, 2), keepdim=True))  # the record, from the rows before the edit
-        gain.baddbmm_(coef[:, 1:], flat)
-        a.addcmul_(a, torch.bmm(coef.transpose(1, 2), update).view(b, h, r, p))
-        return probs
+        gain.add_(torch.where(columns[:, 2:3] > 0, torch.bmm(coef[:, 1:].detach(), flat.detach()), zero))
+        edited = torch.addcmul(a, a, torch.bmm(coef.transpose(1, 2), update).view(b, h, r, p))
+        return torch.cat([edited, probs[..., p:]], -1) if kv > p else edited
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Lower bounds of (t, m, sum_N A): -(1 - rho) 1e-6, m_min and the smallest positive number; and 0."""
+        """Lower bounds of (t, m, sum_N A): -(1 - rho) 1e-6, m_min and TINY; and 0."""
         got = self._limits.get(device)
         if got is None:
             cfg = self.config
