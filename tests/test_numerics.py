@@ -39,7 +39,7 @@ class RecordingGIFT(vlmfix.GIFT):
             before = probs.clone()
             out = edit(block, state, rows, probs)
             boosted = block.layer in runtime.boost_layers and (
-                block.phase is Phase.DECODE or rows.last + block.q_start == state.prompt_len - 1)
+                block.phase is Phase.DECODE or int(rows.positions[-1]) == state.prompt_len - 1)  # left-padded: every row's last
             if boosted:
                 for b in range(out.shape[0]):
                     self.seen.append((b, before[b, :, -1], out[b, :, -1].clone()))
@@ -61,7 +61,7 @@ def test_gift_boost_equals_the_formula_in_float64(alpha, beta):
         out = fixed.generate(**inputs, **GEN)
         state = fixed.last_state
     assert torch.isfinite(torch.stack(out.logits)).all()
-    spans = [r.query_span for r in state.rows]
+    spans = [r.query_positions.tolist() for r in state.rows]
     maps = []
     for b in range(len(state.rows)):
         s_hat = vlmfix.GIFT.saliency(state, b).double()
@@ -100,10 +100,10 @@ def test_gift_beta_zero_and_a_row_it_empties():
         assert torch.isfinite(torch.stack(out.logits)).all()
         for _, _, after in gift.seen:
             assert torch.isfinite(after).all() and torch.allclose(after.sum(-1), torch.ones(len(after)), atol=1e-5)
-        # every head's attention on the span of batch row 0: the query heads' rows cannot be renormalised
-        start, end = fixed.last_state.rows[0].query_span
+        # every head's attention on the question of batch row 0: the query heads' rows cannot be renormalised
+        question = fixed.last_state.rows[0].query_positions
         probs = torch.zeros(2, 4, 1, runtime._columns.shape[1])
-        probs[:, :, :, start:end] = 1.0 / (end - start)
+        probs[:, :, :, question] = 1.0 / len(question)
         got = runtime._boosted(probs)
     assert torch.equal(got[0], probs[0])
 
