@@ -50,7 +50,7 @@ def test_sinks_report_vlm_writes_heatmap(tmp_path, capsys):
 
 def test_sinks_bad_arguments(tmp_path, capsys):
     assert main(["sinks", "--tau", "-3", "--out", str(tmp_path)]) == 2
-    assert "tau must be > 0" in capsys.readouterr().err
+    assert "tau must be a finite number > 0" in capsys.readouterr().err
     assert main(["sinks", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "cannot find model" in capsys.readouterr().err
 

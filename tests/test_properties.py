@@ -7,7 +7,7 @@ image), a forward over the batch must give
 - no NaN or inf,
 - with no methods attached, exactly the model's logits.
 
-Seeded (hypothesis, derandomized): the default run tries `VLMFIX_PROPERTY_EXAMPLES` cases (25), and
+Seeded (hypothesis, derandomized): the default run tries `VLMFIX_PROPERTY_EXAMPLES` cases (50), and
 `.ci/run` sets more for CI's spare time. A failure prints the smallest case hypothesis found.
 """
 
@@ -26,7 +26,7 @@ from tiny import FAMILIES as TINY, IM_END, IM_START, encode, make_batch, make_mo
 
 import vlmfix
 
-EXAMPLES = int(os.environ.get("VLMFIX_PROPERTY_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("VLMFIX_PROPERTY_EXAMPLES", "50"))
 FAMILY_NAMES = (*TINY, *MODULES)
 SIZES = ((56, 84), (84, 56))
 QUESTIONS = (" Is there a red cat in the picture?", " What colour is the sky?", " Is the dog on the road?")
