@@ -76,6 +76,27 @@ def test_gift_boost_equals_the_formula_in_float64(alpha, beta):
         assert torch.allclose(after.sum(-1), torch.ones(after.shape[0]), atol=1e-5)
 
 
+@pytest.mark.parametrize("alpha, beta", [(5.0, 1.0), (30.0, 0.5), (2.0, 3.0)])
+def test_gift_direct_and_log_evaluations_agree(alpha, beta, monkeypatch):
+    """The boost's two evaluations (direct products in the paper's range, log factors beyond) give the same
+    tokens and logits where both apply."""
+    from vlmfix.methods import gift as gift_module
+
+    model = make_model("llava")
+    inputs = two_questions(model)
+    results = []
+    for direct_max in (gift_module.DIRECT_MAX, -1.0):  # -1: every setting takes the log factors
+        monkeypatch.setattr(gift_module, "DIRECT_MAX", direct_max)
+        with vlmfix.attach(model, tokenizer(), vlmfix.GIFT(alpha=alpha, beta=beta, **LAYERS)) as fixed:
+            assert fixed.runtimes[0]._direct == (direct_max > 0)
+            out = fixed.generate(**inputs, **GEN)
+        results.append((out.sequences, torch.stack(out.logits)))
+    plain = model.generate(**inputs, **GEN)
+    assert not torch.allclose(torch.stack(plain.logits), results[0][1], atol=1e-3), "GIFT must act here"
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gift_logits_stay_finite_at_any_alpha(dtype):
     model = make_model("llava").to(dtype)
@@ -132,8 +153,9 @@ def test_var_with_a_vanishing_non_sink_mass():
             probs[..., visual[0]] = 1.0
             tiny = 3e-38 if block.layer == 2 else 1e-40  # per non-sink: a normal sum, or a subnormal one
             probs[..., non] = tiny / len(non)
+            before = probs.clone()  # the edit works in place when no gradient is recorded
             out = edit(block, state, rows, probs)
-            planted[(block.phase, block.layer)] = (probs, out, set(sinks.nonzero().flatten().tolist()))
+            planted[(block.phase, block.layer)] = (before, out, set(sinks.nonzero().flatten().tolist()))
             return out
 
         runtime.edit = planting

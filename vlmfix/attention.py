@@ -9,8 +9,9 @@ straight to that previous function, with the mask it expects: no extra tensor wo
 Otherwise (see `vlmfix.methods.base` for the protocol) the rows the runtimes asked for are computed
 in eager form with an fp32 softmax, handed to each runtime's `edit`, multiplied with V and written
 into the output; rows nobody asked for still come from the fast path. With gradients enabled nothing
-autograd needs is written in place: the edits work out of place on the softmax's output, and the
-fast path's output is copied before the eager rows are written into it. After in-place pruning a
+autograd needs is written in place: the edits work out of place on the softmax's output (in place
+when nothing records gradients), and the fast path's output is copied before the eager rows are
+written into it. After in-place pruning a
 `SlotView` (slots.py) translates rows and key columns, so runtimes see prompt positions.
 
 The mask function registered beside each name is the previous implementation's own (sdpa's for

@@ -193,8 +193,9 @@ class EditsRows:
 
     def edit(self, block: Block, state: CallState, rows: Rows, probs: torch.Tensor) -> torch.Tensor:
         """The edited rows of `probs` (B, H, R, K: rows `rows`, keys in prompt positions then generated tokens):
-        `probs` itself, or a new tensor. Never written in place: it is the softmax's output, which autograd
-        needs when gradients are on. A record keeps detached values (a record never requires grad)."""
+        `probs` itself, or a new tensor. Written in place only when `probs.requires_grad` is False (the usual
+        inference case, where it saves the copies); otherwise it is the softmax's output, which autograd
+        needs. A record keeps detached values (a record never requires grad)."""
         raise NotImplementedError
 
 

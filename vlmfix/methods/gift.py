@@ -20,8 +20,9 @@ row's last real token: the last prompt position, or before a right-padded row's 
   times beta * r;
   every modified row renormalised to sum 1. Head selections use the unmodified row.
 
-Numerics: M_j overflows fp32 from alpha = 89 on (and r, beta r with it), so the boost is computed
-from the log factors log f_j (alpha S_hat_j on the image in the vis heads, log beta + log r on the
+Numerics: M_j overflows fp32 from alpha = 89 on (and r, beta r with it). Where no product can
+overflow (beta > 0 and alpha + max(ln beta, 0) <= DIRECT_MAX = 60, which holds the paper's settings)
+the boost is the formula's direct products; beyond, it is computed from the log factors log f_j (alpha S_hat_j on the image in the vis heads, log beta + log r on the
 question in the query heads, 0 elsewhere): each row becomes A_j e^(log f_j - c) / sum_k A_k e^(log f_k - c),
 c the largest log f_j of an entry with attention, and log r = log sum A M - log sum A takes its first
 term from the largest present alpha S_hat the same way. That is the formula above (equal to it up to
@@ -59,6 +60,9 @@ from .base import (Block, Buffers, CallState, EditsRows, MethodConfig, NeedsPrep
 
 #: the largest alpha GIFT takes: alpha S_hat, log r and log beta + log r stay far inside fp32's range
 ALPHA_MAX = 1e30
+#: the boost takes the formula's direct products while alpha + max(ln beta, 0) <= DIRECT_MAX (every M, r and
+#: beta r then stays below e^60 ~ 1e26, far from fp32's 3e38), and log factors beyond
+DIRECT_MAX = 60.0
 
 
 def default_layers(num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -188,6 +192,8 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         self.alpha = float(alpha if config.alpha is None else config.alpha)
         self.beta = float(config.beta)
         self._log_beta = math.log(self.beta) if self.beta > 0 else -math.inf
+        #: the boost's evaluation: direct products, or log factors where a product could overflow (or beta = 0)
+        self._direct = self.beta > 0 and self.alpha + max(self._log_beta, 0.0) <= DIRECT_MAX
         sal = sal if config.saliency_layers is None else config.saliency_layers
         boost = boost if config.boost_layers is None else config.boost_layers
         self.saliency_layers, self.boost_layers = tuple(int(x) for x in sal), tuple(int(x) for x in boost)
@@ -235,12 +241,18 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         self._acting = [i for i, info in enumerate(rows) if info.acting]
         self._shifts: dict[int, dict[int, torch.Tensor]] = {}  # saliency layer -> batch row -> (N_img,)
         self._built = False
-        #: (B, P, 2) columns [image, question] (head ranking); (B, P) alpha S_hat on the image, and the image
-        #: and question positions of the rows with a map (the boost)
-        self._columns = self._buffers.zeros("columns", (b, p, 2), torch.float32, dev)
-        self._gain = self._buffers.zeros("gain", (b, p), torch.float32, dev)
-        self._image = self._buffers.zeros("image", (b, p), torch.bool, dev)
-        self._question = self._buffers.zeros("question", (b, p), torch.bool, dev)
+        if self._direct:
+            #: (B, P, 3) columns [image, M on the image, question] and (B, 2, P) rows [(M - 1) on the image,
+            #: question] of the rows with a map
+            self._columns = self._buffers.zeros("columns", (b, p, 3), torch.float32, dev)
+            self._update = self._buffers.zeros("update", (b, 2, p), torch.float32, dev)
+        else:
+            #: (B, P, 2) columns [image, question] (head ranking); (B, P) alpha S_hat on the image, and the image
+            #: and question positions of the rows with a map
+            self._columns = self._buffers.zeros("columns", (b, p, 2), torch.float32, dev)
+            self._gain = self._buffers.zeros("gain", (b, p), torch.float32, dev)
+            self._image = self._buffers.zeros("image", (b, p), torch.bool, dev)
+            self._question = self._buffers.zeros("question", (b, p), torch.bool, dev)
         return GIFTRecord(self.alpha, rows, [r.image_positions for r in state.rows],
                           self._buffers.zeros("saliency", (b, p), torch.float32, dev),
                           self._buffers.zeros("has_map", (b,), torch.bool, dev))
@@ -330,14 +342,57 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
             rec.saliency_map[b, image] = s_hat
             rec.has_map[b] = ok
             self._columns[b, image, 0] = 1.0
-            self._columns[b, question, 1] = 1.0
-            self._gain[b, image] = self.alpha * s_hat
-            self._image[b, image] = ok
-            self._question[b, question] = ok
+            if self._direct:
+                m = torch.exp(self.alpha * s_hat)
+                self._columns[b, image, 1] = m
+                self._columns[b, question, 2] = 1.0
+                self._update[b, 0, image] = (m - 1) * ok
+                self._update[b, 1, question] = ok.float()
+            else:
+                self._columns[b, question, 1] = 1.0
+                self._gain[b, image] = self.alpha * s_hat
+                self._image[b, image] = ok
+                self._question[b, question] = ok
 
     # -- boost ------------------------------------------------------------------------------------
     def _boosted(self, probs: torch.Tensor) -> torch.Tensor:
-        """The boost of rows `probs` (B, H, R, K), all batch rows at once: a new tensor.
+        """The boost of rows `probs` (B, H, R, K), all batch rows at once (in place unless autograd records
+        `probs`): by direct products where none can overflow, else from log factors."""
+        return self._boosted_direct(probs) if self._direct else self._boosted_log(probs)
+
+    def _boosted_direct(self, probs: torch.Tensor) -> torch.Tensor:
+        """The boost by the formula's products (alpha + max(ln beta, 0) <= DIRECT_MAX, beta > 0).
+
+        columns @ A gives per (head, row) its image mass, boosted image mass sum A M and question mass;
+        the top floor(H/2) heads by image mass (vis) and by question mass (qry) are ranked on that
+        unmodified row. With r = sum_vis sum A M / sum_vis sum A over the image, each entry becomes
+        A_j f_j, f_j - 1 = vis (M_j - 1) [j in I] + qry (beta r - 1) [j in Q], i.e. one product
+        [vis, qry (beta r - 1)] @ update; the row is divided by its new sum 1 + sum_j A_j (f_j - 1) > 0.
+        Unselected heads and rows without a map have f = 1 and a sum of exactly 1: they are unchanged.
+        """
+        b, h, r, k = probs.shape
+        p = self._columns.shape[1]
+        a = probs[..., :p]
+        grad = a.requires_grad  # autograd keeps the operands, and later layers and calls rewrite the buffers
+        columns, update = (self._columns.clone(), self._update.clone()) if grad else (self._columns, self._update)
+        mass = torch.bmm(a.reshape(b, h * r, p), columns).view(b, h, r, 3)  # image, boosted image, question
+        ranked = mass[..., ::2]  # (B, H, R, 2): image and question mass, ranked over the heads at once
+        kth = h - self._top + 1  # the top-th largest is the (H - top + 1)-th smallest
+        chosen = (ranked >= ranked.kthvalue(kth, dim=1, keepdim=True).values).float()  # [vis, qry] per (head, row)
+        sums = (chosen[..., :1] * mass[..., :2]).sum(1, keepdim=True)  # (B, 1, R, 2) over the vis heads
+        # r = 1 where the vis heads give the image no attention at all (a sliding window that ends after it)
+        ratio = torch.where(sums[..., :1] > 0, sums[..., 1:] / sums[..., :1].clamp_min(1e-30), 1.0)
+        coef = torch.cat([chosen[..., :1], chosen[..., 1:] * (ratio * self.beta - 1.0)], -1)  # [vis, qry (beta r - 1)]
+        change = a * torch.bmm(coef.view(b, h * r, 2), update).view(b, h, r, p)
+        total = change.sum(-1, keepdim=True) + 1.0
+        if grad:
+            new = a + change
+            return (torch.cat([new, probs[..., p:]], -1) if k > p else new) / total
+        a.add_(change)
+        return probs.div_(total)
+
+    def _boosted_log(self, probs: torch.Tensor) -> torch.Tensor:
+        """The boost from log factors (any alpha up to ALPHA_MAX, any beta >= 0): a new tensor.
 
         columns @ A gives per (head, row) its image and question mass, on which the top floor(H/2)
         heads by image mass (vis) and by question mass (qry) are ranked. With g_j = alpha S_hat_j,

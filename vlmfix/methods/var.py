@@ -245,7 +245,8 @@ class VARRuntime(Runtime, EditsRows):
         is text after the batch row's image, not padding). A chosen pair's prompt entries become
         A'_j = A_j * (1 - p [j in sources] + p [j in N_l] sum_sources A / sum_N A),
         the bracket minus 1 being a second product; other pairs are left exactly as they are.
-        Out of place (autograd may need `probs`: it is the softmax's output); the record is detached.
+        In place, or out of place when autograd records `probs` (the softmax's output, which its
+        backward needs); the record is detached.
         """
         columns, update, pairs, gain = self._views[self._index[block.layer]]
         b, h, r, kv = probs.shape
@@ -265,8 +266,12 @@ class VARRuntime(Runtime, EditsRows):
         coef = torch.where(chosen, ratio / torch.where(chosen, ratio[:, :1], 1.0), zero)  # (B, 2, H * R)
         pairs.add_(chosen.sum((1, 2), keepdim=True))  # the record, from the rows before the edit
         gain.add_(torch.where(columns[:, 2:3] > 0, torch.bmm(coef[:, 1:].detach(), flat.detach()), zero))
-        edited = torch.addcmul(a, a, torch.bmm(coef.transpose(1, 2), update).view(b, h, r, p))
-        return torch.cat([edited, probs[..., p:]], -1) if kv > p else edited
+        factor = torch.bmm(coef.transpose(1, 2), update).view(b, h, r, p)
+        if flat.requires_grad:
+            edited = torch.addcmul(a, a, factor)
+            return torch.cat([edited, probs[..., p:]], -1) if kv > p else edited
+        a.addcmul_(a, factor)
+        return probs
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Lower bounds of (t, m, sum_N A): -(1 - rho) 1e-6, m_min and TINY; and 0."""
