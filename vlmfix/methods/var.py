@@ -109,16 +109,23 @@ class VARRecord:
     """What VAR did in one call, per VAR layer (`layers`, in order): the visual sinks V_l per batch
     row (`visual`, (n, B, P) bool), the image-centric (head, row) pairs it edited (`pairs`, (n, B)),
     and, summed over those pairs (heads, rows and decoding steps), sum_S A / sum_N A x A_j on the
-    visual non-sinks j in N_l (`gain`, (n, B, P), 0 elsewhere); with `weight` = p [j in N_l] that makes
-    the attention each position received, `received` = gain x weight (the sum over positions is the
-    attention mass moved). The tensors never require grad."""
+    visual non-sinks j in N_l (`gain`, (n, B, P), 0 elsewhere; the decoding step sums it over every
+    position into `summed`, one product, and `nonsink` = [j in N_l] keeps its visual non-sinks, where
+    it is finite); with `weight` = p [j in N_l] that makes the attention each position received,
+    `received` = gain x weight (the sum over positions is the attention mass moved). The tensors never
+    require grad."""
 
     layers: tuple[int, ...]
     visual: torch.Tensor
     pairs: torch.Tensor
-    gain: torch.Tensor
+    summed: torch.Tensor
     weight: torch.Tensor
+    nonsink: torch.Tensor
     frozen: bool = field(default=False, repr=False)
+
+    @property
+    def gain(self) -> torch.Tensor:
+        return torch.where(self.nonsink > 0, self.summed, 0.0)
 
     @property
     def received(self) -> torch.Tensor:
@@ -127,8 +134,8 @@ class VARRecord:
     def freeze(self) -> None:
         """Copy the tensors out of the runtime's buffers (before a next call reuses them)."""
         if not self.frozen:
-            self.visual, self.pairs, self.gain, self.weight = (
-                t.clone() for t in (self.visual, self.pairs, self.gain, self.weight))
+            self.visual, self.pairs, self.summed, self.weight, self.nonsink = (
+                t.clone() for t in (self.visual, self.pairs, self.summed, self.weight, self.nonsink))
             self.frozen = True
 
     def summary(self) -> dict[int, dict[str, list]]:
@@ -190,10 +197,11 @@ class VARRuntime(Runtime, EditsRows):
         self._update = self._buffers.zeros("update", (n, b, 2, p), torch.float32, dev)
         record = VARRecord(self.layers, self._buffers.zeros("visual", (n, b, p), torch.bool, dev),
                            self._buffers.zeros("pairs", (n, b), torch.float32, dev),
-                           self._buffers.zeros("gain", (n, b, p), torch.float32, dev), self._update[:, :, 1])
+                           self._buffers.zeros("gain", (n, b, p), torch.float32, dev), self._update[:, :, 1],
+                           self._columns[:, :, 2])
         #: per layer, the views a layer call uses (taken once here, not per call)
         self._views = [(self._columns[k], self._update[k], record.pairs[k].view(b, 1, 1),
-                        record.gain[k].view(b, 1, p)) for k in range(n)]
+                        record.summed[k].view(b, 1, p)) for k in range(n)]
         return record
 
     def after_prefill(self, state: CallState) -> None:
@@ -265,7 +273,7 @@ class VARRuntime(Runtime, EditsRows):
         ratio = sums[:, 2:]
         coef = torch.where(chosen, ratio / torch.where(chosen, ratio[:, :1], 1.0), zero)  # (B, 2, H * R)
         pairs.add_(chosen.sum((1, 2), keepdim=True))  # the record, from the rows before the edit
-        gain.add_(torch.where(columns[:, 2:3] > 0, torch.bmm(coef[:, 1:].detach(), flat.detach()), zero))
+        gain.baddbmm_(coef[:, 1:].detach(), flat.detach())  # the record reads it on the visual non-sinks
         factor = torch.bmm(coef.transpose(1, 2), update).view(b, h, r, p)
         if flat.requires_grad:
             edited = torch.addcmul(a, a, factor)
