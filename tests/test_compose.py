@@ -4,10 +4,11 @@ VAR alone."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
+from probes import observed
 from tiny import PAD, make_batch, make_model, prompts_two, tokenizer
 
 import vlmfix
@@ -143,32 +144,13 @@ def test_gift_with_fastv_forms_agree(family, model, layers):
     assert not torch.allclose(a[1], prune_alone[1], atol=1e-4), "GIFT changed nothing on the pruned model"
 
 
-@dataclass
-class RecordingGIFT(vlmfix.GIFT):
-    """GIFT that keeps the query positions it was given at each (phase, layer)."""
-
-    seen: dict = field(default_factory=dict, repr=False)
-
-    def bind(self, target):
-        runtime = super().bind(target)
-        edit = runtime.edit
-
-        def recording(block, state, rows, probs):
-            if rows.positions is not None:  # prefill rows (a decoding step is the whole block)
-                self.seen[(block.phase.value, block.layer)] = rows.positions.tolist()
-            return edit(block, state, rows, probs)
-
-        runtime.edit = recording
-        return runtime
-
-
 @pytest.mark.parametrize("form", ["inplace", "mask"])
 def test_gift_gaze_shift_skips_pruned_tokens(form):
     """The question's first token after the image follows the last image token; when pruning removed
     it, the gaze shift is taken against the nearest present token."""
     model = make_model("llava")
     batch = make_batch("llava", model, gift_prompts())
-    gift = RecordingGIFT(alpha=3.0, saliency_layers=(2,), boost_layers=(3,))
+    gift = observed(vlmfix.GIFT)(alpha=3.0, saliency_layers=(2,), boost_layers=(3,))
     _, _, state = run(model, batch, [gift, vlmfix.FastVPrune(layer=2, keep=8, form=form)])
     dropped_last = 0
     for row in state.rows:
@@ -178,7 +160,8 @@ def test_gift_gaze_shift_skips_pruned_tokens(form):
         expected = last if last in kept else kept[-1]
         assert state.previous_token(2, row.index, start) == expected
         assert state.previous_token(1, row.index, start) == start - 1  # before pruning: the plain predecessor
-        assert expected in gift.seen[("prefill", 2)]
+        seen = [pos for block, pos, *_ in gift.seen if (block.phase.value, block.layer) == ("prefill", 2)]
+        assert expected in seen[-1]
         dropped_last += last not in kept
     assert dropped_last, "the construction must prune the last image token of some row"
 

@@ -4,10 +4,10 @@ vanishing non-sink mass, and debiasing by a trend that (nearly) reaches zero."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import pytest
 import torch
+from probes import observed
 from reference_gift import Booster
 from reference_var import Reference
 from tiny import PAD, QUESTION, chat_after, make_batch, make_model, tokenizer
@@ -25,28 +25,14 @@ def two_questions(model):
                                        ([1, 12, 13], (90, 60), chat_after(" What is the colour of the dog?"))])
 
 
-@dataclass
-class RecordingGIFT(vlmfix.GIFT):
-    """GIFT that keeps each boosted row it gets and returns: (batch row, heads' rows before (H, K), after)."""
-
-    seen: list = field(default_factory=list, repr=False)
-
-    def bind(self, target):
-        runtime = super().bind(target)
-        edit = runtime.edit
-
-        def recording(block, state, rows, probs):
-            before = probs.clone()
-            out = edit(block, state, rows, probs)
-            boosted = block.layer in runtime.boost_layers and (
-                block.phase is Phase.DECODE or int(rows.positions[-1]) == state.prompt_len - 1)  # left-padded: every row's last
-            if boosted:
-                for b in range(out.shape[0]):
-                    self.seen.append((b, before[b, :, -1], out[b, :, -1].clone()))
-            return out
-
-        runtime.edit = recording
-        return runtime
+def boosted_rows(gift) -> list:
+    """(batch row, heads' rows before (H, K), after) of each row an observed GIFT boosted: at each decoding
+    step and at the prefill's last position (the batches here are left-padded: every row's last token)."""
+    out = []
+    for block, positions, before, after, prompt_len in gift.seen:
+        if block.layer in gift.runtime.boost_layers and (block.phase is Phase.DECODE or positions[-1] == prompt_len - 1):
+            out += [(b, before[b, :, -1], after[b, :, -1]) for b in range(after.shape[0])]
+    return out
 
 
 @pytest.mark.parametrize("alpha, beta", [(89.0, 1.0), (300.0, 1.0), (600.0, 0.5), (40.0, 1e30)])
@@ -56,7 +42,7 @@ def test_gift_boost_equals_the_formula_in_float64(alpha, beta):
     nothing overflows, test_gift compares GIFT with the reference end to end.)"""
     model = make_model("llava")
     inputs = two_questions(model)
-    gift = RecordingGIFT(alpha=alpha, beta=beta, **LAYERS)
+    gift = observed(vlmfix.GIFT)(alpha=alpha, beta=beta, **LAYERS)
     with vlmfix.attach(model, tokenizer(), gift) as fixed:
         out = fixed.generate(**inputs, **GEN)
         state = fixed.last_state
@@ -68,8 +54,9 @@ def test_gift_boost_equals_the_formula_in_float64(alpha, beta):
         maps.append((s_hat, torch.exp(alpha * s_hat)))
     assert all(float(m[0].max()) == 1.0 for m in maps)  # real, non-flat maps
     ref = Booster(model, inputs, spans, maps, LAYERS["boost_layers"], beta)
-    assert len(gift.seen) == 2 * 2 * GEN["max_new_tokens"]  # 2 rows, 2 boost layers, prefill + 2 steps
-    for b, before, after in gift.seen:
+    seen = boosted_rows(gift)
+    assert len(seen) == 2 * 2 * GEN["max_new_tokens"]  # 2 rows, 2 boost layers, prefill + 2 steps
+    for b, before, after in seen:
         expected = ref.boost(before.double(), b)
         assert torch.isfinite(after).all()
         assert torch.allclose(after.double(), expected, rtol=1e-4, atol=1e-7), (alpha, beta, b)
@@ -114,12 +101,12 @@ def test_gift_beta_zero_and_a_row_it_empties():
     row whose whole attention lay on the span is left as it is (0 / 0 otherwise)."""
     model = make_model("llava")
     inputs = two_questions(model)
-    gift = RecordingGIFT(alpha=3.0, beta=0.0, **LAYERS)
+    gift = observed(vlmfix.GIFT)(alpha=3.0, beta=0.0, **LAYERS)
     with vlmfix.attach(model, tokenizer(), gift) as fixed:
         runtime = fixed.runtimes[0]
         out = fixed.generate(**inputs, **GEN)
         assert torch.isfinite(torch.stack(out.logits)).all()
-        for _, _, after in gift.seen:
+        for _, _, after in boosted_rows(gift):
             assert torch.isfinite(after).all() and torch.allclose(after.sum(-1), torch.ones(len(after)), atol=1e-5)
         # every head's attention on the question of batch row 0: the query heads' rows cannot be renormalised
         question = fixed.last_state.rows[0].query_positions
