@@ -345,11 +345,11 @@ def run(task: str, config: dict, model: Any = None, processor: Any = None, resta
     settings = Settings(model=config["model"], out=Path(config["out"]), dtype=config["dtype"],
                         batch_size=config["batch_size"], max_new_tokens=config["max_new_tokens"], seed=config["seed"],
                         prep_workers=config["prep_workers"], restart=restart)
-    prepare(built, method_sets, settings)
+    prints = prepare(built, method_sets, settings)  # before the model loads: a bad run fails fast
     if model is None:
         model, processor = load(config["model"], getattr(torch, config["dtype"]))
     require_vlm(processor, config["model"], task)
-    results = evaluate(built, model, processor, method_sets, settings)
+    results = evaluate(built, model, processor, method_sets, settings, prints)
     if results is not None:
         print((settings.out / "results.md").read_text(encoding="utf-8"))
         for warning in results["warnings"]:

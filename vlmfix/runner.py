@@ -478,12 +478,15 @@ def prepare(task: Task, method_sets: Sequence[MethodSet], settings: Settings) ->
 
 
 def evaluate(task: Task, model: Any, processor: Any, method_sets: Sequence[MethodSet],
-             settings: Settings) -> dict | None:
+             settings: Settings, prints: Mapping[str, str] | None = None) -> dict | None:
     """Run `task` for each method set (this process's shard), then, on the main process, merge,
-    score and write results.md / results.json. Returns the results on the main process, else None."""
+    score and write results.md / results.json. `prints`: what `prepare` returned when the caller ran it
+    already (before loading the model); otherwise it runs here. Returns the results on the main process,
+    else None."""
     from accelerate.utils import set_seed
 
-    prints = prepare(task, method_sets, settings)
+    if prints is None:
+        prints = prepare(task, method_sets, settings)
     acc = accelerator()
     out = settings.out
     set_seed(settings.seed)
