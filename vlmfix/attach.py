@@ -389,8 +389,7 @@ class Attached:
             return
         try:
             state = self.state
-            if output is None or state is None or state.phase is not Phase.PREFILL or \
-                    self._state_thread != threading.get_ident():
+            if output is None or state is None or state.phase is not Phase.PREFILL:  # a decode step, or it raised
                 return
             self._drop_prefill_hooks()
             state.phase = Phase.DECODE
