@@ -19,7 +19,7 @@ It prints, against the plain model in the same run (interleaved, medians over re
 - compiled decode (static cache, torch.compile fullgraph): the median time of a compiled decoding
   step (each call of transformers' compiled forward timed on its own) for VAR and GIFT against
   plain, or why the compilation failed;
-- aten operator counts (vlmfix.profiling.OpCounter) of one decode step, total and per layer, and
+- aten operator counts (vlmfix.core.profiling.OpCounter) of one decode step, total and per layer, and
   the host reads (device syncs) of the prefill and of a decode step.
 
     python bench/host.py [--width 256] [--new-tokens 16] [--repeats 5] [--no-compile]
@@ -47,8 +47,8 @@ from transformers import CompileConfig
 from var_7b import IMAGE, inputs_for, llava_layout
 
 import vlmfix
-from vlmfix.presets import model_preset
-from vlmfix.profiling import OpCounter, count_ops
+from vlmfix.core.presets import model_preset
+from vlmfix.core.profiling import OpCounter, count_ops
 
 TARGETS = {  # (variant, "prefill" | "decode" | "compiled decode") -> ratio to plain
     ("none", "prefill"): 1.02, ("none", "decode"): 1.02, ("VAR", "prefill"): 1.10, ("VAR", "decode"): 1.05,

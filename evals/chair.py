@@ -8,7 +8,7 @@
 
 import sys
 
-from vlmfix.cli import main
+from vlmfix.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["eval", "chair", *sys.argv[1:]]))

@@ -7,7 +7,7 @@
 
 import sys
 
-from vlmfix.cli import main
+from vlmfix.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["eval", "pope", *sys.argv[1:]]))

@@ -99,7 +99,7 @@ def test_processor_tokenizer_vocab_mismatch(small_smol_llava):
 # -- issue 13: visual tokens in several runs, bare tokenizers, new families, the generic fallback -----------
 def test_image_layout_offsets_cover_gaps_newlines_and_extra_tokens():
     from vlmfix.adapters import ImageLayout
-    from vlmfix.state import ImageSegment
+    from vlmfix.core.state import ImageSegment
 
     pixtral = ImageLayout((ImageSegment(0, rows=2, cols=3, gap=1),), length=6)
     assert pixtral.offsets.tolist() == [0, 1, 2, 4, 5, 6]  # [IMG_BREAK] at 3, [IMG_END] at 7

@@ -9,7 +9,7 @@ from tiny import IMAGE, PAD, make_batch, make_model, prompts_two
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vlmfix
-from vlmfix.attach import _implementations
+from vlmfix.core.attach import _implementations
 
 GEN = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=PAD)
 

@@ -12,7 +12,7 @@ import yaml
 from tiny import IMAGE, make_batch, make_model
 
 import vlmfix
-from vlmfix.calibrate import (
+from vlmfix.eval.calibrate import (
     Calibration,
     calibrate,
     fit_report,
@@ -22,7 +22,7 @@ from vlmfix.calibrate import (
     world_images,
     write_preset,
 )
-from vlmfix.cli import main
+from vlmfix.cli.main import main
 from vlmfix.methods.debias import Trend, fit_trend, load_trend
 
 SIZES = ((56, 56), (56, 84), (84, 56), (84, 112))  # different pixels (and, for LLaVA-NeXT / Qwen2-VL, token counts)

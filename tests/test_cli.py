@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmfix.cli import main
+from vlmfix.cli.main import main
 from vlmfix.viz import grid_heatmap
 
 
@@ -116,14 +116,14 @@ def test_generate_on_the_demo_says_why_var_moved_nothing(tmp_path, capsys):
 
 
 def test_sinks_table_shows_tokens_readably():
-    from vlmfix.cli import _shown
+    from vlmfix.cli.main import _shown
 
     assert [_shown(p) for p in (" the", "\n", "<|im_start|>")] == ['" the"', '"\\n"', '"<|im_start|>"']
 
 
 def test_version(capsys):
     from vlmfix import __version__
-    from vlmfix.cli import main
+    from vlmfix.cli.main import main
 
     with pytest.raises(SystemExit) as done:
         main(["--version"])

@@ -19,8 +19,9 @@ from transformers import AutoProcessor
 from transformers.utils import is_torchvision_available
 
 from vlmfix.adapters import get_adapter
-from vlmfix.cli import _default_image, main
-from vlmfix.loading import chat_prompt, load
+from vlmfix.cli.main import _default_image, main
+from vlmfix.adapters.chat import chat_prompt
+from vlmfix.loading import load
 
 BUILT = tuple(f for f, spec in SPECS.items() if not spec.needs_torchvision)
 NEEDS_TORCHVISION = tuple(f for f, spec in SPECS.items() if spec.needs_torchvision)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from vlmfix.cli import build_parser, main
+from vlmfix.cli.main import build_parser, main
 
 #: destination -> the one flag that sets it, wherever a subcommand has it
 CANONICAL = {"model": "--model", "methods": "--methods", "n_images": "--n-images", "out": "--out",
@@ -75,7 +75,7 @@ def test_world_count_must_be_positive(capsys, tmp_path):
 
 
 def test_help_is_fast_and_light():
-    code = ("import sys; from vlmfix.cli import build_parser; build_parser(); "
+    code = ("import sys; from vlmfix.cli.main import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"building the parser imported {out.strip()}"

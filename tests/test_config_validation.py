@@ -12,7 +12,7 @@ from tiny import make_model, tokenizer
 
 import vlmfix
 from vlmfix.methods import REGISTRY, build, parse_methods
-from vlmfix.presets import configs_dir
+from vlmfix.core.presets import configs_dir
 
 NAN, INF = math.nan, math.inf
 

@@ -13,7 +13,7 @@ from vlmfix.methods import parse_methods
 from vlmfix.demo.assemble import prompt_for
 from vlmfix.demo.check import check_model
 from vlmfix.demo.lora import LoRALinear, add_lora, lora_state, merge_lora
-from vlmfix.demo.prompts import POPE_SUFFIX, yes_no_question
+from vlmfix.data.prompts import POPE_SUFFIX, yes_no_question
 from vlmfix.demo.train import conversation, encode
 
 METHOD_SPECS = ["var", "gift", "fastv:quarter-debiased", "var,gift,fastv:quarter-debiased"]
@@ -213,7 +213,7 @@ def test_demo_results_by_default_writes_under_out_not_docs(tmp_path, monkeypatch
     out/demo-results/results.md (the evaluation itself is stubbed: only where things land is checked)."""
     from types import SimpleNamespace
 
-    import vlmfix.cli_eval
+    import vlmfix.eval.tasks
     import vlmfix.data.world
     import vlmfix.demo.load
     from vlmfix import cli
@@ -222,7 +222,7 @@ def test_demo_results_by_default_writes_under_out_not_docs(tmp_path, monkeypatch
     config = SimpleNamespace(_name_or_path="demo", text_config=SimpleNamespace(hidden_size=7))
     monkeypatch.setattr(vlmfix.demo.load, "load_demo", lambda weights=None: (SimpleNamespace(config=config), None))
     monkeypatch.setattr(vlmfix.data.world, "generate_world", lambda *a, **k: None)
-    monkeypatch.setattr(vlmfix.cli_eval, "run", lambda task, cfg, model, processor, restart: {
+    monkeypatch.setattr(vlmfix.eval.tasks, "run", lambda task, cfg, model, processor, restart: {
         "results": {s: {"sentences": []} for s in results.METHOD_SETS}})
     monkeypatch.setattr(results, "sink_profile", lambda *a: {})
     monkeypatch.setattr(results, "sink_plot", lambda sinks, tau, path: path.write_text("plot"))

@@ -1,4 +1,4 @@
-"""The POPE / CHAIR runners (vlmfix.runner, vlmfix.cli_eval, evals/): resume after a kill, 2-process
+"""The POPE / CHAIR runners (vlmfix.eval.runner, vlmfix.cli.eval, evals/): resume after a kill, 2-process
 sharding, several method sets in one run, and clear errors for bad input."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from vlmfix import methods, runner
-from vlmfix.cli import main
-from vlmfix.cli_eval import _chosen_ids, load_config, pope_task, resolve_data, run
+from vlmfix.cli.main import main
+from vlmfix.eval.tasks import _chosen_ids, load_config, pope_task, resolve_data, run
 from vlmfix.data.errors import DataFormatError
 from vlmfix.data.world import generate_world
 

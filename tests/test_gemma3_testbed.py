@@ -15,7 +15,7 @@ from test_var import RecordingVAR, compare_rows
 
 import vlmfix
 from vlmfix.methods import SinkShare
-from vlmfix.sinks import massive_dims
+from vlmfix.core.sinks import massive_dims
 
 pytestmark = pytest.mark.gemma3
 

@@ -8,9 +8,9 @@ from reference_gift import Booster, boosted, saliency
 from tiny import FAMILIES, PAD, QUESTION, chat_after, make_batch, make_model, tokenizer, user_turn
 
 import vlmfix
-from vlmfix.attention import ROUTE
+from vlmfix.core.attention import ROUTE
 from vlmfix.methods.gift import default_layers
-from vlmfix.words import informative_tokens, informative_words
+from vlmfix.core.words import informative_tokens, informative_words
 
 GEN = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
 
@@ -159,7 +159,7 @@ def test_informative_word_list():
 def test_depth_rule_and_presets():
     assert default_layers(32) == ((11,), tuple(range(12, 23)))  # LLaVA-1.5-7B's published layers
     assert default_layers(30) == ((10,), tuple(range(11, 22)))
-    from vlmfix.presets import model_presets
+    from vlmfix.core.presets import model_presets
 
     gift = {p["name"]: p["gift"] for p in model_presets() if "gift" in p}
     assert gift["llava-1.5-7b"] == {"saliency_layers": [11], "boost_layers": [12, 22], "alpha": 5.0}

@@ -9,8 +9,8 @@ from pathlib import Path
 import vlmfix
 
 ROOT = Path(vlmfix.__file__).parent
-CORE = ("vlmfix.state", "vlmfix.eager", "vlmfix.sinks", "vlmfix.words", "vlmfix.adapters", "vlmfix.metrics")
-ABOVE_METHODS = ("vlmfix.attach", "vlmfix.attention", "vlmfix.runner", "vlmfix.cli", "vlmfix.cli_eval", "vlmfix.demo")
+CORE = ("vlmfix.core.state", "vlmfix.core.eager", "vlmfix.core.sinks", "vlmfix.core.words", "vlmfix.adapters", "vlmfix.metrics")
+ABOVE_METHODS = ("vlmfix.core.attach", "vlmfix.core.attention", "vlmfix.eval.runner", "vlmfix.cli.main", "vlmfix.cli.eval", "vlmfix.demo")
 
 
 def module_name(path: Path) -> str:

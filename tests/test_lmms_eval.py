@@ -24,7 +24,7 @@ import yaml
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed: run `make lmms-eval`")
 
 from vlmfix.adapters import VlmfixInputError  # noqa: E402
-from vlmfix.cli_eval import load_config, run  # noqa: E402
+from vlmfix.eval.tasks import load_config, run  # noqa: E402
 from vlmfix.data.errors import DataFormatError  # noqa: E402
 from vlmfix.data.pope import load_pope_hf, load_pope_jsonl  # noqa: E402
 from vlmfix.data.world import generate_world  # noqa: E402
@@ -309,7 +309,7 @@ def test_lmms_eval_pope_equals_vlmfix_runner(evaluated, run_name):
 def test_sample_logs_record_what_vlmfix_did(evaluated, pope_copy):
     from PIL import Image
 
-    from vlmfix.loading import chat_prompt, chat_turn
+    from vlmfix.adapters.chat import chat_prompt, chat_turn
 
     # plain: one process; with METHOD: two, document i on process i mod 2
     where = {"plain": lambda i: (0, i // BATCH), "method": lambda i: (i % 2, i // 2 // BATCH)}

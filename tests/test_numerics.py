@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from probes import observed
+from probes import observed, on_edit
 from reference_gift import Booster
 from reference_var import Reference
 from tiny import PAD, QUESTION, chat_after, make_batch, make_model, tokenizer
@@ -30,7 +30,7 @@ def boosted_rows(gift) -> list:
     step and at the prefill's last position (the batches here are left-padded: every row's last token)."""
     out = []
     for block, positions, before, after, prompt_len in gift.seen:
-        if block.layer in gift.runtime.boost_layers and (block.phase is Phase.DECODE or positions[-1] == prompt_len - 1):
+        if block.layer in gift.bound.boost_layers and (block.phase is Phase.DECODE or positions[-1] == prompt_len - 1):
             out += [(b, before[b, :, -1], after[b, :, -1]) for b in range(after.shape[0])]
     return out
 
@@ -128,9 +128,8 @@ def test_var_with_a_vanishing_non_sink_mass():
 
     with vlmfix.attach(model, None, var, sink_dims=[0, 1]) as fixed:
         runtime = fixed.runtimes[0]
-        edit = runtime.edit
 
-        def planting(block, state, rows, probs):
+        def planting(edit, block, state, rows, probs):
             """Replace each row by one with all attention on the first visual sink, a little on the non-sinks."""
             sinks = state.sink_mask(block.layer, runtime.tau)[0]
             image = state.image_mask(probs.device)[0]
@@ -145,7 +144,7 @@ def test_var_with_a_vanishing_non_sink_mass():
             planted[(block.phase, block.layer)] = (before, out, set(sinks.nonzero().flatten().tolist()))
             return out
 
-        runtime.edit = planting
+        on_edit(runtime, planting)
         out = fixed.generate(**inputs, **GEN)
         rec = fixed.last_state.record(vlmfix.VAR)
         assert torch.isfinite(rec.gain).all() and torch.isfinite(rec.received).all()

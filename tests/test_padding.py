@@ -17,7 +17,7 @@ from tiny import chat_after, make_batch, make_model, right_pad, tokenizer
 import vlmfix
 from vlmfix.adapters import get_adapter
 from vlmfix.adapters.base import sides
-from vlmfix.attach import VlmfixError
+from vlmfix.core.attach import VlmfixError
 from vlmfix.methods.prune import PRUNERS, prune_record
 
 VAR_TINY = dict(tau=1.2, m_min=0.05, rho=0.3, layers=(2, 3))  # makes VAR act on the tiny models (see test_var)

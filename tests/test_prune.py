@@ -184,7 +184,7 @@ def test_debias_flattens_a_planted_trend():
 
 def test_raster_positions_restart_in_each_video_frame():
     from vlmfix.methods.debias import raster_positions
-    from vlmfix.state import ImageSegment, RowLayout
+    from vlmfix.core.state import ImageSegment, RowLayout
 
     def row(*segments):
         n = sum(s.rows * s.cols for s in segments)

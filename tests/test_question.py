@@ -18,7 +18,7 @@ from tiny import QUESTION
 
 import vlmfix
 from vlmfix.adapters import get_adapter
-from vlmfix.state import runs
+from vlmfix.core.state import runs
 
 IMAGE = {"type": "image"}
 

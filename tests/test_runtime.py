@@ -226,8 +226,8 @@ def test_pruning_under_static_cache():
 
 # -- 5. host reads ------------------------------------------------------------------------------------------
 try:
-    from vlmfix.profiling import OpCounter
-except ImportError:  # pragma: no cover - before vlmfix/profiling.py exists
+    from vlmfix.core.profiling import OpCounter
+except ImportError:  # pragma: no cover - before vlmfix/core/profiling.py exists
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class OpCounter(TorchDispatchMode):

@@ -9,8 +9,8 @@ import torch
 
 import vlmfix
 from vlmfix.methods import SinkShare
-from vlmfix.sinks import DEFAULT_PROMPTS, check_tau, massive_dims, scaled_tau, sink_scores
-from vlmfix.state import above_threshold
+from vlmfix.core.sinks import DEFAULT_PROMPTS, check_tau, massive_dims, scaled_tau, sink_scores
+from vlmfix.core.state import above_threshold
 
 OTHER_PROMPTS = (
     "My grandmother grew tomatoes and beans in a small garden behind the house.",

@@ -10,7 +10,7 @@ import torch
 from tiny import PAD, chat_after, make_batch, make_model, tokenizer
 
 import vlmfix
-from vlmfix.attach import VlmfixError
+from vlmfix.core.attach import VlmfixError
 
 GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD)
 VAR_TINY = dict(tau=1.2, m_min=0.05, rho=0.3, layers=(2, 3))  # makes VAR act on the tiny model (see test_var)

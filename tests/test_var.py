@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from probes import on_edit
 from reference_var import reference_var
 from tiny import FAMILIES, PAD, make_batch, make_model, prompts_two
 
@@ -23,9 +24,9 @@ class RecordingVAR(vlmfix.VAR):
 
     def bind(self, target):
         runtime = super().bind(target)
-        edit, steps = runtime.edit, {}
+        steps = {}
 
-        def recording(block, state, rows, probs):
+        def recording(edit, block, state, rows, probs):
             before = probs.clone()  # VAR edits the rows in place
             out = edit(block, state, rows, probs)
             if block.phase is Phase.PREFILL:
@@ -41,7 +42,7 @@ class RecordingVAR(vlmfix.VAR):
                                                                      set(sinks[b].nonzero().flatten().tolist()))
             return out
 
-        runtime.edit = recording
+        on_edit(runtime, recording)
         return runtime
 
 

@@ -152,7 +152,7 @@ def test_co_occurrence_follows_scene_types():
 
 
 def test_world_into_a_non_empty_folder_is_refused_and_overwrite_removes_stale_files(tmp_path, capsys):
-    from vlmfix.cli import main
+    from vlmfix.cli.main import main
 
     out = tmp_path / "w"
     assert main(["world", "--out", str(out), "--n-images", "6", "--seed", "0"]) == 0
@@ -178,7 +178,7 @@ def test_world_into_a_non_empty_folder_is_refused_and_overwrite_removes_stale_fi
 
 
 def test_world_too_small_for_pope_is_refused(tmp_path, capsys):
-    from vlmfix.cli import main
+    from vlmfix.cli.main import main
 
     # seed 1: images 1-3 hold 2 categories each, and POPE asks about 3 per image
     assert main(["world", "--out", str(tmp_path / "w"), "--n-images", "3", "--seed", "1"]) == 2
@@ -188,7 +188,7 @@ def test_world_too_small_for_pope_is_refused(tmp_path, capsys):
 
 
 def test_world_into_an_unwritable_place_is_one_error_line(tmp_path, capsys):
-    from vlmfix.cli import main
+    from vlmfix.cli.main import main
 
     (tmp_path / "file").write_text("")
     assert main(["world", "--out", str(tmp_path / "file" / "w"), "--n-images", "4"]) == 2

@@ -34,13 +34,13 @@ def load(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module
     unknown names/paths."""
     import torch
 
-    from .adapters import MODEL_CLASSES
-    from .demo import build_llava, load_smollm2
+    from vlmfix.adapters import MODEL_CLASSES
+    from vlmfix.demo import build_llava, load_smollm2
 
     dtype = dtype or torch.float32
 
     if name_or_path == "demo":
-        from .demo.load import load_demo
+        from vlmfix.demo.load import load_demo
 
         return load_demo(dtype=dtype)
     if name_or_path == "smollm2":
@@ -52,7 +52,7 @@ def load(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module
         lm, tok = load_smollm2(dtype)
         return build_llava(lm, tok, image_size=168)
     if name_or_path in ("gemma3-270m", "gemma3-siglip"):
-        from .demo.gemma3 import build_gemma3, load_gemma3
+        from vlmfix.demo.gemma3 import build_gemma3, load_gemma3
 
         lm, tok = load_gemma3(dtype)
         return (lm, tok) if name_or_path == "gemma3-270m" else build_gemma3(lm, tok)
@@ -115,29 +115,11 @@ def _processor(name_or_path: str) -> Any:
         raise RuntimeError(f"cannot load the processor of {name_or_path}: {reason}; {fix}, and run again.") from err
 
 
-def chat_turn(processor: Any, text: str, images: int = 1, videos: int = 0) -> str:
-    """One user turn with `images` images and `videos` videos before `text`, in the processor's chat
-    template, ready for generation."""
-    content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
-
-
-def chat_prompt(processor: Any, question: str, with_image: bool = True) -> str:
-    """The model's chat prompt for one user turn (with one image), ready for generation."""
-    if getattr(processor, "chat_template", None):
-        if with_image:
-            return chat_turn(processor, question)
-        return processor.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                             tokenize=False)
-    return f"USER: <image>\n{question} ASSISTANT:" if with_image else question
-
-
 def require_vlm(processor: Any, name: str, needs: str, hint: str = "--model demo or smollm2-llava") -> None:
     """Raise a VlmfixInputError (a ValueError) when `processor` has no image processor: `name` is a
     text-only LM and `needs` (a command, a task) needs a VLM; `hint` says what to pass instead."""
     if not hasattr(processor, "image_processor"):
-        from .adapters import VlmfixInputError
+        from vlmfix.adapters import VlmfixInputError
 
         raise VlmfixInputError(f"{name} is a text-only LM; {needs} needs a VLM (try {hint})")
 

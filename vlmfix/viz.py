@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .state import CallState
+from vlmfix.core.state import CallState
 
 # a perceptually ordered dark-to-bright ramp (inferno-like anchors)
 _RAMP = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))
@@ -284,7 +284,7 @@ def moved_heatmap(
 ) -> Path:
     """PNG of the attention VAR gave to each image patch (summed over heads, query rows, steps and,
     without `layer`, over layers); the visual sinks it took attention from are outlined."""
-    from .methods import VAR
+    from vlmfix.methods import VAR
 
     if not state.has_record(VAR):
         raise ValueError("VAR was not attached in this call")
@@ -310,7 +310,7 @@ def saliency_heatmap(
     padding: torch.Tensor | None = None,
 ) -> Path:
     """PNG of GIFT's saliency map S_hat (gaze shifts of the question over the image) for batch row `row`."""
-    from .methods import GIFT
+    from vlmfix.methods import GIFT
 
     if not state.has_record(GIFT):
         raise ValueError("GIFT was not attached in this call")
@@ -335,7 +335,7 @@ def kept_heatmap(
 ) -> Path:
     """PNG of the image tokens a pruner kept (bright, outlined) and dropped (dark) after `stage` for
     batch row `row`, over one image grid."""
-    from .methods.prune import kept_tokens, prune_record
+    from vlmfix.methods.prune import kept_tokens, prune_record
 
     kept = torch.zeros(state.batch_size, state.prompt_len)
     kept[row, kept_tokens(state, row, stage)] = 1.0
@@ -355,7 +355,7 @@ def padding_grid(processor: Any, image_size: tuple[int, int], grid: tuple[int, i
                  threshold: float = 0.5) -> torch.Tensor | None:
     """(rows, cols) bool grid of the patches that are mostly padding, for processors that pad the
     image to a square (LLaVA-1.5's `do_pad`); None for processors that do not pad."""
-    from .methods.debias import padding_fractions
+    from vlmfix.methods.debias import padding_fractions
 
     ip = getattr(processor, "image_processor", None)
     if ip is None or not getattr(ip, "do_pad", False) or type(processor).__name__ != "LlavaProcessor":
@@ -382,8 +382,8 @@ def method_heat_maps(state: CallState, processor: Any, inputs: Any, image: Image
       `var_moved.png` when VAR moved attention;
     - GIFT: `gift_saliency.png`; a pruner: `kept_tokens.png` and the record's budget notes.
     """
-    from .methods import GIFT, VAR, FastVPrune, StagedPrune
-    from .methods.prune import prune_record
+    from vlmfix.methods import GIFT, VAR, FastVPrune, StagedPrune
+    from vlmfix.methods.prune import prune_record
 
     if not state.rows or not state.rows[0].has_image:
         return ["no heat maps: the prompt holds no image"]

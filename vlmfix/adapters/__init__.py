@@ -6,17 +6,17 @@ from typing import Any
 
 from torch import nn
 
-from .base import Adapter, ImageLayout, VlmfixInputError
-from .gemma3 import Gemma3Adapter
-from .generic import GenericAdapter
-from .idefics3 import Idefics3Adapter
-from .internvl import InternVLAdapter
-from .llava import LlavaAdapter
-from .llava_next import LlavaNextAdapter
-from .llava_onevision import LlavaOnevisionAdapter
-from .mistral3 import Mistral3Adapter
-from .qwen2_vl import Qwen2VLAdapter
-from .qwen3_vl import Qwen3VLAdapter
+from vlmfix.adapters.base import Adapter, ImageLayout, VlmfixInputError
+from vlmfix.adapters.gemma3 import Gemma3Adapter
+from vlmfix.adapters.generic import GenericAdapter
+from vlmfix.adapters.idefics3 import Idefics3Adapter
+from vlmfix.adapters.internvl import InternVLAdapter
+from vlmfix.adapters.llava import LlavaAdapter
+from vlmfix.adapters.llava_next import LlavaNextAdapter
+from vlmfix.adapters.llava_onevision import LlavaOnevisionAdapter
+from vlmfix.adapters.mistral3 import Mistral3Adapter
+from vlmfix.adapters.qwen2_vl import Qwen2VLAdapter
+from vlmfix.adapters.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen3VLAdapter,
                                        Mistral3Adapter, Gemma3Adapter, LlavaOnevisionAdapter,

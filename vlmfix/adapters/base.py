@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..state import ImageSegment, RowLayout, runs
+from vlmfix.core.state import ImageSegment, RowLayout, runs
 
 
 class VlmfixInputError(ValueError):
@@ -109,7 +109,7 @@ class Adapter:
     @property
     def preset(self) -> dict[str, Any] | None:
         """This model's preset in configs/models (matched on name/path and width), if any."""
-        from ..presets import model_preset
+        from vlmfix.core.presets import model_preset
 
         names = " ".join(str(getattr(c, "_name_or_path", "") or "") for c in (self.config, self.text_config))
         return model_preset(names, self.hidden_size)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from ..state import ImageSegment
-from .base import Adapter, ImageLayout, VlmfixInputError, encoded_images
-from .inputs import pixels
+from vlmfix.core.state import ImageSegment
+from vlmfix.adapters.base import Adapter, ImageLayout, VlmfixInputError, encoded_images
+from vlmfix.adapters.inputs import pixels
 
 
 class Gemma3Adapter(Adapter):

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from ..state import ImageSegment
-from .base import Adapter, ImageLayout, config_token_id, runs
+from vlmfix.core.state import ImageSegment
+from vlmfix.adapters.base import Adapter, ImageLayout, config_token_id, runs
 
 
 class GenericAdapter(Adapter):

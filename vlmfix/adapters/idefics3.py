@@ -23,8 +23,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .base import Adapter, ImageLayout, VlmfixInputError, encoded_images
-from .inputs import check_tiles, pixels, tiled_layout, token_runs
+from vlmfix.adapters.base import Adapter, ImageLayout, VlmfixInputError, encoded_images
+from vlmfix.adapters.inputs import check_tiles, pixels, tiled_layout, token_runs
 
 GLOBAL_TAG = "<global-img>"
 

@@ -8,8 +8,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..state import ImageSegment
-from .base import ImageLayout, VlmfixInputError, runs
+from vlmfix.core.state import ImageSegment
+from vlmfix.adapters.base import ImageLayout, VlmfixInputError, runs
 
 
 def pixels(inputs: Mapping[str, Any], key: str, dims: tuple[str, ...], family: str) -> torch.Tensor | None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .base import Adapter, ImageLayout, VlmfixInputError, encoded_images
-from .inputs import check_tiles, tiled_layout, token_runs
+from vlmfix.adapters.base import Adapter, ImageLayout, VlmfixInputError, encoded_images
+from vlmfix.adapters.inputs import check_tiles, tiled_layout, token_runs
 
 
 def _pair(value: Any) -> tuple[int, int]:

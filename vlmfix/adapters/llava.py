@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from ..state import ImageSegment
-from .base import Adapter, ImageLayout, VlmfixInputError, encoded_images
+from vlmfix.core.state import ImageSegment
+from vlmfix.adapters.base import Adapter, ImageLayout, VlmfixInputError, encoded_images
 
 
 class LlavaAdapter(Adapter):

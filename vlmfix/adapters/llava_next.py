@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..state import ImageSegment
-from .base import Adapter, ImageLayout, VlmfixInputError, encoded_images
+from vlmfix.core.state import ImageSegment
+from vlmfix.adapters.base import Adapter, ImageLayout, VlmfixInputError, encoded_images
 
 
 class LlavaNextAdapter(Adapter):

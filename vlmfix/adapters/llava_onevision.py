@@ -22,9 +22,9 @@ from typing import Any, Mapping
 
 import torch
 
-from .base import ImageLayout, VlmfixInputError, encoded_images
-from .inputs import frames_layout, pixels
-from .llava_next import LlavaNextAdapter
+from vlmfix.adapters.base import ImageLayout, VlmfixInputError, encoded_images
+from vlmfix.adapters.inputs import frames_layout, pixels
+from vlmfix.adapters.llava_next import LlavaNextAdapter
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..state import ImageSegment
-from .base import Adapter, ImageLayout, VlmfixInputError, encoded_images, feature_spans, runs
+from vlmfix.core.state import ImageSegment
+from vlmfix.adapters.base import Adapter, ImageLayout, VlmfixInputError, encoded_images, feature_spans, runs
 
 
 def pixtral_layout(rows: int, cols: int) -> ImageLayout:

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .base import Adapter, ImageLayout, VlmfixInputError, encoded_images, feature_spans, runs
-from .inputs import frames_layout
+from vlmfix.adapters.base import Adapter, ImageLayout, VlmfixInputError, encoded_images, feature_spans, runs
+from vlmfix.adapters.inputs import frames_layout
 
 
 class Qwen2VLAdapter(Adapter):

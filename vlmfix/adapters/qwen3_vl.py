@@ -13,8 +13,8 @@ two differences:
 
 from __future__ import annotations
 
-from .base import VlmfixInputError
-from .qwen2_vl import Qwen2VLAdapter
+from vlmfix.adapters.base import VlmfixInputError
+from vlmfix.adapters.qwen2_vl import Qwen2VLAdapter
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):

@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from typing import Sequence
 
-from .english import capitalize, count_phrase, is_plural_phrase, join_and
+from vlmfix.data.english import capitalize, count_phrase, is_plural_phrase, join_and
 
 SURFACE = {"sports ball": "ball", "tv": "TV"}
 

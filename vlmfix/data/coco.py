@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from pycocotools.coco import COCO
 
-from .errors import DataFormatError
+from vlmfix.data.errors import DataFormatError
 
 _ANNOTATION_FIELDS = {
     "instances": ("id", "image_id", "category_id"),

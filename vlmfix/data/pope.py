@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .coco import image_categories, load_instances
-from .english import indefinite
-from .errors import DataFormatError
+from vlmfix.data.coco import image_categories, load_instances
+from vlmfix.data.english import indefinite
+from vlmfix.data.errors import DataFormatError
 
 SPLITS = ("random", "popular", "adversarial")
 LABELS = ("yes", "no")

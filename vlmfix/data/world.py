@@ -48,12 +48,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .backgrounds import background
-from .captions import make_captions
-from .coco_categories import coco_category_dicts
-from .emoji import CATEGORY_GLYPHS, sprite
-from .pope import SPLITS, build_pope, write_pope_jsonl
-from .scenes import SCENES, Scene
+from vlmfix.data.backgrounds import background
+from vlmfix.data.captions import make_captions
+from vlmfix.data.coco_categories import coco_category_dicts
+from vlmfix.data.emoji import CATEGORY_GLYPHS, sprite
+from vlmfix.data.pope import SPLITS, build_pope, write_pope_jsonl
+from vlmfix.data.scenes import SCENES, Scene
 
 ASPECTS = ((4, 3), (3, 4), (16, 9), (1, 1), (9, 16), (3, 2), (2, 3))
 OBJECT_COUNT_WEIGHTS = (1, 2, 3, 3, 2, 2)  # relative P(1 object), ..., P(6 objects)

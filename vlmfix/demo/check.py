@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from ..data.world import CATEGORIES, draw_image
-from .assemble import prompt_for
-from .prompts import CAPTION_PROMPTS, yes_no_question
+from vlmfix.data.world import CATEGORIES, draw_image
+from vlmfix.demo.assemble import prompt_for
+from vlmfix.data.prompts import CAPTION_PROMPTS, yes_no_question
 
 
 @torch.no_grad()

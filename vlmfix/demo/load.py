@@ -22,8 +22,8 @@ def load_demo(weights: str | Path | None = None, dtype: torch.dtype = torch.floa
     weights: a demo.safetensors written by `vlmfix demo train` (default: the committed one)."""
     from safetensors import safe_open
 
-    from . import build_llava, load_smollm2
-    from .lora import merge_lora
+    from vlmfix.demo import build_llava, load_smollm2
+    from vlmfix.demo.lora import merge_lora
 
     path = Path(weights) if weights is not None else WEIGHTS
     if not path.is_file():

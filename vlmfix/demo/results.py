@@ -35,10 +35,10 @@ def sink_profile(model: Any, processor: Any, world: Path, n_images: int) -> dict
     token ("text_phi")."""
     from PIL import Image
 
-    from ..attach import attach
-    from ..data import load_pope_jsonl
-    from ..loading import chat_prompt
-    from ..methods import SinkShare
+    from vlmfix.core.attach import attach
+    from vlmfix.data import load_pope_jsonl
+    from vlmfix.adapters.chat import chat_prompt
+    from vlmfix.methods import SinkShare
 
     questions = load_pope_jsonl(world / "coco_pope_random.json")
     by_image: dict[Any, Any] = {}
@@ -73,7 +73,7 @@ def sink_plot(sinks: Mapping[int, Mapping[str, float]], tau: float, path: Path, 
     (in %) along the top. Pillow only."""
     from PIL import Image, ImageDraw
 
-    from ..viz import text_font
+    from vlmfix.viz import text_font
 
     font, bold = text_font(12), text_font(14)
     image = Image.new("RGB", (width, height), "white")
@@ -123,7 +123,7 @@ def _changes(base_p: Mapping[str, Any], p: Mapping[str, Any], base_c: Mapping[st
     """{measure: (change in points as a fraction, `intervals.verdict`)} of one method against the plain
     model, from the raw counts: CHAIR_s over captions, CHAIR_i over object mentions, POPE accuracy per
     split over its questions (each side with its own counts)."""
-    from ..metrics.intervals import verdict
+    from vlmfix.metrics.intervals import verdict
 
     def counts(k: str, n: str) -> tuple[tuple[int, int], tuple[int, int]]:
         return (base_c["counts"][k], base_c["counts"][n]), (c["counts"][k], c["counts"][n])
@@ -140,7 +140,7 @@ def _changes(base_p: Mapping[str, Any], p: Mapping[str, Any], base_c: Mapping[st
 def _verdicts(pope: Mapping[str, Any], chair: Mapping[str, Any]) -> list[str]:
     """One plain sentence per method: what it changed against the plain model, and whether each
     change is beyond noise (`_changes`, `vlmfix.metrics.intervals`), or the items are too few to tell."""
-    from ..metrics.intervals import BEYOND, TOO_FEW
+    from vlmfix.metrics.intervals import BEYOND, TOO_FEW
 
     base_c, base_p = chair["none"], pope["none"]
     lines = []
@@ -236,7 +236,7 @@ def _world_size(world: Path) -> int | None:
 def _model_name(weights: str | Path | None) -> str:
     """The model as the evaluations record it: "demo", or with other weights their path and digest (so a
     resumed run never mixes answers of two sets of weights)."""
-    from ..runner import file_sha256
+    from vlmfix.eval.runner import file_sha256
 
     return "demo" if weights is None else f"demo with {weights} (sha256 {file_sha256(weights)[:16]})"
 
@@ -254,10 +254,10 @@ def run_results(out: str | Path = "out/demo-results", doc: str | Path | None = N
     committed report is rewritten only when named). `batch_size` None: 128 with a GPU, 16 on the CPU."""
     from datetime import date
 
-    from ..cli_eval import load_config, run
-    from ..data.world import generate_world
-    from ..presets import model_preset
-    from .load import load_demo
+    from vlmfix.eval.tasks import load_config, run
+    from vlmfix.data.world import generate_world
+    from vlmfix.core.presets import model_preset
+    from vlmfix.demo.load import load_demo
 
     start = time.perf_counter()
     out = Path(out)

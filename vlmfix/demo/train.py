@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.world import CATEGORIES, draw_image
-from .lora import TARGETS, add_lora, lora_state
-from .prompts import CAPTION_PROMPTS, yes_no_question
+from vlmfix.data.world import CATEGORIES, draw_image
+from vlmfix.demo.lora import TARGETS, add_lora, lora_state
+from vlmfix.data.prompts import CAPTION_PROMPTS, yes_no_question
 
 
 
@@ -366,9 +366,9 @@ def train(out: str | Path, recipe: Recipe | None = None, device: str = "cpu") ->
     stopped run. The recipe's numbers do not depend on the device, its results do slightly."""
     from safetensors.torch import save_file
 
-    from . import build_llava, load_smollm2
-    from .check import check_model
-    from .plots import loss_plot
+    from vlmfix.demo import build_llava, load_smollm2
+    from vlmfix.demo.check import check_model
+    from vlmfix.demo.plots import loss_plot
 
     recipe = recipe or Recipe()
     recipe.check()
@@ -398,7 +398,7 @@ def train(out: str | Path, recipe: Recipe | None = None, device: str = "cpu") ->
     save_file(state, str(weights), metadata=meta)
     loss_plot(log.records, out / "loss.png")
     minutes = (time.perf_counter() - start) / 60
-    from .load import load_demo
+    from vlmfix.demo.load import load_demo
 
     demo, demo_processor = load_demo(weights)
     check = check_model(demo.to(where), demo_processor, seed=recipe.check_seed, n_images=recipe.check_images)

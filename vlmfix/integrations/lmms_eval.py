@@ -60,10 +60,11 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from ..adapters import MODEL_CLASSES, VlmfixInputError, supported_families
-from ..attach import attach
-from ..loading import DTYPES as TORCH_DTYPES, chat_turn
-from ..methods import normal_spec, parse_methods
+from vlmfix.adapters import MODEL_CLASSES, VlmfixInputError, supported_families
+from vlmfix.core.attach import attach
+from vlmfix.adapters.chat import chat_turn
+from vlmfix.loading import DTYPES as TORCH_DTYPES
+from vlmfix.methods import normal_spec, parse_methods
 
 DTYPES = ("auto", *TORCH_DTYPES)
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -114,7 +115,7 @@ def load_vlm(pretrained: str, dtype: torch.dtype | None, attn_implementation: st
              device_map: str | None) -> tuple[Any, Any]:
     """(model, processor): a named test-bed through `vlmfix.loading.load`, else a checkpoint whose
     architecture a vlmfix adapter supports (checked before any weight is read)."""
-    from ..loading import NAMED, _processor, load, require_vlm
+    from vlmfix.loading import NAMED, _processor, load, require_vlm
 
     if pretrained in NAMED:
         if device_map:
@@ -170,9 +171,9 @@ def cut_at(text: str, until: Sequence[str]) -> str:
 
 def row_records(fixed: Any, spec: str, process: int, batch: int, size: int) -> list[dict]:
     """Per batch row, what vlmfix did in the last call of `fixed` (see the module docstring)."""
-    from ..methods.gift import GIFTRecord
-    from ..methods.prune import PruneRecord
-    from ..methods.var import VARRecord
+    from vlmfix.methods.gift import GIFTRecord
+    from vlmfix.methods.prune import PruneRecord
+    from vlmfix.methods.var import VARRecord
 
     base = {"methods": spec, "process": process, "batch": batch, "batch_size": size}
     if fixed is None:

@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..data.errors import DataFormatError
-from ..data.pope import SPLITS, check_splits, load_pope_jsonl, pope_file
+from vlmfix.data.errors import DataFormatError
+from vlmfix.data.pope import SPLITS, check_splits, load_pope_jsonl, pope_file
 
 COLUMNS = ("id", "question_id", "question", "answer", "image_source", "image", "category")
 PARQUET = Path("data") / "test-00000-of-00001.parquet"
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not world.exists():
             if not args.world_images:
                 parser.error(f"{world}: no such EmojiCOCO folder; add --world-images N to generate it")
-            from ..data.world import main as generate_world
+            from vlmfix.data.world import main as generate_world
 
             generate_world(world, args.world_images, args.seed)
         images, pope_dir = world / "images", world

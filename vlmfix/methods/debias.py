@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import yaml
 
-from .base import check_choice, check_number, is_number, raise_problems
+from vlmfix.methods.base import check_choice, check_number, is_number, raise_problems
 
 if TYPE_CHECKING:
-    from ..state import RowLayout
+    from vlmfix.core.state import RowLayout
 
 FAMILIES = ("exp", "cubic")
 PARAM_NAMES = {"exp": ("mu", "sigma"), "cubic": ("a", "b", "c", "d")}  # a trend's parameters, in order
@@ -224,7 +224,7 @@ def content_size(pixel_values: torch.Tensor, background: torch.Tensor, tol: floa
 
 def trend_dirs() -> list[Path]:
     """Folders searched for trend presets: those of $VLMFIX_TRENDS (in order), then configs/trends."""
-    from ..presets import configs_dir
+    from vlmfix.core.presets import configs_dir
 
     user = [Path(p).expanduser() for p in os.environ.get(TRENDS_ENV, "").split(os.pathsep) if p]
     return [*user, configs_dir() / "trends"]

@@ -53,9 +53,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..words import informative_tokens
-from ..state import RowLayout
-from .base import (Block, Buffers, CallState, EditsRows, MethodConfig, NeedsPrepass, Phase, Rows, Runtime, Target,
+from vlmfix.core.words import informative_tokens
+from vlmfix.core.state import RowLayout
+from vlmfix.methods.base import (MethodCall, Block, Buffers, CallState, EditsQueries, MethodConfig, Phase, Queries, Runtime, Target,
                    check_choice, check_layers, check_number, raise_problems)
 
 #: the largest alpha GIFT takes: alpha S_hat, log r and log beta + log r stay far inside fp32's range
@@ -172,7 +172,7 @@ class GIFTRecord:
         return "" if bool(self.has_map[row]) else "flat saliency (max == min): no boost"
 
 
-class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
+class GIFTRuntime(Runtime, MethodCall, EditsQueries):
     """GIFT bound to a model: resolved alpha and layers; per call the saliency and the boost matrices.
     It reads the question's words (the last user turn's text, found with the chat template's markers; its
     informative tokens are words), so attach refuses it without a tokenizer."""
@@ -224,9 +224,11 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         return max(self._sal) if self.alpha > 0 and self.needs_prepass else None
 
     # -- per call ---------------------------------------------------------------------------------
-    def begin(self, state: CallState) -> GIFTRecord:
-        if self.record is not None:
-            self.record.freeze()
+    def start(self, state: CallState):  # TEMPORARY shim: the runtime is its own call
+        self.record = self._begin(state)
+        return self
+
+    def _begin(self, state: CallState) -> GIFTRecord:
         rows: list[GIFTRow] = []
         for row in state.rows:
             if not row.has_image:
@@ -273,7 +275,7 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         return GIFTRow(positions, informative, gaze, note)
 
     # -- the capability -----------------------------------------------------------------------------
-    def rows(self, block: Block, state: CallState) -> range | None:
+    def queries(self, block: Block, state: CallState) -> range | None:
         if not self.alpha or not self._acting:
             return None  # nothing to boost: the fast path, exactly
         layer = block.layer
@@ -290,7 +292,7 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
             lo, hi = min(lo, last.start - block.q_start), max(hi, last.stop - block.q_start)
         return range(lo, hi) if lo < hi else None
 
-    def edit(self, block: Block, state: CallState, rows: Rows, probs: torch.Tensor) -> torch.Tensor:
+    def edit(self, block: Block, state: CallState, rows: Queries, probs: torch.Tensor) -> torch.Tensor:
         layer = block.layer
         if block.phase is not Phase.DECODE and layer in self._sal and not self._built:
             self._gaze_shifts(state, layer, rows.positions, probs)
@@ -429,3 +431,10 @@ class GIFTRuntime(Runtime, EditsRows, NeedsPrepass):
         scaled = probs * (log_f - torch.where(live, c, 0.0)).clamp_max(0.0).exp()
         total = torch.where(live, scaled.sum(-1, keepdim=True), 1.0)
         return torch.where((vis | qry) & live, scaled / total, probs)
+
+
+GIFTRuntime.call = GIFTRuntime  # TEMPORARY shim
+from vlmfix.methods.registry import register_method  # noqa: E402  TEMPORARY shim
+
+GIFT.bind = lambda self, target: GIFTRuntime(self, target)  # TEMPORARY shim
+register_method(name="gift", config=GIFT, runtime=GIFTRuntime)

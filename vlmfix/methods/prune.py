@@ -24,7 +24,7 @@ form runs: in-place pruning shortens the KV cache of the pruned layers, which a 
 cannot hold, and attach says so at the prefill.
 
 Composition with VAR and GIFT: methods name tokens by prompt position. In the mask form nothing
-moves; in the in-place form a `SlotView` (vlmfix/slots.py) hands every method its rows and keys in
+moves; in the in-place form a `SlotView` (vlmfix/core/slots.py) hands every method its rows and keys in
 prompt positions (the kept slots' scores scattered to their positions, the pruned ones at
 probability 0), so VAR's sink / non-sink masks and GIFT's saliency and boost maps apply unchanged
 and both forms give the same result. A pruned token is no longer a sink (its phi is 0 from layer L
@@ -49,14 +49,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
-from ..slots import SlotView
-from ..state import SlotMap
-from .base import (Block, CallState, EditsRows, MethodConfig, MovesTokens, Phase, ReadsInputs, ReplacesMask, Rows,
+from vlmfix.core.slots import SlotView
+from vlmfix.core.state import SlotMap
+from vlmfix.methods.base import (MethodCall, Block, CallState, EditsQueries, MethodConfig, MovesTokens, Phase, ReadsInputs, ReplacesMask, Queries,
                    Runtime, Target, check_choice, check_layers, check_number, is_int, raise_problems)
-from .debias import Debias, Trend, content_size, padding_fractions, raster_positions
+from vlmfix.methods.debias import Debias, Trend, content_size, padding_fractions, raster_positions
 
 if TYPE_CHECKING:
-    from ..adapters import Adapter
+    from vlmfix.adapters import Adapter
 
 FORMS = ("inplace", "mask")
 
@@ -111,7 +111,7 @@ class PruneRecord:
         return self.stages[stage].kept[row] if self.stages else None
 
 
-class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
+class PrunerRuntime(Runtime, MethodCall, EditsQueries, ReplacesMask, MovesTokens, ReadsInputs):
     """FastVPrune and StagedPrune bound to a model (see the module docstring)."""
 
     order = -1  # scores the raw attention rows, before VAR / GIFT edit them
@@ -166,7 +166,11 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
             raise ValueError("attach at most one pruner (FastVPrune or StagedPrune)")
 
     # -- per call ---------------------------------------------------------------------------------
-    def begin(self, state: CallState) -> PruneRecord:
+    def start(self, state: CallState):  # TEMPORARY shim: the runtime is its own call
+        self.record = self._begin(state)
+        return self
+
+    def _begin(self, state: CallState) -> PruneRecord:
         b, p = state.batch_size, state.prompt_len
         budgets = [[self._budget(s, len(r.image_positions)) for r in state.rows] for s in range(len(self.layers))]
         everything = torch.ones(b, p, dtype=torch.bool)
@@ -215,7 +219,7 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
                 rec.active = True
 
     # -- scoring (layer L - 1), in prompt positions (see `view`) -----------------------------------
-    def rows(self, block: Block, state: CallState) -> range | None:
+    def queries(self, block: Block, state: CallState) -> range | None:
         if block.phase is not Phase.PREFILL or not self.record.active or block.layer + 1 not in self.layers:
             return None
         last = state.last_range
@@ -224,7 +228,7 @@ class PrunerRuntime(Runtime, EditsRows, ReplacesMask, MovesTokens, ReadsInputs):
         first, stop = state.first_after_image - block.q_start, last.stop - block.q_start
         return range(first, stop) if first < stop else None
 
-    def edit(self, block: Block, state: CallState, rows: Rows, probs: torch.Tensor) -> torch.Tensor:
+    def edit(self, block: Block, state: CallState, rows: Queries, probs: torch.Tensor) -> torch.Tensor:
         """Score image positions: mean over heads, then over the scoring rows of each batch row (its
         last real token, or its text after the image up to that token; other methods' rows and
         padding are ignored); reads `probs`, changes nothing."""
@@ -540,3 +544,10 @@ def kept_tokens(state: CallState, row: int = 0, stage: int = -1) -> torch.Tensor
 
 
 __all__ = ["FastVPrune", "PruneRecord", "PruneStage", "StagedPrune", "kept_tokens", "prune_record"]
+
+
+PrunerRuntime.call = PrunerRuntime  # TEMPORARY shim
+from vlmfix.methods.registry import register_method  # noqa: E402  TEMPORARY shim
+
+register_method(name="fastv", config=FastVPrune, runtime=PrunerRuntime)
+register_method(name="staged", config=StagedPrune, runtime=PrunerRuntime)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import (Block, CallState, EditsRows, MethodConfig, Phase, Rows, Runtime, Target, check_tau_field,
+from vlmfix.methods.base import (MethodCall, Block, CallState, EditsQueries, MethodConfig, Phase, Queries, Runtime, Target, check_tau_field,
                    raise_problems)
 
 
@@ -39,19 +39,23 @@ class SinkShareRecord:
     shares: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-class SinkShareRuntime(Runtime, EditsRows):
+class SinkShareRuntime(Runtime, MethodCall, EditsQueries):
     uses_sinks = True
 
-    def begin(self, state: CallState) -> SinkShareRecord:
+    def start(self, state: CallState):  # TEMPORARY shim: the runtime is its own call
+        self.record = self._begin(state)
+        return self
+
+    def _begin(self, state: CallState) -> SinkShareRecord:
         return SinkShareRecord()
 
-    def rows(self, block: Block, state: CallState) -> range | None:
+    def queries(self, block: Block, state: CallState) -> range | None:
         first = state.first_after_image
         if block.phase is not Phase.PREFILL or block.layer < 2 or first is None:
             return None
         return range(max(first - block.q_start, 0), block.q_len)
 
-    def edit(self, block: Block, state: CallState, rows: Rows, probs: torch.Tensor) -> torch.Tensor:
+    def edit(self, block: Block, state: CallState, rows: Queries, probs: torch.Tensor) -> torch.Tensor:
         tau = self.target.tau if self.config.tau is None else self.config.tau
         sinks = state.sink_mask(block.layer, tau).to(probs.device)
         image = state.image_mask(probs.device)
@@ -62,3 +66,9 @@ class SinkShareRuntime(Runtime, EditsRows):
         on_sinks = (per_key * (image & sinks)).sum(-1)
         self.record.shares[block.layer] = torch.where(on_image > 0, on_sinks / on_image, float("nan")).cpu()
         return probs
+
+
+SinkShareRuntime.call = SinkShareRuntime  # TEMPORARY shim
+from vlmfix.methods.registry import register_method  # noqa: E402  TEMPORARY shim
+
+register_method(name="sink_share", config=SinkShare, runtime=SinkShareRuntime, listed=False)

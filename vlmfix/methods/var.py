@@ -13,7 +13,7 @@ non-sinks N_l = I \\ V_l:
   nothing moves when sum_N A = 0 (in fp32: below the smallest normal number, 1.2e-38, where the
   ratio Omega / sum_N A could overflow). Rows still sum to 1.
 
-Applies in layers 2 .. L-2 (or `layers`), on prefill rows from the first token after the last
+Applies in layers FIRST_SINK_LAYER (2) .. L-2 (or `layers`), on prefill rows from the first token after the last
 image token to the row's last real token (right padding is left alone), and on every decoding step.
 
 Cost: the sets become, per layer and once per call, two small matrices over the prompt positions
@@ -27,12 +27,14 @@ Described, with its choices and defaults, in docs/methods.md ("VAR").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
-from .base import (Block, Buffers, CallState, EditsRows, MethodConfig, Phase, Rows, Runtime, Target, check_choice,
-                   check_layers, check_number, check_tau_field, raise_problems)
+from vlmfix.methods.base import (FIRST_SINK_LAYER, Block, Buffers, CallState, EditsQueries, HeatMaps, MethodCall,
+                                 MethodConfig, Phase, Queries, Record, Runtime, Target, check_choice, check_layers,
+                                 check_number, check_tau_field, raise_problems)
+from vlmfix.methods.registry import register_method
 
 #: the smallest normal fp32 number: a pair's visual non-sinks must hold at least this much attention, so that
 #: sum_sources A / sum_N A (<= 1 / TINY) and every product with it stay finite in fp32
@@ -73,9 +75,6 @@ class VAR(MethodConfig):
             None if self.layers is None else check_layers("layers", self.layers),
         ])
 
-    def bind(self, target: Target) -> "VARRuntime":
-        return VARRuntime(self, target)
-
     @staticmethod
     def summary(state: CallState, index: int | None = None) -> dict[int, dict[str, list]]:
         """`VARRecord.summary` of the VAR attached in the call of `state` ({} when none was)."""
@@ -84,28 +83,14 @@ class VAR(MethodConfig):
     @staticmethod
     def why_unchanged(state: CallState, index: int | None = None, tau_hint: str = "attach(..., tau=...)",
                       dims_hint: str = "attach(..., sink_dims=[...])") -> str:
-        """Why the VAR attached in the call of `state` moved no attention, in words ('' when it moved some);
-        `tau_hint` and `dims_hint` say how the caller sets tau and the sink dims (a command names its flags)."""
+        """`VARRecord.why_unchanged` of the VAR attached in the call of `state`, over the whole batch."""
         if not state.has_record(VAR):
             return "VAR was not attached in this call"
-        rec = state.record(VAR, index)
-        if float(rec.received.sum()) > 0:
-            return ""
-        tau = state.tau if isinstance(state.tau, str) else f"{state.tau:.2f}"
-        if not state.sink_dims:
-            return ("no sink dimensions (none in a preset, none found by discovery, none given), so phi is 0 "
-                    f"everywhere; pass {dims_hint}")
-        if not bool(rec.visual.any()):
-            top = max((float(state.phi[k][r.index, r.image_positions].max()) for k in rec.layers if k in state.phi
-                       for r in state.rows if r.has_image), default=float("nan"))
-            return (f"no visual sinks at tau={tau} in layers {rec.layers[0]}-{rec.layers[-1]}: the largest image "
-                    f"phi is {top:.1f}; a lower tau ({tau_hint}) finds some")
-        return ("no image-centric head: in every head with visual sinks, the visual non-sinks held less than rho "
-                "of the image attention or the image less than m_min of the row (see VAR.summary per layer)")
+        return state.record(VAR, index).why_unchanged(None, tau_hint, dims_hint)
 
 
 @dataclass
-class VARRecord:
+class VARRecord(Record):
     """What VAR did in one call, per VAR layer (`layers`, in order): the visual sinks V_l per batch
     row (`visual`, (n, B, P) bool), the image-centric (head, row) pairs it edited (`pairs`, (n, B)),
     and, summed over those pairs (heads, rows and decoding steps), sum_S A / sum_N A x A_j on the
@@ -122,6 +107,10 @@ class VARRecord:
     weight: torch.Tensor
     nonsink: torch.Tensor
     frozen: bool = field(default=False, repr=False)
+    #: the call's state (sink dims, tau and phi, for `why_unchanged`)
+    state: CallState | None = field(default=None, repr=False, compare=False)
+
+    acts: ClassVar[str] = "moved attention"
 
     @property
     def gain(self) -> torch.Tensor:
@@ -150,59 +139,94 @@ class VARRecord:
         ks = [self.layers.index(layer)] if layer is not None else list(range(len(self.layers)))
         return self.received[ks].sum(0).cpu(), self.visual[ks].any(0).cpu()
 
-
-class VARRuntime(Runtime, EditsRows):
-    """VAR bound to a model: resolved layers and tau; per call, its matrices and record (see `edit`)."""
-
-    uses_sinks = True
-
-    def __init__(self, config: VAR, target: Target):
-        from ..sinks import check_tau
-
-        super().__init__(config, target)
-        n = target.adapter.num_layers
-        self.tau = target.tau if config.tau is None else check_tau(config.tau, target.adapter.hidden_size)
-        if config.layers is None:
-            layers = tuple(range(2, n - 1))
-        else:
-            bad = [x for x in config.layers if not 0 <= x < n]
-            if bad:
-                raise ValueError(f"VAR layers {bad} are outside the model's {n} decoder layers")
-            layers = tuple(sorted(int(x) for x in config.layers))
-        self.layers = layers
-        self._index = {layer: k for k, layer in enumerate(layers)}
-        self._buffers = Buffers()
-        self._active: frozenset[int] = frozenset()
-        self._limits: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def resolved(self) -> dict:
-        return {"tau": self.tau, "layers": list(self.layers)}
-
-    acts = "moved attention"
-
-    def acted(self, record: VARRecord) -> list[bool]:
+    # -- the record protocol ------------------------------------------------------------------------
+    def acted(self) -> list[bool]:
         """Rows where some attention moved to the visual non-sinks (in any layer, prefill or decoding)."""
-        return (record.received.sum((0, 2)) > 0).tolist()
+        return (self.received.sum((0, 2)) > 0).tolist()
 
-    # -- per call ---------------------------------------------------------------------------------
-    def begin(self, state: CallState) -> VARRecord:
-        if self.record is not None:
-            self.record.freeze()
+    def row(self, row: int) -> dict[str, Any]:
+        """The attention mass moved in batch row `row`, summed over layers (1 = one head's whole row)."""
+        return {"moved": float(self.received[:, row].sum())}
+
+    def notes(self, row: int) -> list[str]:
+        why = self.why_unchanged(row)
+        return [f"VAR moved no attention: {why}"] if why else []
+
+    def why_unchanged(self, row: int | None = None, tau_hint: str = "attach(..., tau=...)",
+                      dims_hint: str = "attach(..., sink_dims=[...])") -> str:
+        """Why VAR moved no attention (in batch row `row`, or in the whole call), in words ('' when it moved some);
+        `tau_hint` and `dims_hint` say how the caller sets tau and the sink dims (a command names its flags)."""
+        received = self.received if row is None else self.received[:, row]
+        if float(received.sum()) > 0:
+            return ""
+        state = self.state
+        if state is None or not state.sink_dims:
+            return ("no sink dimensions (none in a preset, none found by discovery, none given), so phi is 0 "
+                    f"everywhere; pass {dims_hint}")
+        rows = state.rows if row is None else [state.rows[row]]
+        visual = self.visual if row is None else self.visual[:, row]
+        if not any(r.has_image for r in rows):
+            return "no image in the prompt"
+        if not bool(visual.any()):
+            tau = state.tau if isinstance(state.tau, str) else f"{state.tau:.2f}"
+            top = max((float(state.phi[k][r.index, r.image_positions].max()) for k in self.layers if k in state.phi
+                       for r in rows if r.has_image), default=float("nan"))
+            return (f"no visual sinks at tau={tau} in layers {self.layers[0]}-{self.layers[-1]}: the largest image "
+                    f"phi is {top:.1f}; a lower tau ({tau_hint}) finds some")
+        return ("no image-centric head: in every head with visual sinks, the visual non-sinks held less than rho "
+                "of the image attention or the image less than m_min of the row (see the record's summary per layer)")
+
+    def heat_maps(self, maps: HeatMaps) -> list[str]:
+        """`sinks.png` (phi at the layer with the most visual sinks in batch row 0, else the middle VAR layer) and
+        `var_moved.png` (the attention VAR moved onto each patch, over every layer) when it moved some."""
+        counts = self.visual[:, 0].sum(-1).tolist()
+        layer = self.layers[max(range(len(counts)), key=lambda k: (counts[k], -k))] if max(counts) > 0 \
+            else self.layers[len(self.layers) // 2]
+        lines = [f"heat map, sink scores (layer {layer}): {maps.sinks('sinks.png', layer)}"]
+        why = self.why_unchanged(None, **maps.hints)
+        if why:
+            return lines + [f"VAR moved no attention: {why}; so no var_moved.png"]
+        gain, visual = self.moved_map()
+        where = f"layers {self.layers[0]}-{self.layers[-1]}"
+        caption = ["total moved onto this grid: {total:.2f} attention rows (1 = all of one head's attention for one "
+                   "query token), summed over heads, query rows and decoding steps"]
+        path = maps.grid("var_moved.png", gain, f"Attention VAR moved onto each patch, {where}", vmin=0.0,
+                         marked=visual, bar="attention received (attention rows)",
+                         legend=[("outline", "white outline: visual sink it took attention from")], caption=caption)
+        return lines + [f"heat map, attention moved by VAR: {path}"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "layers": list(self.layers), "summary": self.summary(),
+                "moved": [self.row(r)["moved"] for r in range(self.pairs.shape[1])]}
+
+
+class VARCall(MethodCall, EditsQueries):
+    """One call of VAR: the layers' matrices over the prompt (built once per layer at the prefill) and the record."""
+
+    record: VARRecord
+
+    def __init__(self, runtime: "VARRuntime", state: CallState):
+        self.layers, self._index, self.config = runtime.layers, runtime._index, runtime.config
+        self.tau, self._constants = runtime.tau, runtime.constants
+        buffers = runtime._buffers
         n, b, p, dev = len(self.layers), state.batch_size, state.prompt_len, state.device
         self._first = state.first_after_image
         self._prepared: set[int] = set()
         self._row_ok: dict[tuple, torch.Tensor] = {}
         #: per layer: rows [T, image I, non-sinks N, sources] (4, P) and update rows [-p sources, p N] (2, P)
-        self._columns = self._buffers.zeros("columns", (n, b, 4, p), torch.float32, dev)
-        self._update = self._buffers.zeros("update", (n, b, 2, p), torch.float32, dev)
-        record = VARRecord(self.layers, self._buffers.zeros("visual", (n, b, p), torch.bool, dev),
-                           self._buffers.zeros("pairs", (n, b), torch.float32, dev),
-                           self._buffers.zeros("gain", (n, b, p), torch.float32, dev), self._update[:, :, 1],
+        self._columns = buffers.zeros("columns", (n, b, 4, p), torch.float32, dev)
+        self._update = buffers.zeros("update", (n, b, 2, p), torch.float32, dev)
+        record = VARRecord(self.layers, buffers.zeros("visual", (n, b, p), torch.bool, dev),
+                           buffers.zeros("pairs", (n, b), torch.float32, dev),
+                           buffers.zeros("gain", (n, b, p), torch.float32, dev), self._update[:, :, 1],
                            self._columns[:, :, 2])
         #: per layer, the views a layer call uses (taken once here, not per call)
         self._views = [(self._columns[k], self._update[k], record.pairs[k].view(b, 1, 1),
                         record.summed[k].view(b, 1, p)) for k in range(n)]
-        return record
+        #: the layers with a visual sink, where eager decoding steps act (read once after the prefill)
+        self._active: frozenset[int] = frozenset()
+        record.state = state
+        super().__init__(runtime, record)
 
     def after_prefill(self, state: CallState) -> None:
         """One host read per call: the layers with a visual sink, where eager decoding steps act."""
@@ -232,7 +256,7 @@ class VARRuntime(Runtime, EditsRows):
         self._update[k].copy_(torch.stack([-cfg.p * source, cfg.p * non], 1))
 
     # -- the capability -----------------------------------------------------------------------------
-    def rows(self, block: Block, state: CallState) -> range | None:
+    def queries(self, block: Block, state: CallState) -> range | None:
         layer = block.layer
         if self.config.p == 0 or self._first is None or layer not in self._index or block.phase is Phase.PREPASS:
             return None  # nothing VAR could move here: the fast path, exactly
@@ -245,7 +269,7 @@ class VARRuntime(Runtime, EditsRows):
         first = max(self._first - block.q_start, 0)
         return range(first, block.q_len) if first < block.q_len else None
 
-    def edit(self, block: Block, state: CallState, rows: Rows, probs: torch.Tensor) -> torch.Tensor:
+    def edit(self, block: Block, state: CallState, queries: Queries, probs: torch.Tensor) -> torch.Tensor:
         """Selection and redistribution of every (head, row) pair of `probs` (B, H, R, K), in place.
 
         One product gives each pair's t, m, sum_N A, sum_sources A (see `_prepare`); the pair is
@@ -268,7 +292,7 @@ class VARRuntime(Runtime, EditsRows):
         limit, zero = self._constants(probs.device)
         chosen = (sums[:, :3] >= limit).all(1, keepdim=True)  # (B, 1, H * R)
         if block.phase is Phase.PREFILL:  # rows up to a row's image end, and its padding, stay as they are
-            chosen = chosen & self._rows_after_image(state, rows, h, probs.device)
+            chosen = chosen & self._rows_after_image(state, queries, h, probs.device)
         # [1, sum_sources A / sum_N A] for chosen pairs, 0 for the others (divided by 1: no 0 / 0, nor in a gradient)
         ratio = sums[:, 2:]
         coef = torch.where(chosen, ratio / torch.where(chosen, ratio[:, :1], 1.0), zero)  # (B, 2, H * R)
@@ -281,8 +305,50 @@ class VARRuntime(Runtime, EditsRows):
         a.addcmul_(a, factor)
         return probs
 
-    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Lower bounds of (t, m, sum_N A): -(1 - rho) 1e-6, m_min and TINY; and 0."""
+    def _rows_after_image(self, state: CallState, queries: Queries, heads: int, device: torch.device) -> torch.Tensor:
+        """(B, 1, H * R) bool: whether each prefill query is text after its batch row's image (once per query range)."""
+        key = (queries.index.start, queries.index.stop, heads) if isinstance(queries.index, slice) else None
+        got = self._row_ok.get(key) if key is not None else None
+        if got is None:
+            ok = state.text_after_image(queries.positions)  # (B, R)
+            got = ok[:, None].expand(-1, heads, -1).reshape(len(state.rows), 1, -1).to(device)
+            if key is not None:
+                self._row_ok[key] = got
+        return got
+
+
+class VARRuntime(Runtime):
+    """VAR bound to a model: resolved layers and tau, the buffers its calls reuse (see `VARCall`)."""
+
+    uses_sinks = True
+    call = VARCall
+
+    def __init__(self, config: VAR, target: Target):
+        from vlmfix.core.sinks import check_tau
+
+        super().__init__(config, target)
+        n = target.adapter.num_layers
+        self.tau = target.tau if config.tau is None else check_tau(config.tau, target.adapter.hidden_size)
+        if config.layers is None:
+            layers = tuple(range(FIRST_SINK_LAYER, n - 1))
+        else:
+            bad = [x for x in config.layers if not 0 <= x < n]
+            if bad:
+                raise ValueError(f"VAR layers {bad} are outside the model's {n} decoder layers")
+            layers = tuple(sorted(int(x) for x in config.layers))
+        self.layers = layers
+        self._index = {layer: k for k, layer in enumerate(layers)}
+        self._buffers = Buffers()
+        self._limits: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def resolved(self) -> dict:
+        return {"tau": self.tau, "layers": list(self.layers)}
+
+    def start(self, state: CallState) -> "VARCall":
+        return VARCall(self, state)
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lower bounds of (t, m, sum_N A): -(1 - rho) 1e-6, m_min and TINY; and 0 (made once per device)."""
         got = self._limits.get(device)
         if got is None:
             cfg = self.config
@@ -290,14 +356,6 @@ class VARRuntime(Runtime, EditsRows):
                                           torch.zeros((), device=device))
         return got
 
-    def _rows_after_image(self, state: CallState, rows: Rows, heads: int, device: torch.device) -> torch.Tensor:
-        """(B, 1, H * R) bool: whether each prefill row is text after its batch row's image (once per row range)."""
-        key = (rows.index.start, rows.index.stop, heads) if isinstance(rows.index, slice) else None
-        got = self._row_ok.get(key) if key is not None else None
-        if got is None:
-            ok = state.text_after_image(rows.positions)  # (B, R)
-            got = ok[:, None].expand(-1, heads, -1).reshape(len(state.rows), 1, -1).to(device)
-            if key is not None:
-                self._row_ok[key] = got
-        return got
 
+register_method(name="var", config=VAR, runtime=VARRuntime, summary="visual attention redistribution (Kang et al., "
+                "ICLR 2025): attention on sinks moves to the image's content tokens")

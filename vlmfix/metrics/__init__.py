@@ -5,6 +5,6 @@
     chair.CHAIR(instances_json, captions_json).compute([{"image_id": 1, "caption": "..."}])
 """
 
-from . import chair, pope
+from vlmfix.metrics import chair, pope
 
 __all__ = ["chair", "pope"]

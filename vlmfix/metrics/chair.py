@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
-from ..data.errors import DataFormatError
-from .chair_lemma import lemmatize_tokens
-from .chair_tokenize import word_tokenize
-from .chair_words import DOUBLE_WORDS, INVERSE_SYNONYMS
+from vlmfix.data.errors import DataFormatError
+from vlmfix.metrics.chair_lemma import lemmatize_tokens
+from vlmfix.metrics.chair_tokenize import word_tokenize
+from vlmfix.metrics.chair_words import DOUBLE_WORDS, INVERSE_SYNONYMS
 
 Source = Union[str, os.PathLike, Mapping[str, Any]]
 

@@ -40,8 +40,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .chair_lexicon import NOUN_EXCEPTIONS, NOUN_LEMMAS, VERB_EXCEPTIONS, VERB_LEMMAS
-from .chair_words import INVERSE_SYNONYMS
+from vlmfix.metrics.chair_lexicon import NOUN_EXCEPTIONS, NOUN_LEMMAS, VERB_EXCEPTIONS, VERB_LEMMAS
+from vlmfix.metrics.chair_words import INVERSE_SYNONYMS
 
 # WordNet's detachment rules (morphy), as (suffix, replacement), in WordNet's order.
 _NOUN_RULES = (("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"),

@@ -3,7 +3,7 @@ shared by the training recipe and the held-out check."""
 
 from __future__ import annotations
 
-from ..data.english import indefinite
+from vlmfix.data.english import indefinite
 
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 CAPTION_PROMPTS = (

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli_flags import RESUME, add_methods, add_n_images, add_out, add_parser, add_restart, deprecated
-from .prompts import CAPTION_PROMPTS
+from vlmfix.cli.flags import RESUME, add_methods, add_n_images, add_out, add_parser, add_restart, deprecated
+from vlmfix.data.prompts import CAPTION_PROMPTS
 
 #: the showcase image: EmojiCOCO world seed 0 (held out from training), this image id
 SHOWCASE_IMAGE = 7
@@ -28,11 +28,12 @@ def cmd_showcase(args: argparse.Namespace) -> int:
     (each set warmed up first); write the heat maps of what each method did."""
     import torch
 
-    from ..attach import attach
-    from ..data.world import draw_image
-    from ..loading import chat_prompt, load_for
-    from ..methods import parse_methods
-    from ..viz import map_folders, method_heat_maps
+    from vlmfix.core.attach import attach
+    from vlmfix.data.world import draw_image
+    from vlmfix.adapters.chat import chat_prompt
+    from vlmfix.loading import load_for
+    from vlmfix.methods import parse_methods
+    from vlmfix.viz import map_folders, method_heat_maps
 
     sets = [(spec, parse_methods(spec)) for spec in args.methods]
     out = Path(args.out)
@@ -69,7 +70,7 @@ def cmd_showcase(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .train import Recipe, train
+    from vlmfix.demo.train import Recipe, train
 
     overrides = {k: v for k, v in {"steps": args.steps, "pretrain_steps": args.pretrain_steps,
                                    "n_images": args.n_images, "seed": args.seed}.items() if v is not None}
@@ -78,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from .results import run_results
+    from vlmfix.demo.results import run_results
 
     run_results(args.out, args.doc, images=args.n_images, batch_size=args.batch_size, weights=args.weights,
                 max_new_tokens=args.max_new_tokens, command=shlex.join(["vlmfix", *sys.argv[1:]]),

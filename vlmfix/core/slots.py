@@ -20,8 +20,8 @@ from functools import cached_property
 
 import torch
 
-from .eager import additive_mask_rows, grouped_scores
-from .state import Phase, Rows, SlotMap
+from vlmfix.core.eager import additive_mask_rows, grouped_scores
+from vlmfix.core.state import Phase, Queries, SlotMap
 
 
 class SlotView:
@@ -46,7 +46,7 @@ class SlotView:
         tail = torch.arange(self.prompt_len, self.kv_len).expand(b, self.extra)
         return torch.cat([self.smap.pos, tail], 1)
 
-    def query_slots(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def query_slots(self, rows: Queries) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(slot (B, R), present (B, R)) for the block rows `rows`; at a decoding step (the same rows in
         both coordinates) present is None: every row is there."""
         b = self.smap.pos.shape[0]

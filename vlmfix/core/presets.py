@@ -17,8 +17,8 @@ import yaml
 
 def configs_dir() -> Path:
     """The configs/ folder: beside the package in a checkout, inside it in a wheel."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "configs", here / "_configs"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package.parent / "configs", package / "_configs"):
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError("vlmfix's configs/ folder is missing; reinstall vlmfix (pip install -e .)")

@@ -6,9 +6,10 @@ the layer index and the attention function the model used before (`sdpa`, `eager
 Fast path: when no attached runtime asks for any query row of this layer call, the call goes
 straight to that previous function, with the mask it expects: no extra tensor work at all.
 
-Otherwise (see `vlmfix.methods.base` for the protocol) the rows the runtimes asked for are computed
-in eager form with an fp32 softmax, handed to each runtime's `edit`, multiplied with V and written
-into the output; rows nobody asked for still come from the fast path. With gradients enabled nothing
+Otherwise (see `vlmfix.core.protocol`) the query rows the calls asked for are computed in eager
+form: scores, each `BiasesScores` call's `bias`, the fp32 softmax, each `ObservesQueries` call's
+`observe` and each `EditsQueries` call's `edit` (in the runtimes' order), then the product with V
+written into the output; queries nobody asked for still come from the fast path. With gradients enabled nothing
 autograd needs is written in place: the edits work out of place on the softmax's output (in place
 when nothing records gradients), and the fast path's output is copied before the eager rows are
 written into it. After in-place pruning a
@@ -28,8 +29,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .eager import biased_scores, grouped_scores, grouped_values, mask_scores_, serial_if_small
-from .methods.base import Block, Phase, Rows
+from vlmfix.core.protocol import BiasesScores, EditsQueries, ObservesQueries
+from vlmfix.core.eager import biased_scores, grouped_scores, grouped_values, mask_scores_, serial_if_small
+from vlmfix.core.state import Block, Phase, Queries
 
 NAME = "vlmfix"
 #: the attribute of an attached decoder's attention modules that holds their `Route`
@@ -42,7 +44,7 @@ class Route:
     __slots__ = ("handle", "layer", "fallback")
 
     def __init__(self, handle: Any, layer: int, fallback: Callable):
-        """`handle`: the `vlmfix.attach.Attached` that owns the module (not imported here: attach sits above)."""
+        """`handle`: the `vlmfix.core.attach.Attached` that owns the module (not imported here: attach sits above)."""
         self.handle, self.layer, self.fallback = handle, layer, fallback
 
 
@@ -89,24 +91,26 @@ def vlmfix_attention(
     phase = state.phase
     # a prefill starts on an empty cache (a static cache's keys are its full length: kv_len - q_len is not the start)
     block = Block(route.layer, phase, None if phase is Phase.DECODE else 0, q_len, kv_len)
-    for runtime in handle.maskers:
-        replaced = runtime.mask(block, state, attention_mask)
+    asked: list[range] = []
+    for call in state.maskers:
+        replaced = call.mask(block, state, attention_mask)
         if replaced is not None:
             attention_mask = replaced
     view = None
-    for runtime in handle.movers:
-        view = runtime.view(block, state)
+    for call in state.movers:
+        view = call.view(block, state)
         if view is not None:
             block = block._replace(q_start=view.q_start, q_len=view.q_len, kv_len=view.kv_len)
             break
     wanted = []
-    for runtime in handle.editors:
-        r = runtime.rows(block, state)
+    for call in state.askers:
+        r = call.queries(block, state)
         if r is not None and len(r):
-            wanted.append((runtime, r))
+            wanted.append(call)
+            asked.append(r)
     if not wanted:
         return route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    rows = union_rows([r for _, r in wanted], block)
+    rows = union_queries(asked, block)
     whole = rows.count == q_len and view is None
     out = None
     if not whole:
@@ -131,9 +135,15 @@ def vlmfix_attention(
                 scores = grouped_scores(q, key).mul_(scaling)
                 if attention_mask is not None or q_len > 1:  # a lone decoding row with no mask sees every key
                     mask_scores_(scores, attention_mask, None if whole else rows.index, block.q_start or 0)
+        for call in wanted:
+            if isinstance(call, BiasesScores):
+                scores = call.bias(block, state, rows, scores)
         probs = torch.softmax(scores, dim=-1)
-        for runtime, _ in wanted:
-            probs = runtime.edit(block, state, rows, probs)
+        for call in wanted:
+            if isinstance(call, EditsQueries):
+                probs = call.edit(block, state, rows, probs)
+            elif isinstance(call, ObservesQueries):
+                call.observe(block, state, rows, probs)
         if view is not None:
             rows_out = grouped_values(view.compress(probs).to(value.dtype), value).transpose(1, 2)
             return view.write(out, rows_out, *slots), None
@@ -144,8 +154,8 @@ def vlmfix_attention(
     return out, None
 
 
-def union_rows(ranges: list[range], block: Block) -> Rows:
-    """The `Rows` of the union of the runtimes' row ranges (block indices), with their prompt positions."""
+def union_queries(ranges: list[range], block: Block) -> Queries:
+    """The `Queries` of the union of the calls' query ranges (block indices), with their prompt positions."""
     first = ranges[0]
     if all(r == first for r in ranges[1:]):
         merged: range | list[int] = first
@@ -161,4 +171,4 @@ def union_rows(ranges: list[range], block: Block) -> Rows:
         index = torch.tensor(merged)
         if block.q_start is not None:
             positions = index + block.q_start
-    return Rows(index, positions, len(merged))
+    return Queries(index, positions, len(merged))

@@ -1,12 +1,12 @@
 """`vlmfix calibrate-trend`: fit a pruner's position trend on an EmojiCOCO folder and write its preset
-(the fit itself: `vlmfix.calibrate`)."""
+(the fit itself: `vlmfix.eval.calibrate`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from .cli_flags import add_model, add_n_images, add_out, add_parser, deprecated
-from .demo.prompts import CAPTION_PROMPTS
+from vlmfix.cli.flags import add_model, add_n_images, add_out, add_parser, deprecated
+from vlmfix.data.prompts import CAPTION_PROMPTS
 
 
 def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,8 +29,8 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_calibrate_trend(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate, image_inputs, model_name, preset_path, scoring_pruner, world_images, write_preset
-    from .loading import load_for
+    from vlmfix.eval.calibrate import calibrate, image_inputs, model_name, preset_path, scoring_pruner, world_images, write_preset
+    from vlmfix.loading import load_for
 
     paths = world_images(args.data, args.n_images)  # data and pruner are checked before the model loads
     pruner = scoring_pruner(args.pruner)

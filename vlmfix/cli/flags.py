@@ -77,7 +77,7 @@ def deprecated(parser: argparse.ArgumentParser, old: str, new: str, dest: str, *
 
 def add_model(parser: argparse.ArgumentParser, default: str | None = "demo", required: bool = False,
               what: str = "a VLM") -> None:
-    from .loading import NAMED
+    from vlmfix.loading import NAMED
 
     parser.add_argument("--model", default=None if required else default, required=required, metavar="NAME|PATH",
                         help=f"{what}: a local folder with config.json, a hub id (downloaded unless "

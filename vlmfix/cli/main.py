@@ -1,4 +1,4 @@
-"""The `vlmfix` command line (the flags every subcommand shares: `vlmfix.cli_flags`).
+"""The `vlmfix` command line (the flags every subcommand shares: `vlmfix.cli.flags`).
 
     vlmfix sinks --model smollm2                      # sink dims + text sink tokens of a text LM
     vlmfix sinks --model PATH --image IMG --prompt T  # + visual sinks, their attention share, a heat map
@@ -20,15 +20,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli_flags import HelpFormatter, add_methods, add_model, add_out, add_parser, deprecated, quiet_loaders
-from .demo.prompts import CAPTION_PROMPTS
+from vlmfix.cli.flags import HelpFormatter, add_methods, add_model, add_out, add_parser, deprecated, quiet_loaders
+from vlmfix.data.prompts import CAPTION_PROMPTS
 
 
 
 def _default_image():
     """The demo's showcase picture: an EmojiCOCO scene held out from the demo model's training."""
-    from .data.world import draw_image
-    from .demo.cli import SHOWCASE_IMAGE
+    from vlmfix.data.world import draw_image
+    from vlmfix.cli.demo import SHOWCASE_IMAGE
 
     return draw_image(0, SHOWCASE_IMAGE)[0]
 
@@ -48,9 +48,9 @@ def _shown(piece: str) -> str:
 def _text_report(model, tokenizer, prompt: str, tau: float | str | None, sink_dims: list[int] | None) -> dict:
     import torch
 
-    from .presets import model_preset
-    from .sinks import check_tau, find_sink_dims, sink_scores
-    from .state import above_threshold
+    from vlmfix.core.presets import model_preset
+    from vlmfix.core.sinks import check_tau, find_sink_dims, sink_scores
+    from vlmfix.core.state import above_threshold
 
     hidden_size = model.config.hidden_size
     preset = model_preset(str(getattr(model.config, "_name_or_path", "")), hidden_size)
@@ -75,10 +75,10 @@ def _vlm_report(model, processor, image, prompt: str, tau: float | str | None, s
                 layer: int | None) -> dict:
     import torch
 
-    from .attach import attach
-    from .loading import chat_prompt
-    from .methods import SinkShare
-    from .viz import image_view, sink_heatmap
+    from vlmfix.core.attach import attach
+    from vlmfix.adapters.chat import chat_prompt
+    from vlmfix.methods import SinkShare
+    from vlmfix.viz import image_view, sink_heatmap
 
     inputs = processor(images=image, text=chat_prompt(processor, prompt, True), return_tensors="pt")
     with attach(model, processor, SinkShare(), tau=tau, sink_dims=sink_dims) as fixed, torch.no_grad():
@@ -119,8 +119,8 @@ def _open_image(path: str | None):
 
 
 def cmd_sinks(args: argparse.Namespace) -> int:
-    from .loading import load_for
-    from .sinks import check_tau
+    from vlmfix.loading import load_for
+    from vlmfix.core.sinks import check_tau
 
     if args.tau is not None:
         check_tau(args.tau, hidden_size=1)
@@ -132,7 +132,7 @@ def cmd_sinks(args: argparse.Namespace) -> int:
         report = _vlm_report(model, processor, _open_image(args.image), args.prompt, args.tau, args.sink_dims, out,
                              args.layer)
     else:
-        from .loading import chat_prompt
+        from vlmfix.adapters.chat import chat_prompt
 
         if args.image:
             print(f"note: {args.model} is a text-only LM; --image is ignored", file=sys.stderr)
@@ -170,11 +170,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .attach import attach
-    from .loading import chat_prompt, load_for
-    from .methods import parse_methods
-    from .sinks import check_tau
-    from .viz import map_folders, method_heat_maps
+    from vlmfix.core.attach import attach
+    from vlmfix.adapters.chat import chat_prompt
+    from vlmfix.loading import load_for
+    from vlmfix.methods import parse_methods
+    from vlmfix.core.sinks import check_tau
+    from vlmfix.viz import map_folders, method_heat_maps
 
     sets = [(spec, parse_methods(spec)) for spec in args.methods]  # bad specs fail before the model loads
     if args.tau is not None:
@@ -224,8 +225,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_world(args: argparse.Namespace) -> int:
-    from .data.world import WorldExists
-    from .data.world import main as world
+    from vlmfix.data.world import WorldExists
+    from vlmfix.data.world import main as world
 
     if args.n_images < 1:
         raise ValueError(f"--n-images must be >= 1, got {args.n_images}")
@@ -248,10 +249,10 @@ def _add_sink_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .cli_calibrate import add_calibrate_parser
-    from .cli_eval import add_eval_parser
-    from .demo.cli import add_demo_parser
+    from vlmfix import __version__
+    from vlmfix.cli.calibrate import add_calibrate_parser
+    from vlmfix.cli.eval import add_eval_parser
+    from vlmfix.cli.demo import add_demo_parser
 
     parser = argparse.ArgumentParser(prog="vlmfix", description="Attention-sink tools for transformers VLMs: find "
                                      "sinks, mitigate hallucination (VAR, GIFT), prune image tokens, evaluate "

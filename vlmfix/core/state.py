@@ -24,6 +24,11 @@ from typing import Any, NamedTuple
 import torch
 
 
+#: the first decoder layer with sink tokens: massive activations appear in the residual stream entering layer 2
+#: (Sun et al., 2024; Kang et al., ICLR 2025), so layers 0 and 1 have none by definition
+FIRST_SINK_LAYER = 2
+
+
 def runs(positions: torch.Tensor) -> list[torch.Tensor]:
     """The maximal runs of consecutive values in sorted `positions` (none for no positions)."""
     breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
@@ -171,11 +176,11 @@ class Block(NamedTuple):
     kv_len: int
 
 
-class Rows(NamedTuple):
-    """The block rows computed in eager form for one layer call (the union of what the runtimes asked).
+class Queries(NamedTuple):
+    """The query rows of one layer call computed in eager form (the union of what the calls asked).
 
-    `index`: a slice or a (R,) index into the block's rows; `positions`: their prompt positions as a
-    CPU tensor (None at a decoding step, where the rows are the whole block); `count`: R.
+    `index`: a slice or a (R,) index into the block's queries; `positions`: their prompt positions as a
+    CPU tensor (None at a decoding step, where the queries are the whole block); `count`: R.
     """
 
     index: slice | torch.Tensor
@@ -189,8 +194,9 @@ class CallState:
 
     - `rows`: per batch row layout (image positions, grid, newline tokens, the question, padding);
     - `phi[layer]`: (B, prompt_len) fp32 sink scores of the prefill residual stream entering the
-      layer (on the model's device), for layers >= 2 when a method or report asks for sinks;
-    - `record(VAR)`: the typed record a method's runtime wrote in this call;
+      layer (on the model's device), for layers >= FIRST_SINK_LAYER when a method or report asks for sinks;
+    - `calls`: each attached method's call object (`vlmfix.core.protocol.MethodCall`: its tensors and
+      its record), in the order the runtimes run; `record(VAR)` the record of one of them;
     - `phase`: a `Phase`; `slot_maps`: the token-pruning stages of this call (`SlotMap`, in layer
       order), empty without pruning. Sink scores are kept over prompt positions: phi is 0 at
       positions pruned away.
@@ -204,8 +210,14 @@ class CallState:
     phase: Phase = Phase.PREFILL
     phi: dict[int, torch.Tensor] = field(default_factory=dict)
     slot_maps: list[SlotMap] = field(default_factory=list)
-    #: (runtime, its record) in the order the runtimes run; read with `record`
-    records: list[tuple[Any, Any]] = field(default_factory=list)
+    #: the methods' call objects, in the order the runtimes run; read a record with `record`
+    calls: list[Any] = field(default_factory=list)
+    #: the calls by capability (attach sorts them at the prefill): those that ask for queries (observe, edit
+    #: or bias them), replace masks, move tokens, read the inputs
+    askers: tuple[Any, ...] = ()
+    maskers: tuple[Any, ...] = ()
+    movers: tuple[Any, ...] = ()
+    readers: tuple[Any, ...] = ()
     _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -242,10 +254,10 @@ class CallState:
         config instance given to attach. With several instances of one class, pass `index` (0-based,
         in the order given to attach) or the instance."""
         if isinstance(method, type):
-            found = [rec for rt, rec in self.records if isinstance(rt.config, method)]
+            found = [c.record for c in self.calls if isinstance(c.runtime.config, method)]
             what = method.__name__
         else:
-            found = [rec for rt, rec in self.records if rt.config is method]
+            found = [c.record for c in self.calls if c.runtime.config is method]
             what = repr(method)
         if not found:
             raise KeyError(f"no {what} was attached in this call")
@@ -258,7 +270,13 @@ class CallState:
 
     def has_record(self, method: type) -> bool:
         """Whether a method of config class `method` was attached in this call."""
-        return any(isinstance(rt.config, method) for rt, _ in self.records)
+        return any(isinstance(c.runtime.config, method) for c in self.calls)
+
+    @property
+    def records(self) -> list[Any]:
+        """The records of this call's methods (`vlmfix.core.protocol.Record`), in the order the runtimes run
+        (None for a method that keeps none)."""
+        return [c.record for c in self.calls]
 
     # -- pruning ----------------------------------------------------------------------------------
     def slot_map(self, layer: int) -> SlotMap | None:
@@ -326,11 +344,11 @@ class CallState:
 
     def sink_mask(self, layer: int, tau: float | str | None = None) -> torch.Tensor | None:
         """(B, prompt_len) bool on phi's device: real tokens (never padding) whose sink score at `layer`
-        exceeds the threshold (strict); None if sinks were not tracked. Layers 0 and 1 have no sinks
-        by definition (all False). tau: a number, or "bos:F" for F x the phi of each row's first
+        exceeds the threshold (strict); None if sinks were not tracked. Layers before FIRST_SINK_LAYER have
+        no sinks by definition (all False). tau: a number, or "bos:F" for F x the phi of each row's first
         real token."""
         tau = self.tau if tau is None else tau
-        if layer < 2:
+        if layer < FIRST_SINK_LAYER:
             return torch.zeros(self.batch_size, self.prompt_len, dtype=torch.bool, device=self.device)
         phi = self.phi.get(layer)
         if phi is None or tau is None:

@@ -1,5 +1,5 @@
-"""`vlmfix eval pope|chair`: POPE and CHAIR as tasks of `vlmfix.runner` (also `evals/pope.py`,
-`evals/chair.py`, which run this same code with the same flags; docs/evaluation.md).
+"""POPE and CHAIR as tasks of `vlmfix.eval.runner` (`vlmfix eval`, `evals/pope.py`, `evals/chair.py`;
+docs/evaluation.md).
 
 Configuration, each layer replacing the keys it sets: configs/evals/<task>.yaml, then the file of
 `--config`, then the flags. A `data` section is replaced as a whole, and any data flag (--data,
@@ -12,7 +12,6 @@ COCO-format files, merged: e.g. val2014 and train2014) for CHAIR.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from functools import lru_cache
@@ -21,12 +20,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
-from .cli_flags import RESUME, add_methods, add_model, add_n_images, add_out, add_parser, add_restart, deprecated
-from .data.errors import DataFormatError
-from .loading import DTYPES
+from vlmfix.data.errors import DataFormatError
 
 if TYPE_CHECKING:
-    from .runner import Task
+    from vlmfix.eval.runner import Task
 
 TASKS = ("pope", "chair")
 COMMON_KEYS = ("model", "dtype", "data", "world_images", "methods", "batch_size", "max_new_tokens", "prompt",
@@ -43,7 +40,7 @@ DATA_KEYS = {"pope": ("world", "images", "pope_dir", "pope_hf"), "chair": ("worl
 def load_config(task: str, path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict:
     """The settings of `task`: configs/evals/<task>.yaml, then the file `path`, then `overrides`
     (None values are ignored; data keys replace the `data` section)."""
-    from .presets import configs_dir
+    from vlmfix.core.presets import configs_dir
 
     if task not in TASKS:
         raise ValueError(f"unknown evaluation {task!r}; available: {', '.join(TASKS)}")
@@ -104,8 +101,8 @@ def _check(config: dict, task: str) -> None:
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
         raise ValueError(f"prep_workers must be null (automatic) or an integer >= 0, got {workers!r}")
     if task == "pope":
-        from .data.pope import check_splits
-        from .metrics.pope import RULES
+        from vlmfix.data.pope import check_splits
+        from vlmfix.metrics.pope import RULES
 
         if config["rule"] not in RULES:
             raise ValueError(f"unknown POPE answer rule {config['rule']!r}; valid rules: {', '.join(RULES)}")
@@ -129,9 +126,9 @@ def resolve_data(task: str, config: dict) -> dict[str, Any]:
                 raise FileNotFoundError(
                     f"{world}: no such EmojiCOCO folder; pass --world-images N (and --seed S) to generate it, or "
                     f"run `vlmfix world --out {data['world']} --n-images N`")
-            from .data.world import main as generate_world
+            from vlmfix.data.world import main as generate_world
 
-            from .runner import accelerator
+            from vlmfix.eval.runner import accelerator
 
             with accelerator().main_process_first():
                 if not world.exists():
@@ -190,9 +187,9 @@ def _image_finder(folder: str):
 
 def pope_task(config: dict, data: dict) -> Task:
     """POPE (Li et al., EMNLP 2023): one item per question of each split; metrics per split and their mean."""
-    from .data.pope import load_pope_hf, load_pope_jsonl, pope_file
-    from .metrics import pope
-    from .runner import Item, Task
+    from vlmfix.data.pope import load_pope_hf, load_pope_jsonl, pope_file
+    from vlmfix.metrics import pope
+    from vlmfix.eval.runner import Item, Task
 
     rule, splits, template = config["rule"], list(config["splits"]), config["prompt"]
     find = _image_finder(data["images"])
@@ -276,9 +273,9 @@ def _chosen_ids(config: dict, pool: list[int], source: str) -> list[int]:
 def chair_task(config: dict, data: dict) -> Task:
     """CHAIR (Rohrbach et al., EMNLP 2018): one caption per image drawn from the first instances file; ground
     truth from all instances and captions files."""
-    from .data.coco import load_captions, load_instances
-    from .metrics.chair import CHAIR
-    from .runner import Item, Task
+    from vlmfix.data.coco import load_captions, load_instances
+    from vlmfix.metrics.chair import CHAIR
+    from vlmfix.eval.runner import Item, Task
 
     parts = [load_instances(p).dataset for p in data["instances"]]
     instances = _merge_coco(parts)
@@ -336,8 +333,8 @@ def run(task: str, config: dict, model: Any = None, processor: Any = None, resta
     first. Returns the results on the main process, else None."""
     import torch
 
-    from .loading import load, require_vlm
-    from .runner import Settings, evaluate, parse_method_sets, prepare
+    from vlmfix.loading import load, require_vlm
+    from vlmfix.eval.runner import Settings, evaluate, parse_method_sets, prepare
 
     method_sets = parse_method_sets(config["methods"])
     data = resolve_data(task, config)
@@ -356,61 +353,3 @@ def run(task: str, config: dict, model: Any = None, processor: Any = None, resta
             print(f"vlmfix: warning: {warning}", file=sys.stderr)
         print(f"results: {settings.out / 'results.md'}, {settings.out / 'results.json'}")
     return results
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    keys = COMMON_KEYS + TASK_KEYS[args.task] + DATA_KEYS[args.task]
-    overrides = {k: getattr(args, k) for k in keys if hasattr(args, k)}
-    run(args.task, load_config(args.task, args.config, overrides), restart=args.restart)
-    return 0
-
-
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    """Register the `eval` command on the CLI's subparsers."""
-    from .data.pope import SPLITS
-    from .metrics.pope import RULES
-
-    parser = add_parser(sub, "eval", "POPE / CHAIR evaluation (resumable; sharded with accelerate launch)",
-                        description="POPE / CHAIR evaluation. Flags override the YAML config "
-                        "(configs/evals/<task>.yaml, then --config); a flag left out keeps the config's value.")
-    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
-    helps = {"pope": "POPE yes/no object questions (accuracy, precision, recall, F1, yes-ratio)",
-             "chair": "CHAIR on detailed captions (CHAIR_s, CHAIR_i, Recall, Len)"}
-    for task in TASKS:
-        p = add_parser(tasks, task, helps[task])
-        p.add_argument("--config", metavar="FILE", help=f"YAML layered over configs/evals/{task}.yaml")
-        add_model(p, default=None, what="the VLM (config default: demo)")
-        p.add_argument("--dtype", choices=DTYPES, help="weights' dtype (config default: float32)")
-        p.add_argument("--data", dest="world", metavar="DIR", help="an EmojiCOCO folder (see --world-images)")
-        p.add_argument("--world-images", type=int, metavar="N",
-                       help="generate --data with N images when it does not exist")
-        p.add_argument("--image-dir", dest="images", metavar="DIR",
-                       help="image folder of a real dataset (e.g. COCO val2014)")
-        deprecated(p, "--images", "--image-dir", "images")
-        if task == "pope":
-            p.add_argument("--pope-dir", metavar="DIR",
-                           help="folder with the official coco_pope_{random,popular,adversarial}.json")
-            p.add_argument("--pope-hf", metavar="DIR", help="local copy of lmms-lab/POPE (parquet)")
-            p.add_argument("--splits", nargs="+", choices=SPLITS, help="POPE splits (config default: all three)")
-            p.add_argument("--limit", type=int, metavar="N",
-                           help="the first N questions of each split (config default: all); more than a split "
-                           "holds is an error")
-            p.add_argument("--rule", choices=tuple(RULES), help="answer parsing rule (config default: reference)")
-        else:
-            p.add_argument("--instances", nargs="+", metavar="FILE",
-                           help="COCO instances file(s); images are drawn from the first")
-            p.add_argument("--captions", nargs="+", metavar="FILE", help="COCO captions file(s)")
-            add_n_images(p, None, f"images to caption, drawn with --seed (config default: all, at most {CHAIR_SAMPLE})")
-            p.add_argument("--image-ids", metavar="FILE",
-                           help="JSON file of image ids to caption (e.g. a saved chair_image_ids.json)")
-        add_methods(p, None, "method sets, each evaluated on its own (config default: none var gift)")
-        p.add_argument("--batch-size", type=int, metavar="N", help="prompts per batch (config default: 8)")
-        p.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate per answer or caption")
-        p.add_argument("--prompt", help="the user's text" + (" ({question} is replaced)" if task == "pope" else ""))
-        p.add_argument("--seed", type=int, help="seed of the image draw and of a generated world (config default: 0)")
-        p.add_argument("--prep-workers", type=int, metavar="N",
-                       help="CPU threads preparing the next batches (default: 0 on CPU, up to 8 with a GPU)")
-        add_out(p, None, f"output folder: JSONL per method set, results.md, results.json (config default: "
-                f"out/eval/{task})")
-        add_restart(p)
-        p.set_defaults(func=cmd_eval, resume=RESUME)

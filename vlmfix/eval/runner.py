@@ -2,12 +2,12 @@
 
 An evaluation is a `Task`: the items to answer (id, image, prompt, and fields copied into each
 record), a pure `score(records) -> metrics` function and a `report({method set: metrics}) ->
-markdown` function (POPE and CHAIR are defined in `vlmfix.cli_eval`). `evaluate()` runs a task
+markdown` function (POPE and CHAIR are defined in `vlmfix.eval.tasks`). `evaluate()` runs a task
 for one model and several method sets (`prepare()` checks a run before the model is loaded):
 
 - a method set is a spec as on the command line: "none" (the plain model), "var", "gift",
   "var,gift:mild", ... (`vlmfix.methods.parse_methods`; any method of `vlmfix.methods.REGISTRY`);
-  each is attached with `vlmfix.attach` for its part of the run and detached after;
+  each is attached with `vlmfix.core.attach` for its part of the run and detached after;
 - generation is greedy and batched, with left padding; when the model sits on an accelerator,
   the next batches are read and run through the processor on a few CPU threads while the current
   one generates (`Settings.prep_workers`; each thread has its own copy of the processor);
@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 
 import torch
 
-from .data.errors import DataFormatError
+from vlmfix.data.errors import DataFormatError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -128,7 +128,7 @@ class Settings:
 
 def parse_method_sets(specs: Iterable[str]) -> list[MethodSet]:
     """Method sets from their specs; unknown method names or presets raise ValueError."""
-    from .methods import normal_spec, parse_methods
+    from vlmfix.methods import normal_spec, parse_methods
 
     sets: list[MethodSet] = []
     for raw in specs:
@@ -311,7 +311,7 @@ def accelerator() -> "Accelerator":
 
 def versions() -> dict[str, str]:
     """Python, platform and the versions of the libraries that shape the results."""
-    from . import __version__
+    from vlmfix import __version__
 
     found = {"python": sys.version.split()[0], "platform": platform.platform(), "vlmfix": __version__}
     for name in ("torch", "transformers", "accelerate", "tokenizers", "pillow", "pycocotools"):
@@ -338,7 +338,7 @@ def open_image(path: Path) -> "Image.Image":
 
 def prepare_batch(processor: Any, items: Sequence[Item]) -> Any:
     """The processor's CPU tensors for a batch: chat prompts, images, left padding."""
-    from .loading import chat_prompt
+    from vlmfix.adapters.chat import chat_prompt
 
     texts = [chat_prompt(processor, item.prompt, True) for item in items]
     return processor(images=[open_image(item.image) for item in items], text=texts, return_tensors="pt",
@@ -400,7 +400,7 @@ def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, set
     from `prints`); returns what attach resolved."""
     from tqdm.auto import tqdm
 
-    from .attach import attach
+    from vlmfix.core.attach import attach
 
     acc = accelerator()
     rank, n = acc.process_index, acc.num_processes
@@ -516,7 +516,7 @@ def evaluate(task: Task, model: Any, processor: Any, method_sets: Sequence[Metho
 
 
 def _identity(task: Task, mset: MethodSet, settings: Settings) -> dict:
-    from . import __version__
+    from vlmfix import __version__
 
     return {"task": task.name, "model": settings.model, "dtype": settings.dtype,
             "methods": method_params(mset.methods), "max_new_tokens": settings.max_new_tokens, **task.identity,

@@ -20,7 +20,7 @@ forward runs on it, or a decoding step of a call whose state another thread's pr
 Compiled decoding steps run no Python hooks, so there only `fixed.generate` guards the turns.
 
 Padding: a forward takes a batch padded on either side (each row's real tokens come from its
-attention mask, see `vlmfix.state`). Generation continues every row after the prompt's last
+attention mask, see `vlmfix.core.state`). Generation continues every row after the prompt's last
 column, so a prefill handed a KV cache (what `generate` does) refuses right-padded rows with a
 `VlmfixError` naming `padding_side="left"`, before the decoder runs; `Attached.generate` refuses
 them before generate starts.
@@ -35,14 +35,14 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from . import attention
-from .adapters import Adapter, get_adapter
-from .adapters.base import sides
-from .eager import additive_bias
-from .methods.base import (EditsRows, MethodConfig, MovesTokens, NeedsPrepass, Phase, ReadsInputs, ReplacesMask,
-                           Runtime, Target)
-from .sinks import check_tau, find_sink_dims, scaled_tau, sink_scores
-from .state import CallState
+from vlmfix.core import attention
+from vlmfix.adapters import Adapter, get_adapter
+from vlmfix.adapters.base import sides
+from vlmfix.core.eager import additive_bias
+from vlmfix.core.protocol import (BiasesScores, EditsQueries, MethodConfig, MovesTokens,
+                                  ObservesQueries, ReadsInputs, ReplacesMask, Runtime, Target)
+from vlmfix.core.sinks import check_tau, find_sink_dims, scaled_tau, sink_scores
+from vlmfix.core.state import FIRST_SINK_LAYER, CallState, Phase
 
 
 class VlmfixError(RuntimeError):
@@ -134,14 +134,14 @@ class Attached:
             )
         for r in self.runtimes:
             r.check_combination([o for o in self.runtimes if o is not r])
-        self.editors = tuple(r for r in self.runtimes if isinstance(r, EditsRows))
-        self.maskers = tuple(r for r in self.runtimes if isinstance(r, ReplacesMask))
+        calls = [r.call for r in self.runtimes]
+        #: runtimes whose calls read the prefill's inputs
+        self.readers = tuple(r for r in self.runtimes if issubclass(r.call, ReadsInputs))
         #: runtimes that move tokens in this configuration (a pruner in mask form moves none)
-        self.movers = tuple(r for r in self.runtimes if isinstance(r, MovesTokens) and r.moved_layers())
-        self.readers = tuple(r for r in self.runtimes if isinstance(r, ReadsInputs))
-        self.prepassers = tuple(r for r in self.runtimes if isinstance(r, NeedsPrepass))
+        self.movers = tuple(r for r in self.runtimes if issubclass(r.call, MovesTokens) and r.moved_layers())
         #: whether any layer call may leave the fast path
-        self.active = bool(self.editors or self.maskers or self.movers)
+        self.active = any(issubclass(c, (ObservesQueries, EditsQueries, BiasesScores, ReplacesMask)) for c in calls) \
+            or bool(self.movers)
         self.state: CallState | None = None
         self._last_state: CallState | None = None
         self.tracks_sinks = any(r.uses_sinks for r in self.runtimes) or sink_dims is not None
@@ -349,17 +349,19 @@ class Attached:
                                        device=ids.device)
         self._local.cache = weakref.ref(cache) if cache is not None else None
         self._state_thread = threading.get_ident()
-        for r in self.runtimes:
-            r.record = r.begin(state)
-            state.records.append((r, r.record))
+        state.calls = calls = [r.begin(state) for r in self.runtimes]
+        state.askers = tuple(c for c in calls if isinstance(c, (ObservesQueries, EditsQueries, BiasesScores)))
+        state.maskers = tuple(c for c in calls if isinstance(c, ReplacesMask))
+        state.movers = tuple(c for c in calls if isinstance(c, MovesTokens) and c.runtime in self.movers)
+        state.readers = tuple(c for c in calls if isinstance(c, ReadsInputs))
         pixels = getattr(self._local, "pixels", None)
         if pixels is not None:  # generate encoded the images before this forward
             inputs.setdefault("pixel_values", pixels)
             self._local.pixels = None
-        for r in self.readers:
-            r.read_inputs(state, inputs)
+        for c in state.readers:
+            c.read_inputs(state, inputs)
         self._add_prefill_hooks()
-        until = max((u for r in self.prepassers if (u := r.prepass_until()) is not None), default=None)
+        until = max((u for r in self.runtimes if (u := r.prepass_until()) is not None), default=None)
         if until is not None:
             self._prepass(args, kwargs, until)
 
@@ -396,8 +398,8 @@ class Attached:
             cache = output.get("cache") if hasattr(output, "get") else None
             if cache is not None:
                 self._local.cache = weakref.ref(cache)
-            for r in self.runtimes:
-                r.after_prefill(state)
+            for c in state.calls:
+                c.after_prefill(state)
             self._last_state = self._local.last_state = state
         finally:
             self._leave()
@@ -409,7 +411,7 @@ class Attached:
         for idx in sorted({i for r in self.movers for i in r.moved_layers()}):
             self._prefill_hooks.append(layers[idx].register_forward_pre_hook(self._mover_hook(idx), with_kwargs=True))
         if self.tracks_sinks:
-            for idx in range(2, len(layers)):
+            for idx in range(FIRST_SINK_LAYER, len(layers)):
                 self._prefill_hooks.append(layers[idx].register_forward_pre_hook(self._sink_hook(idx),
                                                                                  with_kwargs=True))
 
@@ -441,8 +443,10 @@ class Attached:
             if state.phase is not Phase.PREFILL or self._in_prepass:
                 return None
             changed = None
-            for r in movers:
-                new = r.before_layer(layer, state, args, kwargs)
+            for c in state.movers:
+                if c.runtime not in movers:
+                    continue
+                new = c.before_layer(layer, state, args, kwargs)
                 if new is not None:
                     args, kwargs = changed = new
             return changed

@@ -1,4 +1,4 @@
-"""Fit a pruner's position trend on a calibration set (`vlmfix calibrate-trend`, in `vlmfix.cli_calibrate`; arXiv 2508.17807).
+"""Fit a pruner's position trend on a calibration set (`vlmfix calibrate-trend`, in `vlmfix.cli.calibrate`; arXiv 2508.17807).
 
 For every calibration prompt the pruner's own first-stage scores are read: the raw (un-debiased)
 attention each image token receives at layer L - 1, averaged over heads (FastV: from the last
@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 import torch
 import yaml
 
-from .demo.prompts import CAPTION_PROMPTS
+from vlmfix.data.prompts import CAPTION_PROMPTS
 
 if TYPE_CHECKING:  # imported where used, so that building the CLI parser stays light
-    from .methods.debias import Trend
-    from .methods.prune import FastVPrune, StagedPrune
+    from vlmfix.methods.debias import Trend
+    from vlmfix.methods.prune import FastVPrune, StagedPrune
 
 DEFAULT_QUESTION = CAPTION_PROMPTS[0]
 PRUNERS = ("fastv", "staged")
@@ -63,11 +63,11 @@ def scoring_pruner(pruner: "str | FastVPrune | StagedPrune") -> "FastVPrune | St
     """The pruner that computes the scores: `pruner` (a name of configs/methods, e.g. "fastv" or
     "fastv:keep64", or an instance) without debiasing, in mask form, and sure to score every image
     (FastV keeps 1 token; the kept count does not change the first stage's scores)."""
-    from .methods.prune import PRUNERS as PRUNER_CLASSES
-    from .methods.prune import FastVPrune
+    from vlmfix.methods.prune import PRUNERS as PRUNER_CLASSES
+    from vlmfix.methods.prune import FastVPrune
 
     if isinstance(pruner, str):
-        from .methods import build
+        from vlmfix.methods import build
 
         name, _, preset = pruner.partition(":")
         if name not in PRUNERS:
@@ -86,7 +86,7 @@ def pruner_scores(model: torch.nn.Module, processor: Any, inputs: Iterable[Mappi
                   pruner: "str | FastVPrune | StagedPrune" = "fastv") -> Iterator[torch.Tensor]:
     """For each model input (a processor output; batches allowed), the raw first-stage scores of
     every batch row with an image: a (N,) tensor over that row's image tokens, in raster order."""
-    from .attach import attach
+    from vlmfix.core.attach import attach
 
     scorer = scoring_pruner(pruner)
     with attach(model, processor, scorer) as fixed:
@@ -154,7 +154,7 @@ def calibrate(model: torch.nn.Module, processor: Any, inputs: Iterable[Mapping[s
               pruner: "str | FastVPrune | StagedPrune" = "fastv", family: str = "exp", *, progress: bool = False,
               total: int | None = None) -> Calibration:
     """Average the normalised first-stage scores of `inputs` and fit the trend (module docstring)."""
-    from .methods.debias import fit_trend
+    from vlmfix.methods.debias import fit_trend
 
     if progress:
         from tqdm.auto import tqdm
@@ -201,7 +201,7 @@ def image_inputs(processor: Any, paths: Iterable[str | Path], question: str = DE
     """One processor output per image: the model's chat prompt with the image and `question`."""
     from PIL import Image
 
-    from .loading import chat_prompt
+    from vlmfix.adapters.chat import chat_prompt
 
     if not hasattr(processor, "image_processor"):
         raise ValueError("calibration needs a vision-language model and its processor; this model is text-only")
