@@ -196,10 +196,11 @@ def test_heat_maps_show_each_grid(case, tmp_path):
     state = run(model, batch, methods, sink_dims=[0, 1])[2]
     for k, seg in enumerate(state.rows[0].segments):
         assert viz.on_grid(state, state.phi[2], 0, k).shape == (seg.rows, seg.cols)
-        for draw in (lambda p: viz.sink_heatmap(state, 2, p, segment=k),
-                     lambda p: viz.kept_heatmap(state, p, segment=k),
-                     lambda p: viz.saliency_heatmap(state, p, segment=k)):
-            with Image.open(draw(tmp_path / "map.png")) as png:
+        folder = tmp_path / f"grid{k}"
+        folder.mkdir()
+        viz.record_heat_maps(state, folder, segment=k)
+        for name in ("sinks.png", "kept_tokens.png", "gift_saliency.png"):
+            with Image.open(folder / name) as png:
                 assert png.size[0] > 0
     if kind == "video":
         assert "frame1 grid" in viz._where(state, 0, 1)

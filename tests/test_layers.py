@@ -1,5 +1,6 @@
-"""The package's dependencies point one way (CLI above runner above methods above core): no import
-cycles between vlmfix's modules, lazy imports inside functions included."""
+"""The package's dependencies point one way (the folders are the layers: cli/ above eval/, integrations/,
+demo/, viz and loading, above methods/, above core/ with adapters/, data/ and metrics/): no import from a
+layer above, and no import cycles between vlmfix's modules, lazy imports inside functions included."""
 
 from __future__ import annotations
 
@@ -9,8 +10,20 @@ from pathlib import Path
 import vlmfix
 
 ROOT = Path(vlmfix.__file__).parent
-CORE = ("vlmfix.core.state", "vlmfix.core.eager", "vlmfix.core.sinks", "vlmfix.core.words", "vlmfix.adapters", "vlmfix.metrics")
-ABOVE_METHODS = ("vlmfix.core.attach", "vlmfix.core.attention", "vlmfix.eval.runner", "vlmfix.cli.main", "vlmfix.cli.eval", "vlmfix.demo")
+#: the layers, lowest first: a module may import its own layer and those below, never one above
+LAYERS = (
+    ("vlmfix.core", "vlmfix.adapters", "vlmfix.data", "vlmfix.metrics"),
+    ("vlmfix.methods",),
+    ("vlmfix.eval", "vlmfix.viz", "vlmfix.loading", "vlmfix.integrations", "vlmfix.demo"),
+    ("vlmfix.cli", "vlmfix.__main__"),
+)
+
+
+def layer_of(module: str) -> int | None:
+    for k, names in enumerate(LAYERS):
+        if any(module == n or module.startswith(n + ".") for n in names):
+            return k
+    return None
 
 
 def module_name(path: Path) -> str:
@@ -82,11 +95,29 @@ def test_no_import_cycles():
 
 def test_layers_point_one_way():
     graph = import_graph()
-    for name, edges in graph.items():
-        if name.startswith(CORE):
-            assert not {e for e in edges if e.startswith("vlmfix.methods")}, f"{name} (core) imports methods"
+    unplaced = sorted(name for name in graph if name != "vlmfix" and layer_of(name) is None)
+    assert not unplaced, f"modules in no layer: {unplaced}"
+    upward = sorted(f"{name} -> {e}" for name, edges in graph.items() if name != "vlmfix"
+                    for e in edges if e != "vlmfix" and layer_of(e) > layer_of(name))
+    assert not upward, f"imports from a layer above: {upward}"
+
+
+def test_no_method_outside_its_module_is_named():
+    """Only a method's own module (and the registry, which imports them) names a method's classes."""
+    from vlmfix.methods import methods
+
+    names = {e.config.__name__ for e in methods().values()} | {"VARRecord", "GIFTRecord", "PruneRecord",
+                                                               "SinkShareRecord"}
+    found = []
+    for path in ROOT.rglob("*.py"):
+        name = module_name(path)
         if name.startswith("vlmfix.methods"):
-            assert not {e for e in edges if e.startswith(ABOVE_METHODS)}, f"{name} imports a layer above methods"
+            continue
+        tree = ast.parse(path.read_text())
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
+               {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        found += [f"{name}: {x}" for x in sorted(used & names)]
+    assert not found, f"method types named outside their module: {found}"
 
 
 def test_the_check_sees_a_cycle():

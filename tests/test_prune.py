@@ -252,12 +252,13 @@ def test_keep_beyond_the_image_is_noted():
 
 
 def test_kept_heatmap(tmp_path):
-    from vlmfix.viz import kept_heatmap
+    from vlmfix.viz import record_heat_maps
 
     model = make_model("llava")
     batch = make_batch("llava", model, prompts_two())
     _, _, state = run(model, batch, vlmfix.FastVPrune(keep=5))
-    path = kept_heatmap(state, tmp_path / "kept.png", row=1)
+    record_heat_maps(state, tmp_path, row=1)
+    path = tmp_path / "kept_tokens.png"
     assert path.is_file() and path.stat().st_size > 0
 
 

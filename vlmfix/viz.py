@@ -3,9 +3,9 @@
 `grid_heatmap` colours a rows x cols grid of values and blends it over the image as the model saw
 it; with a title it becomes a figure a person reads at a glance: the title wrapped to the width, the
 map, a colour bar with its unit (and marks such as tau), a legend for outlines and padding, and
-caption lines. `sink_heatmap` draws the sink scores phi of one layer of a call's state,
-`moved_heatmap` the attention VAR moved onto each patch, `saliency_heatmap` GIFT's saliency map,
-`kept_heatmap` the image tokens a pruner kept.
+caption lines. `sink_heatmap` draws the sink scores phi of one layer of a call's state; a `Canvas`
+is what each method's record draws its own maps on (`record_heat_maps` asks every record of a call),
+so nothing here knows a method.
 """
 
 from __future__ import annotations
@@ -278,79 +278,6 @@ def sink_heatmap(
                         bar=bar, legend=legend, caption=[found])
 
 
-def moved_heatmap(
-    state: CallState, path: str | Path, image: Image.Image | None = None, *, layer: int | None = None,
-    row: int = 0, segment: int = 0, padding: torch.Tensor | None = None,
-) -> Path:
-    """PNG of the attention VAR gave to each image patch (summed over heads, query rows, steps and,
-    without `layer`, over layers); the visual sinks it took attention from are outlined."""
-    from vlmfix.methods import VAR
-
-    if not state.has_record(VAR):
-        raise ValueError("VAR was not attached in this call")
-    rec = state.record(VAR)
-    gain, visual = rec.moved_map(layer)
-    if not float(gain.sum()) > 0:
-        raise ValueError("VAR moved no attention in this call (no image-centric heads)")
-    values = on_grid(state, gain, row, segment)
-    where = f"layer {layer}" if layer is not None else f"layers {rec.layers[0]}-{rec.layers[-1]}"
-    legend = [("outline", "white outline: visual sink it took attention from")]
-    if padding is not None and bool(padding.any()):
-        legend.append(_PADDING)
-    caption = [f"total moved onto this grid: {float(values.sum()):.2f} attention rows (1 = all of one head's "
-               "attention for one query token), summed over heads, query rows and decoding steps"]
-    return grid_heatmap(values, path, image, vmin=0.0, title=f"Attention VAR moved onto each patch, {where}"
-                        f"{_where(state, row, segment)}", marked=on_grid(state, visual, row, segment),
-                        padding=padding, bar=ColourBar("attention received (attention rows)"), legend=legend,
-                        caption=caption)
-
-
-def saliency_heatmap(
-    state: CallState, path: str | Path, image: Image.Image | None = None, *, row: int = 0, segment: int = 0,
-    padding: torch.Tensor | None = None,
-) -> Path:
-    """PNG of GIFT's saliency map S_hat (gaze shifts of the question over the image) for batch row `row`."""
-    from vlmfix.methods import GIFT
-
-    if not state.has_record(GIFT):
-        raise ValueError("GIFT was not attached in this call")
-    rec = state.record(GIFT)
-    s_hat = rec.saliency(row)
-    if s_hat is None:
-        raise ValueError(f"no saliency map for batch row {row}: {rec.note(row) or 'GIFT computed none'}")
-    layout = state.rows[row]
-    values = torch.zeros(state.batch_size, state.prompt_len)
-    values[row, layout.image_positions] = s_hat.float()
-    legend = [_PADDING] if padding is not None and bool(padding.any()) else []
-    caption = [f"decoding multiplies the attention on each patch by exp(alpha x S_hat), alpha {rec.alpha}, in "
-               "the half of the heads that look at the image most"] if rec.alpha else []
-    return grid_heatmap(on_grid(state, values, row, segment), path, image, vmin=0.0, vmax=1.0,
-                        title=f"GIFT saliency: where the question's gaze shifted{_where(state, row, segment)}",
-                        padding=padding, bar=ColourBar("saliency S_hat (0 to 1)"), legend=legend, caption=caption)
-
-
-def kept_heatmap(
-    state: CallState, path: str | Path, image: Image.Image | None = None, *, row: int = 0, stage: int = -1,
-    segment: int = 0, padding: torch.Tensor | None = None,
-) -> Path:
-    """PNG of the image tokens a pruner kept (bright, outlined) and dropped (dark) after `stage` for
-    batch row `row`, over one image grid."""
-    from vlmfix.methods.prune import kept_tokens, prune_record
-
-    kept = torch.zeros(state.batch_size, state.prompt_len)
-    kept[row, kept_tokens(state, row, stage)] = 1.0
-    values = on_grid(state, kept, row, segment)
-    rec = prune_record(state)
-    layer = rec.stages[stage].layer if rec.stages else None
-    where = f"from layer {layer} on" if layer is not None else "(nothing pruned)"
-    legend = [("kept", "bright, white outline: kept image token; dark: dropped")]
-    if padding is not None and bool(padding.any()):
-        legend.append(_PADDING)
-    return grid_heatmap(values, path, image, vmin=0.0, vmax=1.0, alpha=0.45,
-                        title=f"Image tokens the pruner kept {where}: {int(values.sum())} of {values.numel()}"
-                        f"{_where(state, row, segment)}", marked=values > 0, padding=padding, legend=legend)
-
-
 def padding_grid(processor: Any, image_size: tuple[int, int], grid: tuple[int, int],
                  threshold: float = 0.5) -> torch.Tensor | None:
     """(rows, cols) bool grid of the patches that are mostly padding, for processors that pad the
@@ -372,47 +299,64 @@ def image_view(inputs: Any, processor: Any, image: Image.Image, row: Any) -> tup
     return view, pad
 
 
+class Canvas:
+    """Where a record draws its heat maps (`vlmfix.core.protocol.HeatMaps`): one image grid (`segment`) of
+    batch row `row` of a call, over `image` (the image as the model saw it), with the row's `padding`
+    cells hatched, into the folder `out`; `hints` say how the calling command sets tau and the sink dims."""
+
+    def __init__(self, state: CallState, out: str | Path, image: Image.Image | None = None, *, row: int = 0,
+                 segment: int = 0, padding: torch.Tensor | None = None, hints: Mapping[str, str] | None = None):
+        self.state, self.out, self.image = state, Path(out), image
+        self.row, self.segment, self.padding = row, segment, padding
+        self.hints = dict(hints or {})
+
+    def grid(self, file: str, values: torch.Tensor, title: str, *, vmin: float | None = None,
+             vmax: float | None = None, marked: torch.Tensor | None = None, bar: str | None = None,
+             legend: Sequence[tuple[str, str]] = (), caption: Sequence[str] = (), alpha: float | None = None) -> Path:
+        """Draw `values` (B, prompt_len; `marked` likewise, bool) over this canvas's grid into `out/file`. Caption
+        lines may name `{total}` (the sum over the grid), `{count}` (its cells) and `{marked}` (its marked cells)."""
+        state, row, segment = self.state, self.row, self.segment
+        on = on_grid(state, values.float().cpu(), row, segment)
+        outlined = on_grid(state, marked.cpu(), row, segment) if marked is not None else None
+        legend = list(legend)
+        if self.padding is not None and bool(self.padding.any()):
+            legend.append(_PADDING)
+        numbers = {"total": float(on.sum()), "count": on.numel(),
+                   "marked": int(outlined.sum()) if outlined is not None else 0}
+        extra = {} if alpha is None else {"alpha": alpha}
+        return grid_heatmap(on, self.out / file, self.image, vmin=vmin, vmax=vmax,
+                            title=title.format(**numbers) + _where(state, row, segment), marked=outlined,
+                            padding=self.padding, bar=ColourBar(bar) if bar else None, legend=legend,
+                            caption=[line.format(**numbers) for line in caption], **extra)
+
+    def sinks(self, file: str, layer: int) -> Path:
+        """The sink scores phi at `layer` over this canvas's grid, visual sinks outlined, into `out/file`."""
+        return sink_heatmap(self.state, layer, self.out / file, self.image, row=self.row, segment=self.segment,
+                            padding=self.padding)
+
+
+def record_heat_maps(state: CallState, out: str | Path, image: Image.Image | None = None, *, row: int = 0,
+                     segment: int = 0, padding: torch.Tensor | None = None,
+                     hints: Mapping[str, str] | None = None) -> list[str]:
+    """Every attached method's heat maps of one grid of batch row `row` of the call of `state` (each record
+    draws its own, `Record.heat_maps`), one line each saying where a map is or why there is none."""
+    canvas = Canvas(state, out, image, row=row, segment=segment, padding=padding, hints=hints)
+    lines: list[str] = []
+    for record in state.records:
+        if record is not None:
+            lines += record.heat_maps(canvas)
+    return lines
+
+
 def method_heat_maps(state: CallState, processor: Any, inputs: Any, image: Image.Image, out: Path,
                      hints: Mapping[str, str] | None = None) -> list[str]:
-    """Write the heat maps of the methods attached in the call of `state` (batch row 0) under `out`; one
-    line each, saying where a map is or why there is none (`hints`: `VAR.why_unchanged`'s tau_hint and
-    dims_hint, how the calling command sets them):
-
-    - VAR: `sinks.png` (phi at the layer with the most visual sinks, else the middle VAR layer) and
-      `var_moved.png` when VAR moved attention;
-    - GIFT: `gift_saliency.png`; a pruner: `kept_tokens.png` and the record's budget notes.
-    """
-    from vlmfix.methods import GIFT, VAR, FastVPrune, StagedPrune
-    from vlmfix.methods.prune import prune_record
-
+    """The heat maps of the methods attached in the call of `state` (batch row 0, its first grid, over the
+    image as the model saw it) under `out` (`record_heat_maps`); `hints`: how the calling command sets tau
+    and the sink dims (e.g. {"tau_hint": "--tau", "dims_hint": "--sink-dims"})."""
     if not state.rows or not state.rows[0].has_image:
         return ["no heat maps: the prompt holds no image"]
     view, pad = image_view(inputs, processor, image, state.rows[0])
-    lines = []
-    if state.has_record(VAR):
-        rec = state.record(VAR)
-        counts = rec.visual[:, 0].sum(-1).tolist()
-        layer = rec.layers[max(range(len(counts)), key=lambda k: (counts[k], -k))] if max(counts) > 0 \
-            else rec.layers[len(rec.layers) // 2]
-        lines.append(f"heat map, sink scores (layer {layer}): {sink_heatmap(state, layer, out / 'sinks.png', view, padding=pad)}")
-        why = VAR.why_unchanged(state, **(hints or {}))
-        if why:
-            lines.append(f"VAR moved no attention: {why}; so no var_moved.png")
-        else:
-            lines.append(f"heat map, attention moved by VAR: {moved_heatmap(state, out / 'var_moved.png', view, padding=pad)}")
-    if state.has_record(GIFT):
-        if GIFT.saliency(state) is not None:
-            lines.append(f"heat map, GIFT saliency: {saliency_heatmap(state, out / 'gift_saliency.png', view, padding=pad)}")
-        else:
-            lines.append(f"GIFT: {state.record(GIFT).note(0)}; so no gift_saliency.png")
-    if any(state.has_record(c) for c in (FastVPrune, StagedPrune)):
-        record = prune_record(state)
-        if record.stages:
-            lines.append(f"heat map, kept image tokens: {kept_heatmap(state, out / 'kept_tokens.png', view, padding=pad)}")
-        else:
-            lines.append("pruner: nothing pruned in this call; so no kept_tokens.png")
-        lines += [f"pruner: {note}" for note in record.notes]
-    return lines
+    return record_heat_maps(state, out, view, padding=pad, hints=hints)
 
 
 def map_folders(specs: Sequence[str], out: Path) -> dict[str, Path]:

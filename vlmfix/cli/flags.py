@@ -87,7 +87,8 @@ def add_model(parser: argparse.ArgumentParser, default: str | None = "demo", req
 def add_methods(parser: argparse.ArgumentParser, default: list[str] | None, several: str) -> None:
     parser.add_argument("--methods", nargs="+", default=default, metavar="SET",
                         help=f"{several}; a set is NAME[:PRESET] joined by commas, e.g. none, var, var:general, gift, "
-                        "var,gift, fastv:keep64, fastv:quarter-debiased, staged (presets: configs/methods/NAME.yaml)")
+                        "var,gift, fastv:keep64, fastv:quarter-debiased, staged; `vlmfix methods` lists every "
+                        "registered method and its presets (configs/methods/NAME.yaml)")
 
 
 def add_n_images(parser: argparse.ArgumentParser, default: int | None, what: str) -> None:

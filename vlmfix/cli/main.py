@@ -77,11 +77,11 @@ def _vlm_report(model, processor, image, prompt: str, tau: float | str | None, s
 
     from vlmfix.core.attach import attach
     from vlmfix.adapters.chat import chat_prompt
-    from vlmfix.methods import SinkShare
+    from vlmfix.methods import build
     from vlmfix.viz import image_view, sink_heatmap
 
     inputs = processor(images=image, text=chat_prompt(processor, prompt, True), return_tensors="pt")
-    with attach(model, processor, SinkShare(), tau=tau, sink_dims=sink_dims) as fixed, torch.no_grad():
+    with attach(model, processor, build("sink_share"), tau=tau, sink_dims=sink_dims) as fixed, torch.no_grad():
         fixed(**inputs)
         state = fixed.last_state
         report: dict[str, Any] = {"sink_dims": list(fixed.sink_dims), "sink_dims_source": fixed.sink_source,
@@ -92,7 +92,7 @@ def _vlm_report(model, processor, image, prompt: str, tau: float | str | None, s
     report["grids"] = [(s.rows, s.cols) for s in row.segments]
     report["layers"] = []
     for lay in sorted(state.phi):
-        share = float(state.record(SinkShare).shares.get(lay, torch.tensor([float("nan")]))[0])
+        share = state.records[0].row(0)["share"].get(lay, float("nan"))
         phi_img = state.phi[lay][0, row.image_positions]
         report["layers"].append({
             "layer": lay, "visual_sinks": len(state.visual_sinks(lay, 0)),
@@ -207,7 +207,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             state = fixed.last_state
         print(f"{spec:<16} {seconds:5.2f} s  {text}")
         runs.append({"methods": spec, "configs": [repr(m) for m in methods], "text": text, "seconds": seconds,
-                     "sink_dims": list(fixed.sink_dims), "sink_dims_source": fixed.sink_source})
+                     "sink_dims": list(fixed.sink_dims), "sink_dims_source": fixed.sink_source,
+                     "records": [r.to_json() for r in state.records if r is not None]})
         lines = method_heat_maps(state, processor, inputs, image, folders[spec],
                                  hints={"tau_hint": "--tau", "dims_hint": "--sink-dims"})
         if fixed.sink_source == "discovered" and not fixed.sink_dims:
@@ -246,6 +247,23 @@ def _add_sink_flags(parser: argparse.ArgumentParser) -> None:
                         help="the LM's sink dimensions (indices into its hidden state); default: the model preset, "
                         "else found by vlmfix.find_sink_dims (a small or random model may have none, and then phi "
                         "is 0 for every token)")
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """List the registered methods (vlmfix's and the plug-ins' through the `vlmfix.methods` entry points)."""
+    from vlmfix.core.presets import method_presets
+    from vlmfix.methods import methods
+
+    for entry in methods().values():
+        if not entry.listed:
+            continue
+        default, names = method_presets(entry.name)
+        shown = ", ".join(f"{n} (default)" if n == default else n for n in names) or "none"
+        print(f"{entry.name:<10} vlmfix.{entry.config.__name__} ({entry.config.__module__})")
+        if entry.summary:
+            print(f"{'':<10} {entry.summary}")
+        print(f"{'':<10} presets: {shown}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--overwrite", action="store_true",
                    help="replace the EmojiCOCO world already in --out (its images and files; nothing else is touched)")
     w.set_defaults(func=cmd_world)
+
+    m = add_parser(sub, "methods", "list the registered methods (built in and plug-ins) and their presets")
+    m.set_defaults(func=cmd_methods)
 
     add_calibrate_parser(sub)
     add_demo_parser(sub)

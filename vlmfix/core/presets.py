@@ -49,3 +49,12 @@ def method_preset(method: str, preset: str | None = None) -> dict[str, Any]:
     if name not in presets:
         raise ValueError(f"unknown {method} preset {name!r}; {path.name} has: {', '.join(presets)}")
     return dict(presets[name])
+
+
+def method_presets(method: str) -> tuple[str | None, list[str]]:
+    """(the default preset, every preset name) of configs/methods/<method>.yaml ((None, []) without a file)."""
+    path = configs_dir() / "methods" / f"{method}.yaml"
+    if not path.is_file():
+        return None, []
+    data = yaml.safe_load(path.read_text()) or {}
+    return data.get("default"), list(data.get("presets", {}))

@@ -93,15 +93,18 @@ class MethodConfig:
 
 
 class HeatMaps(Protocol):
-    """What a record draws its heat maps with (`vlmfix.viz` provides it): batch row 0 of one call.
+    """What a record draws its heat maps with (`vlmfix.viz.Canvas`): one image grid of batch row `row` of a call.
 
-    - `state`: the call's `CallState`; `hints`: how the calling command sets tau and the sink dims;
-    - `grid(file, values, title, ...)`: draws `values` (B, prompt_len) over the row's image grid into
-      `file` and returns the line that says where it is;
+    - `state`: the call's `CallState`; `row`: the batch row drawn; `hints`: how the calling command sets
+      tau and the sink dims (keys `tau_hint`, `dims_hint`);
+    - `grid(file, values, title, ...)`: draws `values` (B, prompt_len, over prompt positions) on the row's
+      image grid into `file` and returns its path (caption lines may name `{total}`, `{count}`, `{marked}`:
+      the sum, the cells and the marked cells of the grid);
     - `sinks(file, layer)`: the sink scores phi at `layer`, sinks outlined (same return).
     """
 
     state: CallState
+    row: int
     hints: dict[str, str]
 
     def grid(self, file: str, values: torch.Tensor, title: str, *, vmin: float | None = None,
@@ -124,8 +127,8 @@ class Record:
     - `row(r)`: a plain-data summary of batch row r (JSON-able; lmms-eval's sample log, `vlmfix
       generate`), keys without the method's name (the caller prefixes it);
     - `notes(r)`: in words, why the method left row r alone or where it did not act as configured;
-    - `heat_maps(maps)`: draws its heat maps of batch row 0 and returns one line each (where a map
-      is, or why there is none);
+    - `heat_maps(maps)`: draws its heat maps of batch row `maps.row` and returns one line each (where a
+      map is, or why there is none);
     - `to_json()`: the whole record as plain data;
     - `freeze()`: copy what views the runtime's reused buffers, before the next call rewrites them.
     """
@@ -155,7 +158,10 @@ class Record:
 
 
 class MethodCall:
-    """One call of one runtime: the tensors `begin` built for it and its `record` (see the module docstring)."""
+    """One call of one runtime: the tensors `begin` built for it and its `record` (see the module docstring).
+    `record_type` is the class of its records (reports read its `acts` before any call)."""
+
+    record_type: ClassVar[type[Record]] = Record
 
     def __init__(self, runtime: "Runtime", record: Record | None = None):
         self.runtime = runtime

@@ -38,7 +38,7 @@ def sink_profile(model: Any, processor: Any, world: Path, n_images: int) -> dict
     from vlmfix.core.attach import attach
     from vlmfix.data import load_pope_jsonl
     from vlmfix.adapters.chat import chat_prompt
-    from vlmfix.methods import SinkShare
+    from vlmfix.methods import build
 
     questions = load_pope_jsonl(world / "coco_pope_random.json")
     by_image: dict[Any, Any] = {}
@@ -48,15 +48,15 @@ def sink_profile(model: Any, processor: Any, world: Path, n_images: int) -> dict
     shares: dict[int, list[float]] = {}
     image_phi: dict[int, float] = {}
     text_phi: dict[int, float] = {}
-    with attach(model, processor, [SinkShare()]) as fixed, torch.no_grad():
+    with attach(model, processor, build("sink_share")) as fixed, torch.no_grad():
         for q in chosen:
             image = Image.open(world / "images" / q.image).convert("RGB")
             inputs = processor(images=image, text=chat_prompt(processor, q.text), return_tensors="pt").to(model.device)
             fixed(**inputs)
             state = fixed.last_state
-            for layer, share in state.record(SinkShare).shares.items():
-                if not math.isnan(float(share[0])):
-                    shares.setdefault(layer, []).append(float(share[0]))
+            for layer, share in state.records[0].row(0)["share"].items():
+                if not math.isnan(share):
+                    shares.setdefault(layer, []).append(share)
             is_image = state.image_mask()[0]
             for layer, phi in state.phi.items():
                 row = phi[0].float().cpu()

@@ -20,7 +20,7 @@ for one model and several method sets (`prepare()` checks a run before the model
   image); a rerun with another config, or whose items read other data than a finished record's,
   is refused (never reusing a stale answer) unless `Settings.restart` discards the method set's
   results first. Items may be added (a larger --limit): they are simply not done yet;
-- each record says, per method, whether it acted on the item (`Runtime.acted`: VAR moved
+- each record says, per method, whether it acted on the item (`Record.acted`: VAR moved
   attention, GIFT boosted, a pruner dropped tokens); results.json and results.md count the items
   per method and warn when a method acted on none;
 - sharding with `accelerate`: process r of n takes the items i with i % n == r and appends to
@@ -416,7 +416,8 @@ def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, set
     handle = attach(model, processor, methods) if methods else contextlib.nullcontext()
     with handle as fixed:
         resolved = {"methods": method_params(methods, fixed.runtimes if fixed is not None else ()),
-                    "acts": {r.config.name: r.acts for r in (fixed.runtimes if fixed is not None else ()) if r.acts}}
+                    "acts": {r.config.name: r.call.record_type.acts for r in (fixed.runtimes if fixed is not None else ())
+                             if r.call.record_type.acts}}
         if fixed is not None and fixed.tracks_sinks:
             resolved.update(sink_dims=list(fixed.sink_dims), tau=fixed.tau, sink_dims_source=fixed.sink_source)
         bar = tqdm(total=len(pending), desc=f"{task.name} {mset.spec}{where}", position=rank, unit="item",
@@ -436,8 +437,8 @@ def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, set
 
 def _acted(fixed: Any, rows: int) -> list[dict[str, bool]]:
     """Per batch row of the last call of `fixed` (None: the plain model): {method name: whether it acted},
-    for the methods that say (`Runtime.acted`)."""
-    said = [] if fixed is None else [(rt.config.name, rt.acted(rec)) for rt, rec in fixed.last_state.records]
+    for the methods that say (`Record.acted`)."""
+    said = [] if fixed is None else [(rec.method, rec.acted()) for rec in fixed.last_state.records if rec is not None]
     said = [(name, flags) for name, flags in said if flags is not None]
     return [{name: bool(flags[i]) for name, flags in said} for i in range(rows)]
 

@@ -170,38 +170,26 @@ def cut_at(text: str, until: Sequence[str]) -> str:
 
 
 def row_records(fixed: Any, spec: str, process: int, batch: int, size: int) -> list[dict]:
-    """Per batch row, what vlmfix did in the last call of `fixed` (see the module docstring)."""
-    from vlmfix.methods.gift import GIFTRecord
-    from vlmfix.methods.prune import PruneRecord
-    from vlmfix.methods.var import VARRecord
-
+    """Per batch row, what vlmfix did in the last call of `fixed` (see the module docstring): each attached
+    method's record summary of the row (`Record.row`) and its notes in words (`Record.notes`), keyed by the
+    method's name (`var_moved`, `fastv_kept`, `gift_notes`, ...)."""
     base = {"methods": spec, "process": process, "batch": batch, "batch_size": size}
     if fixed is None:
         return [dict(base) for _ in range(size)]
     state = fixed.last_state
     summary = state.summary()
-    moved = {id(rec): [sum(per_row) for per_row in zip(*(layer["moved"] for layer in rec.summary().values()))]
-             for _, rec in state.records if isinstance(rec, VARRecord)}  # per record, per row: once per batch
     rows = []
     for r in range(size):
         entry = {**base, "image_tokens": summary["rows"][r]["image_tokens"]}
         if "visual_sinks_per_layer" in summary:
             entry["visual_sinks"] = {str(layer): n[r] for layer, n in summary["visual_sinks_per_layer"].items()}
-        for runtime, record in state.records:
-            name = runtime.config.name
-            if isinstance(record, VARRecord):
-                entry[f"{name}_moved"] = float(moved[id(record)][r]) if moved[id(record)] else 0.0
-            elif isinstance(record, PruneRecord):
-                kept = record.kept(r)
-                entry[f"{name}_kept"] = entry["image_tokens"] if kept is None else len(kept)
-                notes = [n for n in record.notes if n.startswith((f"row {r}:", f"row {r},"))]
-                if notes:
-                    entry[f"{name}_notes"] = notes
-            elif isinstance(record, GIFTRecord):
-                entry[f"{name}_boosted"] = bool(record.has_map[r])
-                note = record.note(r)
-                if note:
-                    entry[f"{name}_note"] = note
+        for record in state.records:
+            if record is None:
+                continue
+            entry.update({f"{record.method}_{key}": value for key, value in record.row(r).items()})
+            notes = record.notes(r)
+            if notes:
+                entry[f"{record.method}_notes"] = notes
         rows.append(entry)
     return rows
 

@@ -177,13 +177,13 @@ class VARRecord(Record):
                 "of the image attention or the image less than m_min of the row (see the record's summary per layer)")
 
     def heat_maps(self, maps: HeatMaps) -> list[str]:
-        """`sinks.png` (phi at the layer with the most visual sinks in batch row 0, else the middle VAR layer) and
+        """`sinks.png` (phi at the layer with the most visual sinks in the batch row drawn, else the middle VAR layer) and
         `var_moved.png` (the attention VAR moved onto each patch, over every layer) when it moved some."""
-        counts = self.visual[:, 0].sum(-1).tolist()
+        counts = self.visual[:, maps.row].sum(-1).tolist()
         layer = self.layers[max(range(len(counts)), key=lambda k: (counts[k], -k))] if max(counts) > 0 \
             else self.layers[len(self.layers) // 2]
         lines = [f"heat map, sink scores (layer {layer}): {maps.sinks('sinks.png', layer)}"]
-        why = self.why_unchanged(None, **maps.hints)
+        why = self.why_unchanged(maps.row, **maps.hints)
         if why:
             return lines + [f"VAR moved no attention: {why}; so no var_moved.png"]
         gain, visual = self.moved_map()
@@ -204,6 +204,7 @@ class VARCall(MethodCall, EditsQueries):
     """One call of VAR: the layers' matrices over the prompt (built once per layer at the prefill) and the record."""
 
     record: VARRecord
+    record_type = VARRecord
 
     def __init__(self, runtime: "VARRuntime", state: CallState):
         self.layers, self._index, self.config = runtime.layers, runtime._index, runtime.config
