@@ -103,16 +103,16 @@ def test_gift_beta_zero_and_a_row_it_empties():
     inputs = two_questions(model)
     gift = observed(vlmfix.GIFT)(alpha=3.0, beta=0.0, **LAYERS)
     with vlmfix.attach(model, tokenizer(), gift) as fixed:
-        runtime = fixed.runtimes[0]
         out = fixed.generate(**inputs, **GEN)
+        call = fixed.last_state.calls[0]  # the call's boost matrices
         assert torch.isfinite(torch.stack(out.logits)).all()
         for _, _, after in boosted_rows(gift):
             assert torch.isfinite(after).all() and torch.allclose(after.sum(-1), torch.ones(len(after)), atol=1e-5)
         # every head's attention on the question of batch row 0: the query heads' rows cannot be renormalised
         question = fixed.last_state.rows[0].query_positions
-        probs = torch.zeros(2, 4, 1, runtime._columns.shape[1])
+        probs = torch.zeros(2, 4, 1, call._columns.shape[1])
         probs[:, :, :, question] = 1.0 / len(question)
-        got = runtime._boosted(probs)
+        got = call._boosted(probs)
     assert torch.equal(got[0], probs[0])
 
 

@@ -48,15 +48,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from vlmfix.core.words import informative_tokens
 from vlmfix.core.state import RowLayout
-from vlmfix.methods.base import (MethodCall, Block, Buffers, CallState, EditsQueries, MethodConfig, Phase, Queries, Runtime, Target,
-                   check_choice, check_layers, check_number, raise_problems)
+from vlmfix.core.words import informative_tokens
+from vlmfix.methods.base import (Block, Buffers, CallState, EditsQueries, HeatMaps, MethodCall, MethodConfig, Phase,
+                                 Queries, Record, Runtime, Target, check_choice, check_layers, check_number,
+                                 raise_problems)
+from vlmfix.methods.registry import register_method
 
 #: the largest alpha GIFT takes: alpha S_hat, log r and log beta + log r stay far inside fp32's range
 ALPHA_MAX = 1e30
@@ -114,9 +116,6 @@ class GIFT(MethodConfig):
             check_choice("use_spacy", self.use_spacy, (None, True, False)),
         ])
 
-    def bind(self, target: Target) -> "GIFTRuntime":
-        return GIFTRuntime(self, target)
-
     @staticmethod
     def saliency(state: CallState, row: int = 0, index: int | None = None) -> torch.Tensor | None:
         """S_hat over the image tokens of batch row `row` in the call of `state` (None: no map for that row)."""
@@ -141,7 +140,7 @@ class GIFTRow:
 
 
 @dataclass
-class GIFTRecord:
+class GIFTRecord(Record):
     """What GIFT found in one call: per batch row its question, informative tokens and saliency rows (`rows`), the
     saliency S_hat over prompt positions (`saliency_map`, (B, P), on the image tokens) and whether the
     row got a boost map (`has_map`, (B,) bool; False for a flat map or no informative word)."""
@@ -153,7 +152,10 @@ class GIFTRecord:
     has_map: torch.Tensor
     frozen: bool = field(default=False, repr=False)
 
+    acts: ClassVar[str] = "boosted attention"
+
     def freeze(self) -> None:
+        """Copy the tensors out of the runtime's buffers (before a next call reuses them)."""
         if not self.frozen:
             self.saliency_map, self.has_map = self.saliency_map.clone(), self.has_map.clone()
             self.frozen = True
@@ -171,64 +173,54 @@ class GIFTRecord:
             return info.note
         return "" if bool(self.has_map[row]) else "flat saliency (max == min): no boost"
 
-
-class GIFTRuntime(Runtime, MethodCall, EditsQueries):
-    """GIFT bound to a model: resolved alpha and layers; per call the saliency and the boost matrices.
-    It reads the question's words (the last user turn's text, found with the chat template's markers; its
-    informative tokens are words), so attach refuses it without a tokenizer."""
-
-    needs_tokenizer = True
-
-    def __init__(self, config: GIFT, target: Target):
-        super().__init__(config, target)
-        adapter = target.adapter
-        n = adapter.num_layers
-        preset = (adapter.preset or {}).get("gift")
-        if preset:
-            lo, hi = preset["boost_layers"]
-            sal, boost, alpha = tuple(preset["saliency_layers"]), tuple(range(lo, hi + 1)), preset["alpha"]
-        else:
-            (sal, boost), alpha = default_layers(n), 5.0
-        self.alpha = float(alpha if config.alpha is None else config.alpha)
-        self.beta = float(config.beta)
-        self._log_beta = math.log(self.beta) if self.beta > 0 else -math.inf
-        #: the boost's evaluation: direct products, or log factors where a product could overflow (or beta = 0)
-        self._direct = self.beta > 0 and self.alpha + max(self._log_beta, 0.0) <= DIRECT_MAX
-        sal = sal if config.saliency_layers is None else config.saliency_layers
-        boost = boost if config.boost_layers is None else config.boost_layers
-        self.saliency_layers, self.boost_layers = tuple(int(x) for x in sal), tuple(int(x) for x in boost)
-        for what, layers in (("saliency_layers", self.saliency_layers), ("boost_layers", self.boost_layers)):
-            bad = [x for x in layers if not x < n]
-            if bad:
-                raise ValueError(f"GIFT {what} {bad} are outside the model's {n} decoder layers")
-        self._sal, self._boost = frozenset(self.saliency_layers), frozenset(self.boost_layers)
-        self._buffers = Buffers()
-        self._top = half(adapter.num_heads)
-
-    def resolved(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "saliency_layers": list(self.saliency_layers),
-                "boost_layers": list(self.boost_layers)}
-
-    acts = "boosted attention"
-
-    def acted(self, record: GIFTRecord) -> list[bool]:
+    # -- the record protocol ------------------------------------------------------------------------
+    def acted(self) -> list[bool]:
         """Rows that got a boost map (a question with an informative word, a saliency that is not flat), alpha > 0."""
-        return [bool(ok) and record.alpha > 0 for ok in record.has_map.tolist()]
+        return [bool(ok) and self.alpha > 0 for ok in self.has_map.tolist()]
 
-    @property
-    def needs_prepass(self) -> bool:
-        """True when a boost layer comes at or before the last saliency layer."""
-        return min(self._boost) <= max(self._sal)
+    def row(self, row: int) -> dict[str, Any]:
+        """Whether batch row `row` got a boost map."""
+        return {"boosted": bool(self.has_map[row])}
 
-    def prepass_until(self) -> int | None:
-        return max(self._sal) if self.alpha > 0 and self.needs_prepass else None
+    def notes(self, row: int) -> list[str]:
+        note = self.note(row)
+        return [note] if note else []
 
-    # -- per call ---------------------------------------------------------------------------------
-    def start(self, state: CallState):  # TEMPORARY shim: the runtime is its own call
-        self.record = self._begin(state)
-        return self
+    def heat_maps(self, maps: HeatMaps) -> list[str]:
+        """`gift_saliency.png`: S_hat over the image of batch row 0, or why there is none."""
+        s_hat = self.saliency(0)
+        if s_hat is None:
+            return [f"GIFT: {self.note(0)}; so no gift_saliency.png"]
+        values = torch.zeros(self.saliency_map.shape)
+        values[0, self.image_positions[0]] = s_hat.float()
+        caption = [(f"decoding multiplies the attention on each patch by exp(alpha x S_hat), alpha {self.alpha}, in "
+                    "the half of the heads that look at the image most")] if self.alpha else []
+        path = maps.grid("gift_saliency.png", values, "GIFT saliency: where the question's gaze shifted", vmin=0.0,
+                         vmax=1.0, bar="saliency S_hat (0 to 1)", caption=caption)
+        return [f"heat map, GIFT saliency: {path}"]
 
-    def _begin(self, state: CallState) -> GIFTRecord:
+    def to_json(self) -> dict[str, Any]:
+        """The alpha and, per batch row, whether it was boosted, its notes, its question's positions and S_hat over
+        its image tokens (None: no saliency)."""
+        rows = []
+        for r, info in enumerate(self.rows):
+            s_hat = self.saliency(r)
+            rows.append({**self.row(r), "notes": self.notes(r),
+                         "question": None if info.positions is None else info.positions.tolist(),
+                         "saliency": None if s_hat is None else s_hat.tolist()})
+        return {"method": self.method, "alpha": self.alpha, "rows": rows}
+
+
+class GIFTCall(MethodCall, EditsQueries):
+    """One call of GIFT: the question tokens it reads, the gaze shifts of its saliency layers, and the boost's
+    matrices over the prompt (built once, from the saliency map, before the first boost)."""
+
+    record: GIFTRecord
+
+    def __init__(self, runtime: "GIFTRuntime", state: CallState):
+        self.alpha, self.beta, self._log_beta = runtime.alpha, runtime.beta, runtime._log_beta
+        self._direct, self._sal, self._boost, self._top = runtime._direct, runtime._sal, runtime._boost, runtime._top
+        use_spacy = runtime.config.use_spacy
         rows: list[GIFTRow] = []
         for row in state.rows:
             if not row.has_image:
@@ -237,7 +229,8 @@ class GIFTRuntime(Runtime, MethodCall, EditsQueries):
                 rows.append(GIFTRow(None, None, note="the last user turn holds no text (no question): no saliency, "
                                                      "no boost"))
             else:
-                rows.append(self._question_row(row))
+                rows.append(self._question_row(row, use_spacy))
+        buffers = runtime._buffers
         b, p, dev = state.batch_size, state.prompt_len, state.device
         #: the rows GIFT acts on (an informative question token after the image)
         self._acting = [i for i, info in enumerate(rows) if info.acting]
@@ -246,23 +239,27 @@ class GIFTRuntime(Runtime, MethodCall, EditsQueries):
         if self._direct:
             #: (B, P, 3) columns [image, M on the image, question] and (B, 2, P) rows [(M - 1) on the image,
             #: question] of the rows with a map
-            self._columns = self._buffers.zeros("columns", (b, p, 3), torch.float32, dev)
-            self._update = self._buffers.zeros("update", (b, 2, p), torch.float32, dev)
+            self._columns = buffers.zeros("columns", (b, p, 3), torch.float32, dev)
+            self._update = buffers.zeros("update", (b, 2, p), torch.float32, dev)
         else:
             #: (B, P, 2) columns [image, question] (head ranking); (B, P) alpha S_hat on the image, and the image
             #: and question positions of the rows with a map
-            self._columns = self._buffers.zeros("columns", (b, p, 2), torch.float32, dev)
-            self._gain = self._buffers.zeros("gain", (b, p), torch.float32, dev)
-            self._image = self._buffers.zeros("image", (b, p), torch.bool, dev)
-            self._question = self._buffers.zeros("question", (b, p), torch.bool, dev)
-        return GIFTRecord(self.alpha, rows, [r.image_positions for r in state.rows],
-                          self._buffers.zeros("saliency", (b, p), torch.float32, dev),
-                          self._buffers.zeros("has_map", (b,), torch.bool, dev))
+            self._columns = buffers.zeros("columns", (b, p, 2), torch.float32, dev)
+            self._gain = buffers.zeros("gain", (b, p), torch.float32, dev)
+            self._image = buffers.zeros("image", (b, p), torch.bool, dev)
+            self._question = buffers.zeros("question", (b, p), torch.bool, dev)
+        record = GIFTRecord(self.alpha, rows, [r.image_positions for r in state.rows],
+                            buffers.zeros("saliency", (b, p), torch.float32, dev),
+                            buffers.zeros("has_map", (b,), torch.bool, dev))
+        #: which rows have a map (the buffer the record views until it is frozen), read by each boost
+        self._has_map = record.has_map
+        super().__init__(runtime, record)
 
-    def _question_row(self, row: RowLayout) -> GIFTRow:
+    @staticmethod
+    def _question_row(row: RowLayout, use_spacy: bool | None) -> GIFTRow:
         """The question of an image row: its informative tokens, and the saliency rows among them."""
         positions = row.query_positions
-        informative = torch.tensor(informative_tokens(row.query_pieces, self.config.use_spacy), dtype=torch.bool)
+        informative = torch.tensor(informative_tokens(row.query_pieces, use_spacy), dtype=torch.bool)
         after = positions > row.image_positions[-1]
         gaze = positions[informative & after]
         note = ""
@@ -292,10 +289,10 @@ class GIFTRuntime(Runtime, MethodCall, EditsQueries):
             lo, hi = min(lo, last.start - block.q_start), max(hi, last.stop - block.q_start)
         return range(lo, hi) if lo < hi else None
 
-    def edit(self, block: Block, state: CallState, rows: Queries, probs: torch.Tensor) -> torch.Tensor:
+    def edit(self, block: Block, state: CallState, queries: Queries, probs: torch.Tensor) -> torch.Tensor:
         layer = block.layer
         if block.phase is not Phase.DECODE and layer in self._sal and not self._built:
-            self._gaze_shifts(state, layer, rows.positions, probs)
+            self._gaze_shifts(state, layer, queries.positions, probs)
             if set(self._shifts) == self._sal:
                 self._build_map(state)
         if layer in self._boost and block.phase is not Phase.PREPASS:
@@ -303,9 +300,9 @@ class GIFTRuntime(Runtime, MethodCall, EditsQueries):
                 self._build_map(state)
             if block.phase is Phase.DECODE:
                 return self._boosted(probs)
-            # the prefill: each batch row's last real token (rows asks for them all)
+            # the prefill: each batch row's last real token (`queries` asks for them all)
             batch, heads = torch.arange(probs.shape[0]), torch.arange(probs.shape[1])
-            at = torch.searchsorted(rows.positions, state.last_tokens())
+            at = torch.searchsorted(queries.positions, state.last_tokens())
             index = tuple(i.to(probs.device) for i in (batch[:, None], heads[None, :], at[:, None]))
             return probs.index_put(index, self._boosted(probs[index].unsqueeze(2)).squeeze(2))
         return probs
@@ -412,7 +409,7 @@ class GIFTRuntime(Runtime, MethodCall, EditsQueries):
         columns = self._columns.clone() if a.requires_grad else self._columns  # autograd keeps it; calls rewrite it
         mass = torch.bmm(a.reshape(b, h * r, p), columns).view(b, h, r, 2)  # image, question
         kth = h - self._top + 1  # the top-th largest is the (H - top + 1)-th smallest
-        chosen = (mass >= mass.kthvalue(kth, dim=1, keepdim=True).values) & self.record.has_map.view(b, 1, 1, 1)
+        chosen = (mass >= mass.kthvalue(kth, dim=1, keepdim=True).values) & self._has_map.view(b, 1, 1, 1)
         vis, qry = chosen[..., :1], chosen[..., 1:]
         g, image, question = self._gain.view(b, 1, 1, p), self._image.view(b, 1, 1, p), self._question.view(b, 1, 1, p)
         # log r, sum A e^g taken relative to its largest present e^g (B, 1, R, 1)
@@ -433,8 +430,56 @@ class GIFTRuntime(Runtime, MethodCall, EditsQueries):
         return torch.where((vis | qry) & live, scaled / total, probs)
 
 
-GIFTRuntime.call = GIFTRuntime  # TEMPORARY shim
-from vlmfix.methods.registry import register_method  # noqa: E402  TEMPORARY shim
+class GIFTRuntime(Runtime):
+    """GIFT bound to a model: resolved alpha, beta and layers, the buffers its calls reuse (see `GIFTCall`).
+    It reads the question's words (the last user turn's text, found with the chat template's markers; its
+    informative tokens are words), so attach refuses it without a tokenizer."""
 
-GIFT.bind = lambda self, target: GIFTRuntime(self, target)  # TEMPORARY shim
-register_method(name="gift", config=GIFT, runtime=GIFTRuntime)
+    needs_tokenizer = True
+    call = GIFTCall
+
+    def __init__(self, config: GIFT, target: Target):
+        super().__init__(config, target)
+        adapter = target.adapter
+        n = adapter.num_layers
+        preset = (adapter.preset or {}).get("gift")
+        if preset:
+            lo, hi = preset["boost_layers"]
+            sal, boost, alpha = tuple(preset["saliency_layers"]), tuple(range(lo, hi + 1)), preset["alpha"]
+        else:
+            (sal, boost), alpha = default_layers(n), 5.0
+        self.alpha = float(alpha if config.alpha is None else config.alpha)
+        self.beta = float(config.beta)
+        self._log_beta = math.log(self.beta) if self.beta > 0 else -math.inf
+        #: the boost's evaluation: direct products, or log factors where a product could overflow (or beta = 0)
+        self._direct = self.beta > 0 and self.alpha + max(self._log_beta, 0.0) <= DIRECT_MAX
+        sal = sal if config.saliency_layers is None else config.saliency_layers
+        boost = boost if config.boost_layers is None else config.boost_layers
+        self.saliency_layers, self.boost_layers = tuple(int(x) for x in sal), tuple(int(x) for x in boost)
+        for what, layers in (("saliency_layers", self.saliency_layers), ("boost_layers", self.boost_layers)):
+            bad = [x for x in layers if not x < n]
+            if bad:
+                raise ValueError(f"GIFT {what} {bad} are outside the model's {n} decoder layers")
+        self._sal, self._boost = frozenset(self.saliency_layers), frozenset(self.boost_layers)
+        self._buffers = Buffers()
+        self._top = half(adapter.num_heads)
+
+    def resolved(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "saliency_layers": list(self.saliency_layers),
+                "boost_layers": list(self.boost_layers)}
+
+    @property
+    def needs_prepass(self) -> bool:
+        """True when a boost layer comes at or before the last saliency layer."""
+        return min(self._boost) <= max(self._sal)
+
+    def prepass_until(self) -> int | None:
+        """The last saliency layer when a boost layer precedes it (and alpha > 0), else None."""
+        return max(self._sal) if self.alpha > 0 and self.needs_prepass else None
+
+    def start(self, state: CallState) -> GIFTCall:
+        return GIFTCall(self, state)
+
+
+register_method(name="gift", config=GIFT, runtime=GIFTRuntime, summary="gaze shift-guided cross-modal fusion "
+                "enhancement (arXiv 2510.22067): attention on the image regions the question looked at is boosted")
