@@ -216,7 +216,7 @@ def test_demo_results_by_default_writes_under_out_not_docs(tmp_path, monkeypatch
     import vlmfix.eval.tasks
     import vlmfix.data.world
     import vlmfix.demo.load
-    from vlmfix import cli
+    from vlmfix.cli import main as cli
     from vlmfix.demo import results
 
     config = SimpleNamespace(_name_or_path="demo", text_config=SimpleNamespace(hidden_size=7))

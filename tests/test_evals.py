@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmfix import methods, runner
+from vlmfix import methods
+from vlmfix.eval import runner
 from vlmfix.cli.main import main
 from vlmfix.eval.tasks import _chosen_ids, load_config, pope_task, resolve_data, run
 from vlmfix.data.errors import DataFormatError

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import yaml
 
 from vlmfix.data.errors import DataFormatError
+from vlmfix.loading import DTYPES
 
 if TYPE_CHECKING:
     from vlmfix.eval.runner import Task
