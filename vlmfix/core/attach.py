@@ -35,11 +35,11 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from vlmfix.core import attention
+from vlmfix.core import attention, contrast
 from vlmfix.adapters import Adapter, get_adapter
 from vlmfix.adapters.base import sides
 from vlmfix.core.eager import additive_bias
-from vlmfix.core.protocol import (BiasesScores, EditsQueries, MethodConfig, MovesTokens,
+from vlmfix.core.protocol import (BiasesScores, CombinesLogits, EditsQueries, MethodConfig, MovesTokens,
                                   ObservesQueries, ReadsInputs, ReplacesMask, Runtime, Target)
 from vlmfix.core.sinks import check_tau, find_sink_dims, scaled_tau, sink_scores
 from vlmfix.core.state import FIRST_SINK_LAYER, CallState, Phase
@@ -135,6 +135,8 @@ class Attached:
         for r in self.runtimes:
             r.check_combination([o for o in self.runtimes if o is not r])
         calls = [r.call for r in self.runtimes]
+        #: the runtime whose calls combine logits with a contrast branch (`vlmfix.core.contrast`), or None
+        self.brancher: Runtime | None = self._resolve_brancher()
         #: runtimes whose calls read the prefill's inputs
         self.readers = tuple(r for r in self.runtimes if issubclass(r.call, ReadsInputs))
         #: runtimes that move tokens in this configuration (a pruner in mask form moves none)
@@ -162,6 +164,30 @@ class Attached:
         self._bias: tuple[Any, tuple, torch.Tensor | None] | None = None
         self._attached = False
         self._attach()
+
+    def _resolve_brancher(self) -> Runtime | None:
+        found = [r for r in self.runtimes if r.branches()]
+        if not found:
+            return None
+        names = ", ".join(type(r.config).__name__ for r in found)
+        if len(found) > 1:
+            raise VlmfixError(f"{names} each ask for a contrast branch; attach at most one such method")
+        runtime = found[0]
+        if not issubclass(runtime.call, CombinesLogits):
+            raise VlmfixError(f"{names} declares contrast branches but its calls do not combine logits (CombinesLogits)")
+        others = [type(r.config).__name__ for r in self.runtimes
+                  if issubclass(r.call, (MovesTokens, ReplacesMask)) and r is not runtime]
+        if others:
+            raise VlmfixError(f"{names} runs a contrast branch (extra batch rows), which {', '.join(others)} "
+                              "(token pruning) cannot run beside yet: attach them separately")
+        return runtime
+
+    def real_rows_mask(self, mask: torch.Tensor, real: int) -> torch.Tensor:
+        """`mask` cut to the call's `real` batch rows (contrast branches), cut once per mask object."""
+        cached = getattr(self, "_real_mask", None)
+        if torch.compiler.is_compiling() or cached is None or cached[0] is not mask or cached[1] != real:
+            cached = self._real_mask = (mask, real, mask[:real])
+        return cached[2]
 
     # -- sinks ------------------------------------------------------------------------------------
     def _resolve_sink_dims(self, dims: Sequence[int] | None) -> tuple[tuple[int, ...], str]:
@@ -309,18 +335,27 @@ class Attached:
             self._busy_thread = None
             self._busy.release()
 
-    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if torch.compiler.is_compiling() or not self._enter():
             return
         try:
             if self._starts_call(args, kwargs):
                 self._start_call(args, kwargs)
+                if self.brancher is not None:
+                    state = self.state
+                    call = next(c for c in state.calls if c.runtime is self.brancher)
+                    args, kwargs, state.branch = contrast.prefill_inputs(args, kwargs, self.adapter, state.rows, call,
+                                                                         self.brancher.branches())
+                    state.branch_rows = state.branch.real
+                    return args, kwargs
             elif self._state_thread != threading.get_ident():
                 raise VlmfixError(
                     "another thread started a call on this attached model while this thread's call was generating, "
                     "and its state replaced this call's. Share an attached model between threads through "
                     "fixed.generate(...), which takes turns, or attach a separate copy of the model in each thread."
                 )
+            elif self.state.branch is not None:
+                return contrast.step_inputs(args, kwargs, self.state.branch)
         except BaseException:
             self._leave()
             raise
@@ -335,6 +370,12 @@ class Attached:
                 f"{names} with form='inplace' removes tokens from the KV cache of the layers it prunes, which a "
                 f"static cache ({type(cache).__name__}) cannot hold. Use form='mask' for static-cache / compiled "
                 "generation, or generate with the default dynamic cache."
+            )
+        if self.brancher is not None and cache is not None and getattr(cache, "is_compileable", False):
+            raise VlmfixError(
+                f"{type(self.brancher.config).__name__} runs a contrast branch as extra batch rows of the same "
+                f"forward, which a static cache ({type(cache).__name__}, compiled generation) sized for the batch "
+                "cannot hold. Generate with the default dynamic cache (no cache_implementation=\"static\")."
             )
         inputs = dict(kwargs)
         if args:
@@ -385,14 +426,22 @@ class Attached:
                 hook.remove()
             self.state.phase, self._in_prepass = Phase.PREFILL, False
 
-    def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """After every forward (also one that raised: `output` is then None): end the prefill, free the model."""
+    def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """After every forward (also one that raised: `output` is then None): combine a contrast branch's logits
+        (the output then has the B real rows), end the prefill, free the model."""
         if torch.compiler.is_compiling() or self._in_prepass:
-            return
+            return None
         try:
             state = self.state
+            combined = None
+            if output is not None and state is not None and state.branch is not None \
+                    and getattr(output, "logits", None) is not None and output.logits.shape[0] > state.branch.real:
+                last = None
+                if state.phase is Phase.PREFILL and output.logits.shape[1] == state.prompt_len > 1:
+                    last = state.last_tokens()
+                combined = contrast.combine_output(output, state.branch, last)
             if output is None or state is None or state.phase is not Phase.PREFILL:  # a decode step, or it raised
-                return
+                return combined
             self._drop_prefill_hooks()
             state.phase = Phase.DECODE
             cache = output.get("cache") if hasattr(output, "get") else None
@@ -401,6 +450,7 @@ class Attached:
             for c in state.calls:
                 c.after_prefill(state)
             self._last_state = self._local.last_state = state
+            return combined
         finally:
             self._leave()
 
@@ -425,6 +475,8 @@ class Attached:
             state = self.state
             if state.phase is Phase.PREFILL:
                 hidden = args[0] if args else kwargs["hidden_states"]
+                if state.branch_rows:  # contrast branch rows: not the call's rows
+                    hidden = hidden[:len(state.rows)]
                 state.phi[layer] = state.to_prompt(layer, sink_scores(hidden.detach(), self.sink_dims))
 
         return hook

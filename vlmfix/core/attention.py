@@ -15,6 +15,9 @@ when nothing records gradients), and the fast path's output is copied before the
 written into it. After in-place pruning a
 `SlotView` (slots.py) translates rows and key columns, so runtimes see prompt positions.
 
+Contrast branch rows (`CallState.branch_rows`, batch rows after the B real ones) always take the
+fallback: the eager rows are computed on batch rows 0..B-1 and written over the fallback's output.
+
 The mask function registered beside each name is the previous implementation's own (sdpa's for
 "vlmfix"; "vlmfix_<impl>" for the others), so the fallback always gets the mask it expects.
 """
@@ -110,6 +113,15 @@ def vlmfix_attention(
             asked.append(r)
     if not wanted:
         return route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    full = None
+    real = len(state.rows)
+    if state.branch_rows and query.shape[0] > real:  # contrast branch rows: the model's own attention, never a method's
+        full, _ = route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if full.requires_grad:
+            full = full.clone()
+        query, key, value = query[:real], key[:real], value[:real]
+        if attention_mask is not None and attention_mask.shape[0] > 1:
+            attention_mask = handle.real_rows_mask(attention_mask, real)
     rows = union_queries(asked, block)
     whole = rows.count == q_len and view is None
     out = None
@@ -149,8 +161,12 @@ def vlmfix_attention(
             return view.write(out, rows_out, *slots), None
         rows_out = grouped_values(probs.to(value.dtype), value).transpose(1, 2)  # (B, R, H, D)
     if out is None:
-        return rows_out.contiguous(), None
-    out[:, rows.index] = rows_out.to(out.dtype)
+        out = rows_out.contiguous()
+    else:
+        out[:, rows.index] = rows_out.to(out.dtype)
+    if full is not None:
+        full[:real] = out.to(full.dtype)
+        return full, None
     return out, None
 
 

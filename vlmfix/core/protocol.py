@@ -24,7 +24,10 @@ A call declares what it does by the capabilities it subclasses. Each receives th
 - `ReplacesMask`: `mask(block, state, attention_mask)` gives a replacement mask (pruning) or None;
 - `MovesTokens`: in-place pruning: `before_layer` gathers the kept tokens entering a layer and `view`
   gives a `SlotView`, so that every other method keeps naming tokens by prompt position;
-- `ReadsInputs`: `read_inputs(state, inputs)` sees the prefill's model inputs (pixel values).
+- `ReadsInputs`: `read_inputs(state, inputs)` sees the prefill's model inputs (pixel values);
+- `CombinesLogits`: `combine(logits, branch)` merges the next-token logits of the real rows with those of
+  the contrast branch its runtime declares (`Runtime.branches()`, e.g. the prompt without its image; see
+  `vlmfix.core.contrast`: the branch rows are extra rows of the same forward, which methods never act on).
 
 Rows not asked for by any call stay on the model's own attention function (the fast path). A
 runtime may also ask, from what it resolved, for a pre-pass over the prompt (`prepass_until`) or
@@ -59,8 +62,8 @@ if TYPE_CHECKING:
     from vlmfix.adapters import Adapter
     from vlmfix.core.slots import SlotView
 
-__all__ = ["Block", "BiasesScores", "CallState", "EditsQueries", "HeatMaps", "MethodCall", "MethodConfig",
-           "MovesTokens", "ObservesQueries", "Phase", "Queries", "ReadsInputs", "Record", "ReplacesMask", "Runtime",
+__all__ = ["Block", "BiasesScores", "CallState", "CombinesLogits", "EditsQueries", "HeatMaps", "MethodCall",
+           "MethodConfig", "MovesTokens", "ObservesQueries", "Phase", "Queries", "ReadsInputs", "Record", "ReplacesMask", "Runtime",
            "Target"]
 
 
@@ -217,6 +220,11 @@ class Runtime:
         """Decoder layers whose prefill inputs this runtime's calls rewrite (`MovesTokens`; () for none)."""
         return ()
 
+    def branches(self) -> tuple[str, ...]:
+        """The contrast branches this runtime's calls combine logits with (`vlmfix.core.contrast`; () for none):
+        "no_image" is each prompt without its image tokens. Its calls are then `CombinesLogits`."""
+        return ()
+
     def check_combination(self, others: Sequence["Runtime"]) -> None:
         """Raise ValueError when this method cannot run beside the `others` attached with it."""
 
@@ -284,5 +292,15 @@ class ReadsInputs:
         raise NotImplementedError
 
 
+class CombinesLogits:
+    """Capability of a call whose runtime declares `branches()`: combine, at each step (the prefill's last
+    position and every decoding step), the real rows' next-token logits with their branch's."""
+
+    def combine(self, logits: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """(B, V) fp32 logits of the real rows and (B, V) of their branch rows -> the (B, V) scores `generate`
+        sees for the real rows. Tensor ops only (it runs at every decoding step)."""
+        raise NotImplementedError
+
+
 #: every capability a call may have
-CAPABILITIES = (ObservesQueries, EditsQueries, BiasesScores, ReplacesMask, MovesTokens, ReadsInputs)
+CAPABILITIES = (ObservesQueries, EditsQueries, BiasesScores, ReplacesMask, MovesTokens, ReadsInputs, CombinesLogits)

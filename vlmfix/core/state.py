@@ -218,6 +218,11 @@ class CallState:
     maskers: tuple[Any, ...] = ()
     movers: tuple[Any, ...] = ()
     readers: tuple[Any, ...] = ()
+    #: extra batch rows after the B real ones that the model runs (contrast branches, `vlmfix.core.contrast`):
+    #: rows B..B+branch_rows-1 of every layer call, which no method acts on
+    branch_rows: int = 0
+    #: the call's contrast branch (`vlmfix.core.contrast.Branch`), None without one
+    branch: Any = None
     _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
