@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from vlmfix import methods
+from vlmfix.methods.base import Runtime
 from vlmfix.eval import runner
 from vlmfix.cli.main import main
 from vlmfix.eval.tasks import _chosen_ids, load_config, pope_task, resolve_data, run
@@ -152,13 +153,16 @@ def test_method_sets_come_from_the_registry(monkeypatch):
     @dataclass
     class Later(methods.MethodConfig):
         strength: float = 1.0
-        name = "later"
 
-    monkeypatch.setitem(methods.REGISTRY, "later", Later)
-    (later,) = runner.parse_method_sets(["later"])
-    assert runner.method_params(later.methods) == [{"name": "later", "class": "Later", "params": {"strength": 1.0}}]
-    with pytest.raises(ValueError, match="unknown method 'fastvv'; available: var, gift, .*later"):
-        runner.parse_method_sets(["fastvv"])
+    methods.register_method(name="later", config=Later, runtime=Runtime)
+    try:
+        (later,) = runner.parse_method_sets(["later"])
+        assert runner.method_params(later.methods) == [{"name": "later", "class": "Later",
+                                                        "params": {"strength": 1.0}}]
+        with pytest.raises(ValueError, match="unknown method 'fastvv'; available: .*gift, .*var, .*later"):
+            runner.parse_method_sets(["fastvv"])
+    finally:
+        methods.unregister_method("later")
     with pytest.raises(ValueError, match="given twice"):
         runner.parse_method_sets(["var", "var"])
 

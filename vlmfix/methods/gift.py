@@ -105,7 +105,6 @@ class GIFT(MethodConfig):
     beta: float = 1.0
     use_spacy: bool | None = None
 
-    name = "gift"
 
     def __post_init__(self) -> None:
         raise_problems("GIFT", [

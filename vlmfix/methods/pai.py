@@ -57,7 +57,6 @@ class PAI(MethodConfig):
     layers: Sequence[int] | None = None
     start_layer: int = PAI_START_LAYER
 
-    name = "pai"
 
     def __post_init__(self) -> None:
         raise_problems("PAI", [
@@ -112,6 +111,7 @@ class PAICall(MethodCall, BiasesScores, CombinesLogits):
     """One call of PAI: the image columns and the last rows of the batch (on the model's device), the record."""
 
     record: PAIRecord
+    record_type = PAIRecord
 
     def __init__(self, runtime: "PAIRuntime", state: CallState):
         cfg = runtime.config

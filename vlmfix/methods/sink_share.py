@@ -25,7 +25,6 @@ class SinkShare(MethodConfig):
 
     tau: float | str | None = None
 
-    name = "sink_share"
 
     def __post_init__(self) -> None:
         raise_problems("SinkShare", [check_tau_field("tau", self.tau)])

@@ -65,7 +65,6 @@ class VAR(MethodConfig):
     sources: str = "all"
     layers: Sequence[int] | None = None
 
-    name = "var"
 
     def __post_init__(self) -> None:
         raise_problems("VAR", [
