@@ -141,3 +141,30 @@ def test_config_checks():
     with vlmfix.attach(model, tokenizer(), PAI()) as fixed:
         assert fixed.runtimes[0].layers == (2, 3)
     assert vlmfix.methods.registry.build("pai") == PAI()
+
+
+def test_compiled_static_cache_generation_equals_eager_without_contrast():
+    """The attention intervention alone (gamma = 1: no contrast branch) runs inside compiled static-cache
+    generation: the decoding steps' bias reads tensors only, and the tokens and logits are the eager ones."""
+    from torch._dynamo.utils import counters
+
+    from test_runtime import compile_config, compile_prompts, generate, other_batch
+    from tiny import make_batch, make_model
+
+    model = make_model("llava")
+    batch = make_batch("llava", model, compile_prompts("llava"))
+    batch2 = other_batch("llava", model, compile_prompts("llava"))
+    plain = generate(model, batch, cache_implementation="static", disable_compile=True)
+    with vlmfix.attach(model, None, PAI(alpha=5.0, gamma=1.0)) as fixed:
+        static = generate(fixed, batch, cache_implementation="static", disable_compile=True)
+        static2 = generate(fixed, batch2, cache_implementation="static", disable_compile=True)
+        counters.clear()
+        compiled = generate(fixed, batch, cache_implementation="static", compile_config=compile_config())
+        assert counters["stats"]["unique_graphs"] > 0, "the decoding steps were not compiled"
+        graphs = counters["stats"]["unique_graphs"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled2 = generate(fixed, batch2, cache_implementation="static", compile_config=compile_config())
+        assert counters["stats"]["unique_graphs"] == graphs, "the second compiled call recompiled"
+    assert (static[1][1:] - plain[1][1:]).abs().max() > 1e-3, "PAI must change the decoding steps"
+    assert torch.equal(compiled[0], static[0]) and torch.allclose(compiled[1], static[1], atol=1e-4, rtol=0)
+    assert torch.equal(compiled2[0], static2[0]) and torch.allclose(compiled2[1], static2[1], atol=1e-4, rtol=0)

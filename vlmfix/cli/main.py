@@ -50,7 +50,7 @@ def _text_report(model, tokenizer, prompt: str, tau: float | str | None, sink_di
 
     from vlmfix.core.presets import model_preset
     from vlmfix.core.sinks import check_tau, find_sink_dims, sink_scores
-    from vlmfix.core.state import above_threshold
+    from vlmfix.core.state import FIRST_SINK_LAYER, above_threshold
 
     hidden_size = model.config.hidden_size
     preset = model_preset(str(getattr(model.config, "_name_or_path", "")), hidden_size)
@@ -63,7 +63,7 @@ def _text_report(model, tokenizer, prompt: str, tau: float | str | None, sink_di
         hidden = model.get_decoder()(input_ids=ids, output_hidden_states=True).hidden_states
     tokens = [tokenizer.decode([i]) for i in ids[0].tolist()]
     layers = []
-    for layer in range(2, len(model.get_decoder().layers)):
+    for layer in range(FIRST_SINK_LAYER, len(model.get_decoder().layers)):
         phi = sink_scores(hidden[layer][0], dims)
         sinks = above_threshold(phi[None], tau, torch.zeros(1, dtype=torch.long))[0].nonzero().flatten().tolist()
         layers.append({"layer": layer, "sinks": sinks, "tokens": [tokens[i] for i in sinks],
@@ -77,6 +77,7 @@ def _vlm_report(model, processor, image, prompt: str, tau: float | str | None, s
 
     from vlmfix.core.attach import attach
     from vlmfix.adapters.chat import chat_prompt
+    from vlmfix.core.state import FIRST_SINK_LAYER
     from vlmfix.methods import build
     from vlmfix.viz import image_view, sink_heatmap
 
@@ -102,7 +103,7 @@ def _vlm_report(model, processor, image, prompt: str, tau: float | str | None, s
     if layer is None:  # the layer with the most visual sinks
         layer = max(report["layers"], key=lambda r: (r["visual_sinks"], -r["layer"]))["layer"]
     elif layer not in state.phi:
-        raise ValueError(f"--layer must be one of the decoder layers 2..{max(state.phi)}")
+        raise ValueError(f"--layer must be one of the decoder layers {FIRST_SINK_LAYER}..{max(state.phi)}")
     view, pad = image_view(inputs, processor, image, row)
     report["heatmap"] = str(sink_heatmap(state, layer, out / f"sinks_layer{layer}.png", view, padding=pad))
     return report

@@ -5,7 +5,7 @@
   on a few fixed dimensions, the *sink dimensions*, of the first token from the early layers on.
 - Visual sink tokens (Kang et al., ICLR 2025, "See What You Are Told"): with x the residual stream
   entering layer l and x_hat = x / sqrt(mean_d x_d^2 + 1e-6) (fp32, no learned gain),
-  phi(x) = max_{d in D_sink} |x_hat_d|; a token is a sink at l >= 2 iff phi > tau.
+  phi(x) = max_{d in D_sink} |x_hat_d|; a token is a sink at l >= FIRST_SINK_LAYER (2, `vlmfix.core.state`) iff phi > tau.
   phi <= sqrt(hidden_size), so tau = 20 (set for 4096-wide LMs) is rescaled for narrower ones:
   `scaled_tau(h) = 20 * sqrt(h / 4096)` ("scaled"), or relative to the first token's phi ("bos:F").
 
