@@ -12,7 +12,7 @@ from probes import observed
 from tiny import PAD, make_batch, make_model, prompts_two, tokenizer
 
 import vlmfix
-from vlmfix.methods.prune import PrunerRuntime, kept_tokens, prune_record
+from vlmfix.methods.prune import FastVRuntime, kept_tokens, prune_record
 
 GEN = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=PAD)
 VAR_TINY = dict(tau=1.2, m_min=0.05, rho=0.3, layers=(2, 3))  # makes VAR act on the tiny models (see test_var)
@@ -92,11 +92,11 @@ class KeepAllActive(vlmfix.FastVPrune):
         return runtime
 
 
-class _AlwaysActive(PrunerRuntime):
+class _AlwaysActive(FastVRuntime):
     def begin(self, state):
-        record = super().begin(state)
-        record.active = True
-        return record
+        call = super().begin(state)
+        call.record.active = True
+        return call
 
 
 def test_keep_all_through_the_slot_view_is_var_alone(family, model):

@@ -18,7 +18,7 @@ import vlmfix
 from vlmfix.adapters import get_adapter
 from vlmfix.adapters.base import sides
 from vlmfix.core.attach import VlmfixError
-from vlmfix.methods.prune import PRUNERS, prune_record
+from vlmfix.methods.prune import PruneRecord, prune_record
 
 VAR_TINY = dict(tau=1.2, m_min=0.05, rho=0.3, layers=(2, 3))  # makes VAR act on the tiny models (see test_var)
 GIFT_TINY = dict(alpha=3.0, saliency_layers=(1,), boost_layers=(2, 3))
@@ -80,7 +80,7 @@ def row_records(state, row: int) -> dict:
     if state.has_record(vlmfix.GIFT):
         rec = state.record(vlmfix.GIFT)
         out["gift"] = (rec.note(row), rec.saliency(row))
-    if any(state.has_record(cls) for cls in PRUNERS):
+    if any(isinstance(rec, PruneRecord) for rec in state.records):
         rec = prune_record(state)
         out["kept"] = [(stage.kept[row] - first).tolist() for stage in rec.stages]
         out["budgets"] = [stage.budget[row] for stage in rec.stages]

@@ -9,7 +9,7 @@ import torch
 from tiny import PAD, make_batch, make_model, prompts_two
 
 import vlmfix
-from vlmfix.methods import REGISTRY, build
+from vlmfix.methods import build, methods
 from vlmfix.methods.debias import Trend, content_size, fit_trend, padding_fractions
 from vlmfix.methods.prune import kept_tokens, prune_record
 
@@ -111,10 +111,10 @@ def test_fastv_budget_defaults_without_touching_a_ratio_config():
     model = make_model("llava")
     ratio = vlmfix.FastVPrune(keep_ratio=0.5)
     with vlmfix.attach(model, None, ratio) as fixed:
-        assert ratio.keep is None and fixed.runtimes[0]._budget(0, 40) == 20
+        assert ratio.keep is None and fixed.runtimes[0].budget(0, 40) == 20
     plain = vlmfix.FastVPrune()
     with vlmfix.attach(model, None, plain) as fixed:
-        budget = fixed.runtimes[0]._budget
+        budget = fixed.runtimes[0].budget
         assert plain.keep is None and budget(0, 576) == 128 and budget(0, 40) == 40
 
 
@@ -137,7 +137,7 @@ def test_one_pruner_at_a_time():
 
 
 def test_registry_and_presets():
-    assert REGISTRY["fastv"] is vlmfix.FastVPrune and REGISTRY["staged"] is vlmfix.StagedPrune
+    assert methods()["fastv"].config is vlmfix.FastVPrune and methods()["staged"].config is vlmfix.StagedPrune
     assert build("fastv").keep == 128
     assert tuple(build("staged").keep_ratios) == (0.32, 0.16, 0.08)
 
@@ -244,11 +244,11 @@ def test_keep_beyond_the_image_is_noted():
     model = make_model("llava")
     batch = make_batch("llava", model, prompts_two())
     _, _, state = run(model, batch, vlmfix.FastVPrune(keep=30))
-    assert prune_record(state).notes == [
+    assert prune_record(state).budget_notes == [
         f"row {b}: keep 30 >= its 25 image tokens, so nothing is pruned (keep counts are sized for LLaVA-1.5's "
         "576 tokens; keep_ratio scales with the image)" for b in (0, 1)]
     _, _, state = run(model, batch, vlmfix.FastVPrune(keep=5))
-    assert prune_record(state).notes == []
+    assert prune_record(state).budget_notes == []
 
 
 def test_kept_heatmap(tmp_path):
@@ -314,7 +314,7 @@ def test_smol_llava_padding_debias(small_smol_llava):
         kept = kept_tokens(fixed.last_state)
         grid = fixed.last_state.rows[0].segments[0].grid_positions()
     assert rec.stages[0].budget == [48]
-    assert rec.notes == ["row 0, layer 2: budget 100 lowered to 48 by the padding cap (only 48 candidate patches "
+    assert rec.budget_notes == ["row 0, layer 2: budget 100 lowered to 48 by the padding cap (only 48 candidate patches "
                          "are not padding)"]
     assert set(kept.tolist()) == set(grid[4:8].flatten().tolist())
     assert torch.equal(rec.pad_frac[0].view(12, 12)[4:8], torch.zeros(4, 12))

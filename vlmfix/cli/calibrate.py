@@ -16,7 +16,8 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--data", required=True, metavar="DIR",
                    help="an EmojiCOCO folder (`vlmfix world`): images/ and instances.json")
     c.add_argument("--pruner", default="fastv",
-                   help="fastv | staged, or NAME:PRESET of configs/methods (its first layer is the one scored)")
+                   help="the pruner whose scores are fitted: a registered pruner's name (an unknown one is refused "
+                   "with the list), or NAME:PRESET of configs/methods (its first layer is the one scored)")
     c.add_argument("--family", default="exp", choices=("exp", "cubic"), help="trend family")
     add_n_images(c, 100, "calibration images, the first N by id")
     deprecated(c, "--n", "--n-images", "n_images", type=int)
@@ -29,7 +30,8 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_calibrate_trend(args: argparse.Namespace) -> int:
-    from vlmfix.eval.calibrate import calibrate, image_inputs, model_name, preset_path, scoring_pruner, world_images, write_preset
+    from vlmfix.eval.calibrate import (calibrate, image_inputs, model_name, preset_path, scoring_pruner, world_images,
+                                       write_preset)
     from vlmfix.loading import load_for
 
     paths = world_images(args.data, args.n_images)  # data and pruner are checked before the model loads

@@ -13,13 +13,14 @@ every image weighs the same, and the vectors are averaged position by position:
 mean score, which is 1) and R^2. `write_preset` stores the trend as a YAML preset that
 `Debias` picks up by model name (see `debias.load_trend`).
 
-The forward of each prompt stops right after the scoring layer: per image, calibration costs the
+A pruner is any registered method whose config has a `scorer()`, the config as calibration runs it
+(`pruners()`; vlmfix's own: fastv and staged); its record gives the first stage's raw scores
+(`raw_scores`). The forward of each prompt stops right after the scoring layer: per image, calibration costs the
 vision tower and L of the decoder's layers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import re
@@ -33,11 +34,11 @@ import yaml
 from vlmfix.data.prompts import CAPTION_PROMPTS
 
 if TYPE_CHECKING:  # imported where used, so that building the CLI parser stays light
+    from vlmfix.core.protocol import MethodConfig
     from vlmfix.methods.debias import Trend
-    from vlmfix.methods.prune import FastVPrune, StagedPrune
+    from vlmfix.methods.registry import MethodEntry
 
 DEFAULT_QUESTION = CAPTION_PROMPTS[0]
-PRUNERS = ("fastv", "staged")
 
 
 @dataclass
@@ -59,31 +60,36 @@ def _stop(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     raise _Stop
 
 
-def scoring_pruner(pruner: "str | FastVPrune | StagedPrune") -> "FastVPrune | StagedPrune":
-    """The pruner that computes the scores: `pruner` (a name of configs/methods, e.g. "fastv" or
-    "fastv:keep64", or an instance) without debiasing, in mask form, and sure to score every image
-    (FastV keeps 1 token; the kept count does not change the first stage's scores)."""
-    from vlmfix.methods.prune import PRUNERS as PRUNER_CLASSES
-    from vlmfix.methods.prune import FastVPrune
+def pruners() -> "dict[str, MethodEntry]":
+    """The registered methods calibration can fit a trend for: those whose config has a `scorer()` (the
+    config as calibration runs it), by name."""
+    from vlmfix.methods.registry import methods
 
+    return {name: entry for name, entry in methods().items() if callable(getattr(entry.config, "scorer", None))}
+
+
+def scoring_pruner(pruner: "str | MethodConfig") -> "MethodConfig":
+    """The pruner that computes the scores: `pruner` (a name of configs/methods, e.g. "fastv" or
+    "fastv:keep64", or an instance) as its `scorer()` gives it: without debiasing, in mask form, and sure
+    to score every image (FastV keeps 1 token; the kept count does not change the first stage's scores).
+    Any pruner of `pruners()` is accepted; the scorer gives `stage_layers()` and `preset_key`."""
+    found = pruners()
     if isinstance(pruner, str):
         from vlmfix.methods import build
 
         name, _, preset = pruner.partition(":")
-        if name not in PRUNERS:
-            raise ValueError(f"unknown pruner {name!r}; use one of {', '.join(PRUNERS)}")
+        if name not in found:
+            raise ValueError(f"unknown pruner {name!r}; use one of {', '.join(found)}")
         pruner = build(name, preset or None)
-    if not isinstance(pruner, PRUNER_CLASSES):
-        raise TypeError(f"calibration needs a FastVPrune or StagedPrune, got {type(pruner).__name__}")
-    changes: dict[str, Any] = {"debias": None, "form": "mask"}
-    if isinstance(pruner, FastVPrune):
-        changes.update(keep=1, keep_ratio=None)
-    return dataclasses.replace(pruner, **changes)
+    if not callable(getattr(pruner, "scorer", None)):
+        names = " or ".join(entry.config.__name__ for entry in found.values())
+        raise TypeError(f"calibration needs a pruner ({names}), got {type(pruner).__name__}")
+    return pruner.scorer()
 
 
 @torch.no_grad()
 def pruner_scores(model: torch.nn.Module, processor: Any, inputs: Iterable[Mapping[str, Any]],
-                  pruner: "str | FastVPrune | StagedPrune" = "fastv") -> Iterator[torch.Tensor]:
+                  pruner: "str | MethodConfig" = "fastv") -> Iterator[torch.Tensor]:
     """For each model input (a processor output; batches allowed), the raw first-stage scores of
     every batch row with an image: a (N,) tensor over that row's image tokens, in raster order."""
     from vlmfix.core.attach import attach
@@ -99,13 +105,13 @@ def pruner_scores(model: torch.nn.Module, processor: Any, inputs: Iterable[Mappi
                 except _Stop:
                     pass
                 state = fixed.state
-                stages = state.record(type(scorer)).stages
-                if not stages:
+                scores = state.record(scorer).raw_scores(0)
+                if scores is None:
                     raise ValueError("a calibration prompt holds no image tokens (or only one per image); give "
                                      "prompts with an image, built with the model's processor")
                 for row in state.rows:
                     if row.has_image:
-                        yield stages[0].scores[row.index].double()
+                        yield scores[row.index].double()
         finally:
             hook.remove()
 
@@ -151,7 +157,7 @@ def fit_report(mean_scores: torch.Tensor, trend: Trend) -> tuple[float, float]:
 
 
 def calibrate(model: torch.nn.Module, processor: Any, inputs: Iterable[Mapping[str, Any]],
-              pruner: "str | FastVPrune | StagedPrune" = "fastv", family: str = "exp", *, progress: bool = False,
+              pruner: "str | MethodConfig" = "fastv", family: str = "exp", *, progress: bool = False,
               total: int | None = None) -> Calibration:
     """Average the normalised first-stage scores of `inputs` and fit the trend (module docstring)."""
     from vlmfix.methods.debias import fit_trend
@@ -255,4 +261,4 @@ def write_preset(path: str | Path, cal: Calibration, *, match: Sequence[str], pr
 
 
 __all__ = ["Calibration", "calibrate", "fit_report", "image_inputs", "mean_profile", "model_name", "preset_path",
-           "pruner_scores", "scoring_pruner", "world_images", "write_preset"]
+           "pruner_scores", "pruners", "scoring_pruner", "world_images", "write_preset"]

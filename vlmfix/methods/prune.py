@@ -1,21 +1,35 @@
 """Attention-based visual token pruning: FastV and multi-stage (PyramidDrop-style).
 
-One scoring path for both: at each stage layer L, the image tokens still present are scored by the
-attention they receive at layer L - 1 (fp32 eager rows, averaged over heads): FastV from each batch
-row's last real token (the last prompt token, or the one before a right-padded row's padding),
-multi-stage from the mean over the row's text query rows after the image (padding excluded). The
-top tokens (optionally after `Debias`) are kept and the rest dropped from layer L on.
+FastV: Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", 2024; multi-stage: PyramidDrop.
 
-Forms:
-- "inplace": dropped tokens leave the hidden states at layer L (a forward pre-hook slices them),
-  so the KV cache of layers >= L is shorter; the rotary (cos, sin) and `position_ids` given to
-  every layer >= L are gathered to the kept slots, so kept tokens keep their original positions.
-  The attention mask of those layers is rebuilt over the kept slots from the model's own mask.
-  Batch rows may keep different numbers of tokens: shorter rows are filled with dropped tokens
-  that stay masked as keys.
-- "mask": nothing is removed; dropped tokens are masked out as keys from layer L on (reference).
+At each stage layer L, the image tokens still present are scored by the attention they receive at
+layer L - 1 (post-softmax fp32 rows, averaged over heads). For batch row b, image position j and the
+scoring's query rows i with weights w_b,i (`Scoring`):
+
+    s_b,j = sum_i w_b,i mean_h A_h,i,j / max(sum_i w_b,i, 1)
+
+FastV's scoring (`LastToken`) weighs only each batch row's last real token (the last prompt token,
+or the one before a right-padded row's padding); multi-stage's (`TextAfterImage`) the row's text
+after its image, up to that token (padding excluded). The top tokens of s (optionally after `Debias`)
+are kept, within the stage's budget, and the rest dropped from layer L on.
+
+Parts, each with one job:
+- a `Scoring` names the query rows a stage reads and their weights (`LastToken`, `TextAfterImage`);
+- a runtime per method gives its scoring and its budget per stage (`FastVRuntime`: `keep` tokens or
+  `keep_ratio` of the image; `StagedRuntime`: `keep_ratios[stage]` of the image), and what it
+  resolved for the model (layers, trend, padding geometry);
+- a call per form (`MaskPruneCall`, `InPlacePruneCall`) shares the scoring and the selection
+  (`PruneCall`: it observes the scoring rows, selects, replaces the masks of layers >= L) and differs
+  in what a stage does to the sequence:
+  - "inplace": dropped tokens leave the hidden states at layer L (a forward pre-hook slices them),
+    so the KV cache of layers >= L is shorter; the rotary (cos, sin) and `position_ids` given to
+    every layer >= L are gathered to the kept slots, so kept tokens keep their original positions.
+    The attention mask of those layers is rebuilt over the kept slots from the model's own mask.
+    Batch rows may keep different numbers of tokens: shorter rows are filled with dropped tokens
+    that stay masked as keys;
+  - "mask": nothing is removed; dropped tokens are masked out as keys from layer L on (reference).
 Each stage is recorded as a `SlotMap` in `CallState.slot_maps` (slot -> original position, and
-the positions still present), and in the call's `PruneRecord` (`state.record(FastVPrune)`).
+the positions still present), and in the call's `PruneRecord` (`prune_record(state)`).
 
 Cost: the scoring, the selection and the slot maps happen once per stage at the prefill. Decoding
 steps carry no pruning hooks; the replaced mask of a step is built once (at the first pruned
@@ -29,9 +43,10 @@ prompt positions (the kept slots' scores scattered to their positions, the prune
 probability 0), so VAR's sink / non-sink masks and GIFT's saliency and boost maps apply unchanged
 and both forms give the same result. A pruned token is no longer a sink (its phi is 0 from layer L
 on) and gets no attention; GIFT takes the gaze shift of a query token whose predecessor was
-pruned against the nearest earlier present token. The pruner scores the raw attention rows: in a
-layer it runs before VAR and GIFT, whatever the order given to attach. A GIFT pre-pass (a boost
-layer at or before a saliency layer) does not prune: saliency read there is the full prompt's.
+pruned against the nearest earlier present token. The pruner scores the raw attention rows: its
+runtime runs first (`order` -1), so in a layer it observes the rows before VAR and GIFT edit them,
+whatever the order given to attach. A GIFT pre-pass (a boost layer at or before a saliency layer)
+does not prune: saliency read there is the full prompt's.
 
 A query row left with no key it may attend to (left padding) attends to itself, so it cannot give
 NaN. While a pruner is attached, a plain forward over a prompt returns logits for the kept slots
@@ -43,6 +58,7 @@ Described, with its choices and defaults, in docs/methods.md ("Token pruning and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
@@ -51,14 +67,20 @@ import torch
 
 from vlmfix.core.slots import SlotView
 from vlmfix.core.state import SlotMap
-from vlmfix.methods.base import (MethodCall, Block, CallState, EditsQueries, MethodConfig, MovesTokens, Phase, ReadsInputs, ReplacesMask, Queries,
-                   Runtime, Target, check_choice, check_layers, check_number, is_int, raise_problems)
+from vlmfix.methods.base import (Block, CallState, HeatMaps, MethodCall, MethodConfig, MovesTokens, ObservesQueries,
+                                 Phase, Queries, ReadsInputs, Record, ReplacesMask, Runtime, Target, check_choice,
+                                 check_layers, check_number, is_int, raise_problems)
 from vlmfix.methods.debias import Debias, Trend, content_size, padding_fractions, raster_positions
+from vlmfix.methods.registry import register_method
 
 if TYPE_CHECKING:
     from vlmfix.adapters import Adapter
 
 FORMS = ("inplace", "mask")
+#: the first layer a stage may prune from: its tokens are scored at the layer before
+FIRST_STAGE_LAYER = 1
+#: FastV's K, the paper's setting: score at layer K - 1 = 1, drop from layer K = 2 on ("after layer 2")
+FASTV_LAYER = 2
 
 
 def _take(t: torch.Tensor, pos: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -80,10 +102,68 @@ def _allowed(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
+def _ratio_budget(ratio: float, n: int) -> int:
+    """ceil(ratio x n) of a row's n image tokens, at least 1 (less 1e-9 first: a product that rounding puts just
+    above an integer, 0.3 x 10 = 3.0000000000000004, keeps 3)."""
+    return min(n, max(1, math.ceil(ratio * n - 1e-9)))
+
+
+# -- scoring: which query rows of layer L - 1 score a stage's image tokens ------------------------------
+class Scoring:
+    """The query rows whose attention scores the image tokens of a stage (at layer L - 1), and each one's
+    weight w_b,i per batch row (see the module docstring). Read-only: the call observes those rows."""
+
+    #: in words, for reprs and reports
+    describes: ClassVar[str] = ""
+
+    def queries(self, block: Block, state: CallState) -> range | None:
+        """The block's query rows (0 .. q_len - 1) to read; None for none."""
+        raise NotImplementedError
+
+    def weights(self, state: CallState, positions: torch.Tensor) -> torch.Tensor:
+        """(B, R) float CPU: the weight of the query at prompt position `positions[i]` (R,) in batch row b
+        (0 for other rows' queries, other methods' rows and padding)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {self.describes}>"
+
+
+class LastToken(Scoring):
+    """FastV: each batch row's last real token (the last prompt token, or the one before its right padding)."""
+
+    describes = "each batch row's last real token"
+
+    def queries(self, block: Block, state: CallState) -> range | None:
+        last = state.last_range
+        return range(last.start - block.q_start, last.stop - block.q_start)
+
+    def weights(self, state: CallState, positions: torch.Tensor) -> torch.Tensor:
+        return (positions[None, :] == state.last_tokens()[:, None]).float()
+
+
+class TextAfterImage(Scoring):
+    """Multi-stage: the mean over each batch row's text after its image, up to its last real token."""
+
+    describes = "the mean over each batch row's text after its image"
+
+    def queries(self, block: Block, state: CallState) -> range | None:
+        first = state.first_after_image
+        if first is None:
+            return None
+        first, stop = first - block.q_start, state.last_range.stop - block.q_start
+        return range(first, stop) if first < stop else None
+
+    def weights(self, state: CallState, positions: torch.Tensor) -> torch.Tensor:
+        return state.text_after_image(positions).float()
+
+
+# -- the record ---------------------------------------------------------------------------------------
 @dataclass
 class PruneStage:
     """One pruning stage: from `layer` on, batch row b keeps the image tokens at prompt positions
-    `kept[b]` (`budget[b]` of them), ranked by `scores[b]` (over that row's image tokens)."""
+    `kept[b]` (`budget[b]` of them), ranked by `scores[b]` (the raw scores, before any `Debias`, over
+    that row's image tokens)."""
 
     layer: int
     kept: list[torch.Tensor]
@@ -92,110 +172,110 @@ class PruneStage:
 
 
 @dataclass
-class PruneRecord:
-    """What a pruner did in one call: its form, stage layers, budgets per stage and row, the stages
-    run (`stages`), each row's padding fractions (or None), whether it had anything to drop, and
-    `notes`: where the configured budget did not apply as written (a `keep` at or above a row's image
-    tokens, a padding cap that lowered it), one line each."""
+class PruneRecord(Record):
+    """What a pruner did in one call: its form, stage layers, budgets per stage and row, each row's image
+    tokens (`image_tokens`), the stages run (`stages`), each row's padding fractions (or None), whether
+    it had anything to drop (`active`), and `budget_notes`: where the configured budget did not apply as
+    written (a `keep` at or above a row's image tokens, a padding cap that lowered it), one line each,
+    starting with "row {r}:" or "row {r}, layer {L}:"."""
 
     form: str
     layers: tuple[int, ...]
     budgets: list[list[int]]
     pad_frac: list[torch.Tensor | None]
     active: bool
+    image_tokens: list[int]
     stages: list[PruneStage] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    budget_notes: list[str] = field(default_factory=list)
+
+    acts: ClassVar[str] = "pruned image tokens"
 
     def kept(self, row: int = 0, stage: int = -1) -> torch.Tensor | None:
         """Prompt positions of the image tokens batch row `row` kept after `stage` (None: nothing was pruned)."""
         return self.stages[stage].kept[row] if self.stages else None
 
+    def raw_scores(self, stage: int = 0) -> list[torch.Tensor] | None:
+        """The raw scores (before any `Debias`) each batch row's image tokens got at `stage`, over its image
+        tokens in raster order (empty for a text-only row); None when nothing was pruned. What
+        `vlmfix.eval.calibrate` averages."""
+        return self.stages[stage].scores if self.stages else None
 
-class PrunerRuntime(Runtime, MethodCall, EditsQueries, ReplacesMask, MovesTokens, ReadsInputs):
-    """FastVPrune and StagedPrune bound to a model (see the module docstring)."""
-
-    order = -1  # scores the raw attention rows, before VAR / GIFT edit them
-
-    def __init__(self, config: "FastVPrune | StagedPrune", target: Target, layers: tuple[int, ...],
-                 budget: Any, scoring: str):
-        super().__init__(config, target)
-        adapter = target.adapter
-        self.form, self.debias, self.scoring, self._budget = config.form, config.debias, scoring, budget
-        name = type(config).__name__
-        implementation = adapter.text_config._attn_implementation
-        if implementation not in (None, "eager", "sdpa"):
-            raise ValueError(
-                f"{name} needs the decoder on 'sdpa' or 'eager' attention (4-D masks), not "
-                f"{implementation!r}; load the model with attn_implementation='sdpa'."
-            )
-        for layer in layers:
-            if not 1 <= layer < adapter.num_layers:
-                raise ValueError(
-                    f"{name} layer {layer} is out of range: it must be in 1 .. {adapter.num_layers - 1} "
-                    f"(scores come from the layer before; the model has {adapter.num_layers} decoder layers)"
-                )
-        adapter.check_pruning(layers, self.form)
-        self.layers = layers
-        self._first = min(layers)
-        self._num_layers = adapter.num_layers
-        self._geometry, self._background = _padding_geometry(adapter)
-        #: FastV's token count (None for a ratio or a StagedPrune): the per-call notes compare it with each row's
-        self._keep = config.fixed_keep if isinstance(config, FastVPrune) else None
-        names = " ".join(str(getattr(c, "_name_or_path", "") or "") for c in (adapter.config, adapter.text_config))
-        self.trend: Trend | None = self.debias.resolve(names, config.preset_key) if self.debias else None
-
-    def resolved(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"layers": list(self.layers)}
-        if self._keep is not None and self.config.keep is None:
-            out["keep"] = self._keep
-        if self.trend is not None:
-            out["trend"] = {"family": self.trend.family, **self.trend.named()}
-        return out
-
-    acts = "pruned image tokens"
-
-    def acted(self, record: PruneRecord) -> list[bool]:
+    # -- the record protocol ------------------------------------------------------------------------
+    def acted(self) -> list[bool]:
         """Rows that kept fewer image tokens after the last stage than they had."""
-        if not record.stages:
-            return [False] * len(record.pad_frac)
-        last, first = record.stages[-1], record.stages[0]
-        return [len(kept) < len(scores) for kept, scores in zip(last.kept, first.scores)]
+        if not self.stages:
+            return [False] * len(self.image_tokens)
+        return [len(kept) < n for kept, n in zip(self.stages[-1].kept, self.image_tokens)]
 
-    def check_combination(self, others: Sequence[Runtime]) -> None:
-        if any(isinstance(r, PrunerRuntime) for r in others):
-            raise ValueError("attach at most one pruner (FastVPrune or StagedPrune)")
+    def row(self, row: int) -> dict[str, Any]:
+        """The image tokens batch row `row` kept (all of its image tokens when nothing was pruned)."""
+        kept = self.kept(row)
+        return {"kept": self.image_tokens[row] if kept is None else len(kept)}
 
-    # -- per call ---------------------------------------------------------------------------------
-    def start(self, state: CallState):  # TEMPORARY shim: the runtime is its own call
-        self.record = self._begin(state)
-        return self
+    def notes(self, row: int) -> list[str]:
+        return [n for n in self.budget_notes if n.startswith((f"row {row}:", f"row {row},"))]
 
-    def _begin(self, state: CallState) -> PruneRecord:
+    def heat_maps(self, maps: HeatMaps) -> list[str]:
+        """`kept_tokens.png`: the image tokens batch row 0 kept after the last stage (bright, outlined) and
+        dropped (dark); then the budget notes."""
+        lines = self._kept_map(maps)
+        return lines + [f"pruner: {note}" for note in self.budget_notes]
+
+    def _kept_map(self, maps: HeatMaps) -> list[str]:
+        if not self.stages:
+            return ["pruner: nothing pruned in this call; so no kept_tokens.png"]
+        state = maps.state
+        layout = state.rows[0]
+        if not layout.has_image:
+            return ["pruner: batch row 0 holds no image; so no kept_tokens.png"]
+        values = torch.zeros(state.batch_size, state.prompt_len)
+        values[0, self.stages[-1].kept[0]] = 1.0
+        grid = layout.segments[0].grid_positions().flatten() if layout.segments else layout.image_positions
+        title = (f"Image tokens the pruner kept from layer {self.stages[-1].layer} on: {int(values[0, grid].sum())} "
+                 f"of {len(grid)}")
+        path = maps.grid("kept_tokens.png", values, title, vmin=0.0, vmax=1.0, marked=values > 0,
+                         legend=[("kept", "bright, white outline: kept image token; dark: dropped")], alpha=0.45)
+        return [f"heat map, kept image tokens: {path}"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "form": self.form, "layers": list(self.layers), "budgets": self.budgets,
+                "stages": [{"layer": s.layer, "budget": list(s.budget), "kept": [k.tolist() for k in s.kept]}
+                           for s in self.stages]}
+
+
+# -- the calls: scoring and selection shared, one class per form ------------------------------------------
+class PruneCall(MethodCall, ObservesQueries, ReplacesMask, ReadsInputs):
+    """One call of a pruner: it observes the scoring rows at each layer L - 1 (`Scoring`), selects the
+    kept tokens of stage L (budgets, `Debias`, padding fractions from the inputs) and replaces the masks
+    of the layers from L on. What a stage does to the sequence is the form's (`MaskPruneCall`,
+    `InPlacePruneCall`: `_next_map`, `_build_mask`)."""
+
+    record: PruneRecord
+
+    def __init__(self, runtime: "PruneRuntime", state: CallState):
+        self.scoring, self.layers, self.debias, self.trend = runtime.scoring, runtime.layers, runtime.debias, \
+            runtime.trend
+        self._geometry, self._background = runtime.geometry, runtime.background
+        self._stage = {layer: k for k, layer in enumerate(self.layers)}
+        self._dtype = next(runtime.target.adapter.decoder_layers.parameters()).dtype  # of decoding steps' masks
         b, p = state.batch_size, state.prompt_len
-        budgets = [[self._budget(s, len(r.image_positions)) for r in state.rows] for s in range(len(self.layers))]
+        budgets = [[runtime.budget(s, len(r.image_positions)) for r in state.rows] for s in range(len(self.layers))]
         everything = torch.ones(b, p, dtype=torch.bool)
         self._start = SlotMap(0, torch.arange(p).expand(b, p), everything, None, everything)
-        #: (key, the model's mask object, the replacement) of the last layer call; per stage, gathered positions
+        #: (key, the model's mask object, the replacement) of the last layer call
         self._mask: tuple[tuple, torch.Tensor | None, torch.Tensor] | None = None
-        self._gathers: dict[tuple, Any] = {}
-        self._views: dict[tuple, SlotView] = {}
         #: per row, each visual token's x of the position trend (per frame for a video)
         self._raster = [raster_positions(r) for r in state.rows] if self.debias is not None else []
         active = any(bud < len(r.image_positions) for stage in budgets for bud, r in zip(stage, state.rows))
-        keep = self._keep
+        keep = runtime.keep
         notes = [f"row {r.index}: keep {keep} >= its {len(r.image_positions)} image tokens, so nothing is pruned "
                  "(keep counts are sized for LLaVA-1.5's 576 tokens; keep_ratio scales with the image)"
                  for r in state.rows if r.has_image and keep is not None and keep >= len(r.image_positions)]
-        return PruneRecord(self.form, self.layers, budgets, [None] * b, active, notes=notes)
-
-    def after_prefill(self, state: CallState) -> None:
-        """The prompt positions still present after each stage, on the model's device, for the
-        decoding steps' masks (mask form)."""
-        self._alive = {m.layer: m.alive.to(state.device) for m in state.slot_maps}
-        self._no_filler = {m.layer: self.form == "inplace" and bool(m.valid.all()) for m in state.slot_maps}
-        self._dtype = next(self.target.adapter.decoder_layers.parameters()).dtype
+        super().__init__(runtime, PruneRecord(runtime.config.form, self.layers, budgets, [None] * b, active,
+                                              [len(r.image_positions) for r in state.rows], budget_notes=notes))
 
     def read_inputs(self, state: CallState, inputs: dict[str, Any]) -> None:
+        """Each row's padding fractions, from its pixel values (`Debias(padding=True)` on a padding processor)."""
         rec = self.record
         if self.debias is None or not self.debias.padding or self._geometry != "pad" or self._background is None:
             return
@@ -218,35 +298,26 @@ class PrunerRuntime(Runtime, MethodCall, EditsQueries, ReplacesMask, MovesTokens
             if bool((frac > self.debias.padding_threshold).any()):
                 rec.active = True
 
-    # -- scoring (layer L - 1), in prompt positions (see `view`) -----------------------------------
+    # -- scoring (layer L - 1), in prompt positions (after in-place pruning, through the `SlotView`) ---------
     def queries(self, block: Block, state: CallState) -> range | None:
-        if block.phase is not Phase.PREFILL or not self.record.active or block.layer + 1 not in self.layers:
+        if block.phase is not Phase.PREFILL or not self.record.active or block.layer + 1 not in self._stage:
             return None
-        last = state.last_range
-        if self.scoring == "last":  # each batch row's last real token
-            return range(last.start - block.q_start, last.stop - block.q_start)
-        first, stop = state.first_after_image - block.q_start, last.stop - block.q_start
-        return range(first, stop) if first < stop else None
+        return self.scoring.queries(block, state)
 
-    def edit(self, block: Block, state: CallState, rows: Queries, probs: torch.Tensor) -> torch.Tensor:
-        """Score image positions: mean over heads, then over the scoring rows of each batch row (its
-        last real token, or its text after the image up to that token; other methods' rows and
-        padding are ignored); reads `probs`, changes nothing."""
-        if block.phase is not Phase.PREFILL or block.layer + 1 not in self.layers:
-            return probs
-        stage = self.layers.index(block.layer + 1)
+    def observe(self, block: Block, state: CallState, queries: Queries, probs: torch.Tensor) -> None:
+        """Score the image positions of stage `block.layer + 1` (mean over heads, then the scoring's weighted
+        mean over each batch row's query rows) and select its kept tokens; changes nothing."""
+        stage = self._stage[block.layer + 1]
         prev = state.slot_map(block.layer) or self._start
         p = state.prompt_len
-        if self.scoring == "last":
-            weights = (rows.positions[None, :] == state.last_tokens()[:, None]).float()  # (B, R)
-        else:
-            weights = state.text_after_image(rows.positions).float()
+        weights = self.scoring.weights(state, queries.positions)  # (B, R)
         per_head = probs[..., :p].detach().mean(1).cpu()  # (B, R, P): the one host read of a stage
         scores = (per_head * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
         self._select(state, stage, scores * prev.alive, prev)
-        return probs
 
     def _select(self, state: CallState, stage: int, scores: torch.Tensor, prev: SlotMap) -> None:
+        """Per row: the top `budget` of its image tokens still present (after `Debias`, within the padding
+        cap), recorded as a `PruneStage` and, through the form, as the stage's `SlotMap`."""
         rec = self.record
         alive = prev.alive.clone()
         kept_rows, budgets = [], []
@@ -266,8 +337,9 @@ class PrunerRuntime(Runtime, MethodCall, EditsQueries, ReplacesMask, MovesTokens
                 s, content = self.debias.transform(s, x, None if frac is None else frac[index], self.trend)
                 capped = min(budget, max(int(content.sum()), 1))
                 if capped < budget:
-                    rec.notes.append(f"row {row.index}, layer {self.layers[stage]}: budget {budget} lowered to "
-                                     f"{capped} by the padding cap (only {capped} candidate patches are not padding)")
+                    rec.budget_notes.append(
+                        f"row {row.index}, layer {self.layers[stage]}: budget {budget} lowered to {capped} by the "
+                        f"padding cap (only {capped} candidate patches are not padding)")
                 budget = capped
             budget = min(budget, len(cand))
             kept = cand[torch.topk(s, budget).indices].sort().values
@@ -277,9 +349,98 @@ class PrunerRuntime(Runtime, MethodCall, EditsQueries, ReplacesMask, MovesTokens
             budgets.append(budget)
         layer = self.layers[stage]
         rec.stages.append(PruneStage(layer, kept_rows, budgets, [scores[r.index, r.image_positions] for r in state.rows]))
-        if self.form == "mask":
-            state.slot_maps.append(SlotMap(layer, prev.pos, alive, None, alive))
-            return
+        state.slot_maps.append(self._next_map(state, layer, prev, alive))
+
+    def _next_map(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor) -> SlotMap:
+        """The `SlotMap` of a stage at `layer` that keeps the prompt positions `alive` (B, P)."""
+        raise NotImplementedError
+
+    # -- masks of layers >= L ---------------------------------------------------------------------
+    def mask(self, block: Block, state: CallState, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        m = state.slot_map(block.layer)
+        if m is None:
+            return None
+        if torch.compiler.is_compiling():  # a compiled decoding step: the mask form, from the prefill's tensors
+            return self._build_mask(block, state, m, attention_mask)
+        if self._sees_every_key(block, m, attention_mask):
+            return None
+        key = (m.layer, block.phase, block.q_len, block.kv_len)
+        # the model's mask object itself is held (not its id, which a freed mask's successor may reuse)
+        if self._mask is None or self._mask[0] != key or self._mask[1] is not attention_mask:
+            self._mask = (key, attention_mask, self._build_mask(block, state, m, attention_mask))
+        return self._mask[2]
+
+    def _sees_every_key(self, block: Block, m: SlotMap, attention_mask: torch.Tensor | None) -> bool:
+        """Whether the layer call needs no mask at all (the model's own None stands)."""
+        return False
+
+    def _build_mask(self, block: Block, state: CallState, m: SlotMap,
+                    attention_mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _slot_mask(self, block: Block, state: CallState, m: SlotMap, attention_mask: torch.Tensor | None,
+                   queries_in_slots: bool) -> torch.Tensor:
+        """The model's mask read at the slots' prompt positions (keys; queries too when `queries_in_slots`),
+        less the filler slots as keys; a prompt row left with no key attends to itself."""
+        b, p = state.batch_size, state.prompt_len
+        q_len, key_len = block.q_len, block.kv_len
+        device = state.device if attention_mask is None else attention_mask.device
+        slots = m.pos.shape[1]
+        extra = key_len - slots  # generated tokens in the cache (in-place) / beyond the prompt (mask form)
+        tail = torch.arange(p, p + extra).expand(b, extra)
+        kmap = torch.cat([m.pos, tail], 1)
+        kvalid = torch.cat([m.valid, torch.ones(b, extra, dtype=torch.bool)], 1)
+        if queries_in_slots:
+            qmap, orig_q, orig_k = m.pos, p, p
+        else:
+            qmap, orig_q, orig_k = torch.arange(q_len).expand(b, q_len), q_len, p + extra
+        allowed = _allowed(attention_mask, orig_q, orig_k, device).expand(b, -1, -1, -1)
+        rows = torch.arange(b, device=device)[:, None, None]
+        new = allowed[rows, 0, qmap[:, :, None].to(device), kmap[:, None, :].to(device)]  # (B, Q, K)
+        new = new & kvalid[:, None, :].to(device)
+        if block.phase is not Phase.DECODE:  # a prompt row left with no key (left padding) attends to itself
+            empty = ~new.any(-1)  # (B, Q)
+            if bool(empty.any()):
+                own = torch.arange(q_len, device=device) + (key_len - q_len)
+                new[empty] = torch.nn.functional.one_hot(own, key_len).bool()[None].expand(b, -1, -1)[empty]
+        return _as_mask_of(new[:, None], attention_mask, self._dtype if block.phase is Phase.DECODE else None)
+
+
+class MaskPruneCall(PruneCall):
+    """The mask form: nothing moves; the dropped tokens are masked out as keys from each stage on."""
+
+    def _next_map(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor) -> SlotMap:
+        return SlotMap(layer, prev.pos, alive, None, alive)
+
+    def after_prefill(self, state: CallState) -> None:
+        """The prompt positions still present after each stage, on the model's device, for the decoding
+        steps' masks."""
+        self._alive = {m.layer: m.alive.to(state.device) for m in state.slot_maps}
+
+    def _build_mask(self, block: Block, state: CallState, m: SlotMap,
+                    attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if block.phase is not Phase.DECODE:
+            return self._slot_mask(block, state, m, attention_mask, False)
+        # the model's mask (every generated token and the prompt), less the dropped prompt tokens
+        b, p, key_len = state.batch_size, state.prompt_len, block.kv_len
+        device = state.device if attention_mask is None else attention_mask.device
+        keys = torch.ones(b, key_len, dtype=torch.bool, device=device)
+        keys[:, :p] = self._alive[m.layer]
+        allowed = _allowed(attention_mask, block.q_len, key_len, device) & keys[:, None, None, :]
+        return _as_mask_of(allowed, attention_mask, self._dtype)
+
+
+class InPlacePruneCall(PruneCall, MovesTokens):
+    """The in-place form: the dropped tokens leave the hidden states (and the KV cache) at each stage;
+    `view` translates slots back to prompt positions for every other method."""
+
+    def __init__(self, runtime: "PruneRuntime", state: CallState):
+        super().__init__(runtime, state)
+        #: per stage, what its layers gather (rotary tables, position ids); the view of the last layer call
+        self._gathers: dict[tuple, Any] = {}
+        self._views: dict[tuple, SlotView] = {}
+
+    def _next_map(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor) -> SlotMap:
         keep = prev.valid & alive.gather(1, prev.pos)  # (B, S_prev): slots that stay real
         width = int(keep.sum(1).max())
         index = torch.empty(state.batch_size, width, dtype=torch.long)
@@ -287,12 +448,22 @@ class PrunerRuntime(Runtime, MethodCall, EditsQueries, ReplacesMask, MovesTokens
             real = keep[b].nonzero().flatten()
             filler = (~keep[b]).nonzero().flatten()[: width - len(real)]
             index[b] = torch.cat([real, filler]).sort().values
-        state.slot_maps.append(SlotMap(layer, prev.pos.gather(1, index), keep.gather(1, index), index, alive))
+        return SlotMap(layer, prev.pos.gather(1, index), keep.gather(1, index), index, alive)
 
-    # -- in-place: the view in prompt positions, and slicing the prefill inputs of layers >= L ------
+    def after_prefill(self, state: CallState) -> None:
+        """Per stage, whether every slot holds a real token (a lone decoding row then needs no mask)."""
+        self._no_filler = {m.layer: bool(m.valid.all()) for m in state.slot_maps}
+
+    def _sees_every_key(self, block: Block, m: SlotMap, attention_mask: torch.Tensor | None) -> bool:
+        # every slot a real token and no padding: the lone row of a decoding step sees every key
+        return block.phase is Phase.DECODE and block.q_len == 1 and attention_mask is None and self._no_filler[m.layer]
+
+    def _build_mask(self, block: Block, state: CallState, m: SlotMap,
+                    attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self._slot_mask(block, state, m, attention_mask, block.phase is Phase.PREFILL)
+
+    # -- the view in prompt positions, and slicing the prefill inputs of layers >= L --------------------
     def view(self, block: Block, state: CallState) -> SlotView | None:
-        if self.form != "inplace":
-            return None
         m = state.slot_map(block.layer)
         if m is None:
             return None
@@ -302,9 +473,6 @@ class PrunerRuntime(Runtime, MethodCall, EditsQueries, ReplacesMask, MovesTokens
             self._views.clear()
             view = self._views[key] = SlotView(m, state.prompt_len, block.phase, block.q_len, block.kv_len)
         return view
-
-    def moved_layers(self) -> tuple[int, ...]:
-        return tuple(range(self._first, self._num_layers)) if self.form == "inplace" else ()
 
     def before_layer(self, layer: int, state: CallState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         m = state.slot_map(layer)
@@ -336,52 +504,6 @@ class PrunerRuntime(Runtime, MethodCall, EditsQueries, ReplacesMask, MovesTokens
             self._gathers[key] = make()
         return self._gathers[key]
 
-    # -- masks of layers >= L ---------------------------------------------------------------------
-    def mask(self, block: Block, state: CallState, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        m = state.slot_map(block.layer)
-        if m is None:
-            return None
-        if torch.compiler.is_compiling():  # a compiled decoding step: the mask form, from the prefill's tensors
-            return self._build_mask(block, state, m, attention_mask)
-        if block.phase is Phase.DECODE and block.q_len == 1 and attention_mask is None and self._no_filler[m.layer]:
-            return None  # in place, every slot a real token and no padding: the lone row sees every key
-        key = (m.layer, block.phase, block.q_len, block.kv_len)
-        # the model's mask object itself is held (not its id, which a freed mask's successor may reuse)
-        if self._mask is None or self._mask[0] != key or self._mask[1] is not attention_mask:
-            self._mask = (key, attention_mask, self._build_mask(block, state, m, attention_mask))
-        return self._mask[2]
-
-    def _build_mask(self, block: Block, state: CallState, m: SlotMap,
-                    attention_mask: torch.Tensor | None) -> torch.Tensor:
-        b, p = state.batch_size, state.prompt_len
-        q_len, key_len = block.q_len, block.kv_len
-        device = state.device if attention_mask is None else attention_mask.device
-        if block.phase is Phase.DECODE and self.form == "mask":
-            # the model's mask (every generated token and the prompt), less the dropped prompt tokens
-            keys = torch.ones(b, key_len, dtype=torch.bool, device=device)
-            keys[:, :p] = self._alive[m.layer]
-            allowed = _allowed(attention_mask, q_len, key_len, device) & keys[:, None, None, :]
-            return _as_mask_of(allowed, attention_mask, self._dtype)
-        slots = m.pos.shape[1]
-        extra = key_len - slots  # generated tokens in the cache (in-place) / beyond the prompt (mask form)
-        tail = torch.arange(p, p + extra).expand(b, extra)
-        kmap = torch.cat([m.pos, tail], 1)
-        kvalid = torch.cat([m.valid, torch.ones(b, extra, dtype=torch.bool)], 1)
-        if block.phase is Phase.PREFILL and self.form == "inplace":
-            qmap, orig_q, orig_k = m.pos, p, p
-        else:
-            qmap, orig_q, orig_k = torch.arange(q_len).expand(b, q_len), q_len, p + extra
-        allowed = _allowed(attention_mask, orig_q, orig_k, device).expand(b, -1, -1, -1)
-        rows = torch.arange(b, device=device)[:, None, None]
-        new = allowed[rows, 0, qmap[:, :, None].to(device), kmap[:, None, :].to(device)]  # (B, Q, K)
-        new = new & kvalid[:, None, :].to(device)
-        if block.phase is not Phase.DECODE:  # a prompt row left with no key (left padding) attends to itself
-            empty = ~new.any(-1)  # (B, Q)
-            if bool(empty.any()):
-                own = torch.arange(q_len, device=device) + (key_len - q_len)
-                new[empty] = torch.nn.functional.one_hot(own, key_len).bool()[None].expand(b, -1, -1)[empty]
-        return _as_mask_of(new[:, None], attention_mask, self._dtype if block.phase is Phase.DECODE else None)
-
 
 def _as_mask_of(allowed: torch.Tensor, like: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`allowed` (bool, True = attend) in the form of the model's mask `like`: additive when it is float,
@@ -409,6 +531,104 @@ def _padding_geometry(adapter: "Adapter") -> tuple[str, torch.Tensor | None]:
     return "pad", (colour - mean) / std
 
 
+
+
+# -- runtimes: what a pruner resolved for a model (its scoring, its budget, the call of its form) -----------
+class PruneRuntime(Runtime):
+    """A pruner bound to a model: its stage `layers`, its `scoring` and `budget` (the subclass's), the
+    call class of its form (`call`: `MaskPruneCall` or `InPlacePruneCall`), the `Debias` and its resolved
+    `trend`, and the padding `geometry` / `background` colour of the model's processor."""
+
+    order = -1  # observes the raw attention rows, before VAR / GIFT edit them
+    #: the call class attach reads before any call (set per runtime, by its form)
+    call: ClassVar[type[MethodCall]] = PruneCall
+    #: the query rows that score a stage's image tokens
+    scoring: ClassVar[Scoring]
+    #: the call class of each form
+    forms: ClassVar[dict[str, type[PruneCall]]] = {"mask": MaskPruneCall, "inplace": InPlacePruneCall}
+
+    def __init__(self, config: "FastVPrune | StagedPrune", target: Target):
+        super().__init__(config, target)
+        adapter = target.adapter
+        name = type(config).__name__
+        implementation = adapter.text_config._attn_implementation
+        if implementation not in (None, "eager", "sdpa"):
+            raise ValueError(
+                f"{name} needs the decoder on 'sdpa' or 'eager' attention (4-D masks), not "
+                f"{implementation!r}; load the model with attn_implementation='sdpa'."
+            )
+        layers = config.stage_layers()
+        for layer in layers:
+            if not FIRST_STAGE_LAYER <= layer < adapter.num_layers:
+                raise ValueError(
+                    f"{name} layer {layer} is out of range: it must be in {FIRST_STAGE_LAYER} .. "
+                    f"{adapter.num_layers - 1} (scores come from the layer before; the model has "
+                    f"{adapter.num_layers} decoder layers)"
+                )
+        adapter.check_pruning(layers, config.form)
+        self.layers: tuple[int, ...] = layers
+        self.call = self.forms[config.form]  # type: ignore[misc]  # per runtime: attach reads its capabilities
+        self._num_layers = adapter.num_layers
+        self.geometry, self.background = _padding_geometry(adapter)
+        self.debias: Debias | None = config.debias
+        names = " ".join(str(getattr(c, "_name_or_path", "") or "") for c in (adapter.config, adapter.text_config))
+        self.trend: Trend | None = self.debias.resolve(names, config.preset_key) if self.debias else None
+        #: a fixed token count per row (FastV's `keep`), which the call's notes compare with each row's; else None
+        self.keep: int | None = None
+
+    def budget(self, stage: int, n: int) -> int:
+        """The image tokens a row with `n` of them keeps at stage `stage` (before the padding cap)."""
+        raise NotImplementedError
+
+    def start(self, state: CallState) -> PruneCall:
+        return self.call(self, state)
+
+    def resolved(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"layers": list(self.layers)}
+        if self.keep is not None and self.config.keep is None:
+            out["keep"] = self.keep
+        if self.trend is not None:
+            out["trend"] = {"family": self.trend.family, **self.trend.named()}
+        return out
+
+    def moved_layers(self) -> tuple[int, ...]:
+        return tuple(range(min(self.layers), self._num_layers)) if issubclass(self.call, MovesTokens) else ()
+
+    def check_combination(self, others: Sequence[Runtime]) -> None:
+        if any(isinstance(r, PruneRuntime) for r in others):
+            raise ValueError("attach at most one pruner (FastVPrune or StagedPrune)")
+
+
+class FastVRuntime(PruneRuntime):
+    """FastV bound to a model: one stage, scored by each row's last real token; `keep` tokens or `keep_ratio`
+    of each row's image."""
+
+    scoring = LastToken()
+
+    def __init__(self, config: "FastVPrune", target: Target):
+        super().__init__(config, target)
+        self.ratio: float | None = None if config.keep_ratio is None else float(config.keep_ratio)
+        self.keep = config.fixed_keep
+
+    def budget(self, stage: int, n: int) -> int:
+        return _ratio_budget(self.ratio, n) if self.ratio is not None else min(n, int(self.keep))
+
+
+class StagedRuntime(PruneRuntime):
+    """Multi-stage pruning bound to a model: scored by the text after the image; `keep_ratios[stage]` of
+    each row's image at each stage."""
+
+    scoring = TextAfterImage()
+
+    def __init__(self, config: "StagedPrune", target: Target):
+        super().__init__(config, target)
+        self.ratios = tuple(float(r) for r in config.keep_ratios)
+
+    def budget(self, stage: int, n: int) -> int:
+        return _ratio_budget(self.ratios[stage], n)
+
+
+# -- configs --------------------------------------------------------------------------------------
 def _pruner_problems(config: "FastVPrune | StagedPrune") -> list[str | None]:
     """The checks FastVPrune and StagedPrune share: `form`, and `debias` (a mapping, as a YAML preset
     gives it, becomes a `Debias` here, checked as such)."""
@@ -436,21 +656,21 @@ class FastVPrune(MethodConfig):
     Every mistake is refused at construction; a layer beyond the model's depth when attach binds it.
     """
 
-    layer: int = 2
+    layer: int = FASTV_LAYER
     keep: int | None = None
     keep_ratio: float | None = None
     debias: Debias | None = None
     form: str = "inplace"
 
-    name = "fastv"
     preset_key: ClassVar[str] = "fastv"  # the trend presets' pruner name
     default_keep: ClassVar[int] = 128
 
     def __post_init__(self) -> None:
         keep, ratio = self.keep, self.keep_ratio
         raise_problems("FastVPrune", [
-            f"layer must be an int, got {self.layer!r}" if not is_int(self.layer) else None if self.layer >= 1 else
-            f"layer {self.layer} is out of range: it must be >= 1 (scores come from the layer before)",
+            f"layer must be an int, got {self.layer!r}" if not is_int(self.layer) else
+            None if self.layer >= FIRST_STAGE_LAYER else
+            f"layer {self.layer} is out of range: it must be >= {FIRST_STAGE_LAYER} (scores come from the layer before)",
             None if keep is None or is_int(keep) and keep > 0 else
             f"keep must be a positive number of tokens (an int), got {keep!r}",
             None if ratio is None else check_number("keep_ratio", ratio, 0.0, 1.0, lo_open=True),
@@ -467,17 +687,11 @@ class FastVPrune(MethodConfig):
         """The image tokens kept per row when no `keep_ratio` is given (`keep`, else `default_keep`), else None."""
         return None if self.keep_ratio is not None else (self.default_keep if self.keep is None else self.keep)
 
-    def bind(self, target: Target) -> PrunerRuntime:
-        ratio = self.keep_ratio
-        if ratio is not None:
-            def budget(stage: int, n: int) -> int:
-                return min(n, max(1, math.ceil(ratio * n - 1e-9)))
-        else:
-            keep = self.fixed_keep
-
-            def budget(stage: int, n: int) -> int:
-                return min(n, int(keep))
-        return PrunerRuntime(self, target, self.stage_layers(), budget, "last")
+    def scorer(self) -> "FastVPrune":
+        """This pruner as trend calibration runs it (`vlmfix.eval.calibrate`): without debiasing, in mask form,
+        keeping 1 token so that every image with two or more is scored (the kept count does not change the
+        scores)."""
+        return dataclasses.replace(self, debias=None, form="mask", keep=1, keep_ratio=None)
 
 
 @dataclass
@@ -494,12 +708,11 @@ class StagedPrune(MethodConfig):
     debias: Debias | None = None
     form: str = "inplace"
 
-    name = "staged"
     preset_key: ClassVar[str] = "staged"
 
     def __post_init__(self) -> None:
         layers, ratios = self.layers, self.keep_ratios
-        problems = [check_layers("layers", layers, lo=1), *_pruner_problems(self)]
+        problems = [check_layers("layers", layers, lo=FIRST_STAGE_LAYER), *_pruner_problems(self)]
         layers_ok = problems[0] is None
         if layers_ok and any(b <= a for a, b in zip(layers, layers[1:])):
             problems[0] = f"layers must be strictly increasing, got {list(layers)}"
@@ -518,23 +731,18 @@ class StagedPrune(MethodConfig):
     def stage_layers(self) -> tuple[int, ...]:
         return tuple(int(x) for x in self.layers)
 
-    def bind(self, target: Target) -> PrunerRuntime:
-        layers, ratios = self.stage_layers(), tuple(float(r) for r in self.keep_ratios)
-
-        def budget(stage: int, n: int) -> int:
-            return min(n, max(1, math.ceil(ratios[stage] * n - 1e-9)))
-        return PrunerRuntime(self, target, layers, budget, "text")
-
-
-PRUNERS = (FastVPrune, StagedPrune)
+    def scorer(self) -> "StagedPrune":
+        """This pruner as trend calibration runs it (`vlmfix.eval.calibrate`): without debiasing, in mask form
+        (its first stage scores every image with two or more tokens)."""
+        return dataclasses.replace(self, debias=None, form="mask")
 
 
 def prune_record(state: CallState) -> PruneRecord:
-    """The record of the pruner attached in the call of `state`."""
-    for cls in PRUNERS:
-        if state.has_record(cls):
-            return state.record(cls)
-    raise ValueError("no pruner was attached in this call")
+    """The record of the pruner attached in the call of `state` (attach takes at most one)."""
+    found = next((rec for rec in state.records if isinstance(rec, PruneRecord)), None)
+    if found is None:
+        raise ValueError("no pruner was attached in this call")
+    return found
 
 
 def kept_tokens(state: CallState, row: int = 0, stage: int = -1) -> torch.Tensor:
@@ -543,11 +751,14 @@ def kept_tokens(state: CallState, row: int = 0, stage: int = -1) -> torch.Tensor
     return state.rows[row].image_positions if kept is None else kept
 
 
-__all__ = ["FastVPrune", "PruneRecord", "PruneStage", "StagedPrune", "kept_tokens", "prune_record"]
+__all__ = ["FastVPrune", "FastVRuntime", "InPlacePruneCall", "LastToken", "MaskPruneCall", "PruneCall",
+           "PruneRecord", "PruneRuntime", "PruneStage", "Scoring", "StagedPrune", "StagedRuntime", "TextAfterImage",
+           "kept_tokens", "prune_record"]
 
 
-PrunerRuntime.call = PrunerRuntime  # TEMPORARY shim
-from vlmfix.methods.registry import register_method  # noqa: E402  TEMPORARY shim
-
-register_method(name="fastv", config=FastVPrune, runtime=PrunerRuntime)
-register_method(name="staged", config=StagedPrune, runtime=PrunerRuntime)
+register_method(name="fastv", config=FastVPrune, runtime=FastVRuntime,
+                summary="FastV (Chen et al., 2024): drop the image tokens the last prompt token attends least, "
+                        "after layer 2")
+register_method(name="staged", config=StagedPrune, runtime=StagedRuntime,
+                summary="multi-stage pruning (PyramidDrop-style): drop image tokens at several layers, ranked by "
+                        "the text after the image")
