@@ -201,6 +201,10 @@ class Runtime:
         if self._last is not None:
             self._last.freeze()
         call = self.start(state)
+        if call.record is not None and not isinstance(call.record, call.record_type) or \
+                call.record_type is Record and type(call.record) not in (Record, type(None)):
+            raise TypeError(f"{type(call).__name__}.record_type must name the class of its records "
+                            f"({type(call.record).__name__}): reports read what the method does from it")
         self._last = call.record
         return call
 

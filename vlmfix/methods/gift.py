@@ -214,6 +214,8 @@ class GIFTCall(MethodCall, EditsQueries):
     """One call of GIFT: the question tokens it reads, the gaze shifts of its saliency layers, and the boost's
     matrices over the prompt (built once, from the saliency map, before the first boost)."""
 
+    record_type = GIFTRecord
+
     record: GIFTRecord
 
     def __init__(self, runtime: "GIFTRuntime", state: CallState):

@@ -80,6 +80,9 @@ class PAIRecord(Record):
     beta: float
     image: list[bool]
     contrast: bool
+    #: (B, P) on the model's device: the attention the intervention added to each prompt position at the
+    #: prefill's last query (each row's last real token), averaged over heads and summed over the PAI layers
+    added: torch.Tensor | None = None
     state: CallState | None = field(default=None, repr=False, compare=False)
 
     acts: ClassVar[str] = "raised the attention to the image or contrasted with the image-free prompt"
@@ -99,7 +102,17 @@ class PAIRecord(Record):
         return []
 
     def heat_maps(self, maps: HeatMaps) -> list[str]:
-        return ["PAI draws no heat map (it raises every image column of the last query row alike)"]
+        """`pai_added.png`: the attention the intervention added to each patch at the last prompt token (mean over
+        heads, summed over the PAI layers)."""
+        r = maps.row
+        if not self.image[r] or self.alpha == 0 or self.added is None:
+            return [f"PAI: {(self.notes(r) or ['no intervention at the prefill'])[0]}; so no pai_added.png"]
+        caption = ["total added onto this grid: {total:.3f} of the last prompt token's attention (1 = one head's "
+                   "whole row), summed over the PAI layers; decoding steps get the same boost"]
+        path = maps.grid("pai_added.png", self.added.detach().float().cpu(),
+                         "Attention PAI added to each patch (last prompt token)",
+                         bar="attention added (mean over heads, summed over layers)", caption=caption)
+        return [f"heat map, attention added by PAI: {path}"]
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "layers": list(self.layers), "alpha": self.alpha, "gamma": self.gamma,
@@ -124,7 +137,8 @@ class PAICall(MethodCall, BiasesScores, CombinesLogits):
         self._last = state.last_tokens()
         self._rows: dict[Any, torch.Tensor] = {}
         self._log_beta = math.log(self.beta) if self.beta > 0 else None
-        record = PAIRecord(runtime.layers, self.alpha, self.gamma, self.beta, image, bool(runtime.branches()))
+        record = PAIRecord(runtime.layers, self.alpha, self.gamma, self.beta, image, bool(runtime.branches()),
+                           torch.zeros(state.batch_size, state.prompt_len, device=state.device))
         record.state = state
         super().__init__(runtime, record)
 
@@ -150,7 +164,12 @@ class PAICall(MethodCall, BiasesScores, CombinesLogits):
                 rows = self._rows[key] = (queries.positions[None, :] == self._last[:, None]).to(scores.device)
             cols = cols & rows[:, None, :, None]
         selected = cols & (scores > torch.finfo(scores.dtype).min)
-        return torch.where(selected, scores + self.alpha * scores.abs(), scores)
+        new = torch.where(selected, scores + self.alpha * scores.abs(), scores)
+        if block.phase is Phase.PREFILL:  # the record: attention added at each row's last token (no host read)
+            p = self.record.added.shape[1]
+            moved = (torch.softmax(new.detach(), -1) - torch.softmax(scores.detach(), -1))[..., :p].mean(1)  # (B, R, P)
+            self.record.added += (moved * rows[:, :, None]).sum(1).to(self.record.added.device)
+        return new
 
     # -- CombinesLogits ------------------------------------------------------------------------------
     def combine(self, logits: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

@@ -250,6 +250,8 @@ class PruneCall(MethodCall, ObservesQueries, ReplacesMask, ReadsInputs):
     of the layers from L on. What a stage does to the sequence is the form's (`MaskPruneCall`,
     `InPlacePruneCall`: `_next_map`, `_build_mask`)."""
 
+    record_type = PruneRecord
+
     record: PruneRecord
 
     def __init__(self, runtime: "PruneRuntime", state: CallState):

@@ -49,6 +49,8 @@ class SinkShareRecord(Record):
 class SinkShareCall(MethodCall, ObservesQueries):
     """One call of the probe: reads the prefill's text queries after the image in every layer with sinks."""
 
+    record_type = SinkShareRecord
+
     record: SinkShareRecord
 
     def __init__(self, runtime: "SinkShareRuntime", state: CallState):
