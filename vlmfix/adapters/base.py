@@ -187,7 +187,8 @@ class Adapter:
     def vision_layers(self) -> nn.ModuleList:
         """The vision tower's encoder layers (each with `self_attn.q_proj` / `k_proj`)."""
         self.check_vision_side()
-        return self.vision_tower.vision_model.encoder.layers
+        tower = self.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
 
     @property
     def projector(self) -> nn.Module:
