@@ -199,25 +199,32 @@ def test_merges_are_recorded_and_merged_features_are_group_means():
     torch.testing.assert_close(rec.features_in[0], projected, atol=1e-6, rtol=1e-5)
 
 
+#: the image row left-padded (a long text-only row beside it)
+PADDED_IMAGE = [([1, 5, 6], (30, 30), [7, 8]), ([1, *range(12, 50)], None, [50, 51])]
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS, PADDED_IMAGE], ids=["text_row_padded", "image_row_padded"])
 @torch.no_grad()
-def test_batch_gives_each_row_what_it_gives_alone():
+def test_batch_gives_each_row_what_it_gives_alone(prompts):
     model = make_model("llava")
-    batch = make_batch("llava", model, PROMPTS)
+    batch = make_batch("llava", model, prompts)
     gen = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
     with vlmfix.attach(model, None, ToyMerge(keep=5)) as fixed:
         out = fixed(**batch)
         state = fixed.last_state
         together = last_logits(out.logits, state)
         m = state.slot_maps[0]
-        assert out.logits.shape[1] == m.pos.shape[1] and m.valid.sum(1).tolist() == [3 + 5 + 5, 33]
+        assert out.logits.shape[1] == m.pos.shape[1]
+        assert m.valid.sum(1).tolist() == [batch["input_ids"].shape[1] - 20, batch["input_ids"].shape[1]]
         generated = fixed.generate(**batch, **gen)
-        for r, prompt in enumerate(PROMPTS):
+        for r, prompt in enumerate(prompts):
             alone_batch = make_batch("llava", model, [prompt])
             alone = last_logits(fixed(**alone_batch).logits, fixed.last_state)
             torch.testing.assert_close(together[r], alone[0], atol=1e-5, rtol=0)
             alone_gen = fixed.generate(**alone_batch, **gen)
             torch.testing.assert_close(generated.logits[0][r], alone_gen.logits[0][0], atol=1e-5, rtol=0)
-            assert torch.equal(generated.sequences[r, -3:], alone_gen.sequences[0, -3:])
+            new = alone_gen.sequences[0, alone_batch["input_ids"].shape[1]:]
+            assert torch.equal(generated.sequences[r, batch["input_ids"].shape[1]:][:len(new)], new)
     # generate encodes the images before its prefill: its first step must see the same edited features
     torch.testing.assert_close(generated.logits[0], together, atol=1e-5, rtol=0)
     plain = model(**batch).logits[0, -1]
