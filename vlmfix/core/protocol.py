@@ -24,7 +24,14 @@ A call declares what it does by the capabilities it subclasses. Each receives th
 - `ReplacesMask`: `mask(block, state, attention_mask)` gives a replacement mask (pruning) or None;
 - `MovesTokens`: in-place pruning: `before_layer` gathers the kept tokens entering a layer and `view`
   gives a `SlotView`, so that every other method keeps naming tokens by prompt position;
-- `ReadsInputs`: `read_inputs(state, inputs)` sees the prefill's model inputs (pixel values);
+- `ReadsInputs`: `read_inputs(state, inputs)` sees the prefill's model inputs (pixel values).
+
+Rows not asked for by any call stay on the model's own attention function (the fast path). A
+runtime may also ask, from what it resolved, for a pre-pass over the prompt (`prepass_until`) or
+for the tokens it moves in some layers (`moved_layers`).
+
+On the vision side, before the decoder (`vlmfix.core.vision`):
+
 - `ReadsVision`: `read_vision(state, images)` reads, once per prefill and per image, the vision tower at
   the layer its runtime names (`vision_layer`): queries, keys, attention (per head or mean), hidden states,
   and which image token each tower token feeds (`vlmfix.core.vision.VisionImage`), before the decoder;
@@ -32,10 +39,6 @@ A call declares what it does by the capabilities it subclasses. Each receives th
   multi-modal projector, before they enter the decoder. A `MovesTokens` call may act at decoder layer 0
   and record token merges (`SlotMap.owner`, `CallState.merged_into`; `vlmfix.core.moves.InPlaceMoves`).
   Families whose adapter does not map the tower to the image tokens refuse both at attach.
-
-Rows not asked for by any call stay on the model's own attention function (the fast path). A
-runtime may also ask, from what it resolved, for a pre-pass over the prompt (`prepass_until`) or
-for the tokens it moves in some layers (`moved_layers`).
 
 Words: a *row* is a batch row (one prompt of the batch, `RowLayout`); a *query* is a query row of
 an attention block (one token's attention over the keys, `Queries`).
