@@ -262,3 +262,23 @@ def test_gemma3_tower_pooling_and_merging():
         for r, prompt in enumerate(prompts):
             alone = last_logits(fixed(**gemma3.make_batch(model, [prompt])).logits, fixed.last_state)
             torch.testing.assert_close(together[r], alone[0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_tower_hooks_live_only_while_the_tower_runs():
+    model = make_model("llava")
+    tower, layer = model.model.vision_tower, model.model.vision_tower.encoder.layers[-1]
+    batch = make_batch("llava", model, PROMPTS)
+    with vlmfix.attach(model, None, []):
+        assert not tower._forward_pre_hooks, "no vision-side call: no tower hook"
+    with vlmfix.attach(model, None, ToyMerge(keep=5)) as fixed:
+        assert len(tower._forward_pre_hooks) == 1 and not layer.self_attn.q_proj._forward_hooks
+        model.model.get_image_features(batch["pixel_values"], vision_feature_layer=-1,
+                                       vision_feature_select_strategy="default")  # an encoding no prefill follows
+        assert not layer.self_attn.q_proj._forward_hooks and not model.model.multi_modal_projector._forward_hooks
+        text = make_batch("llava", model, [PROMPTS[1]])
+        fixed(**text)
+        assert fixed.last_state.record(ToyMerge).images == [], "the stale capture is not handed to the next call"
+        fixed(**batch)
+        assert len(fixed.last_state.record(ToyMerge).images) == 1
+    assert not tower._forward_pre_hooks

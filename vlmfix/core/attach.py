@@ -366,7 +366,7 @@ class Attached:
         for c in state.readers:
             c.read_inputs(state, inputs)
         if self._vision is not None:  # images that generate encoded before this forward
-            self._vision.start_call(state)
+            self._vision.start_call(state, inputs)
         self._add_prefill_hooks()
         until = max((u for r in self.runtimes if (u := r.prepass_until()) is not None), default=None)
         if until is not None:

@@ -159,13 +159,14 @@ class VisionHooks:
         self._done = (state, new)
         return new
 
-    def start_call(self, state: CallState) -> None:
-        """At the prefill's start: hand the calls what `generate` encoded before it (edits in place)."""
+    def start_call(self, state: CallState, inputs: dict[str, Any]) -> None:
+        """At the prefill's start: hand the calls what `generate` encoded before it (`mm_encoder_outputs` in
+        `inputs`; edits in place). A capture left by an encoding whose prefill never came is dropped."""
         pending = getattr(self._local, "pending", None)
         self._done = None
-        if pending is None:
-            return
         self._local.pending = None
+        if pending is None or not inputs.get("mm_encoder_outputs"):
+            return
         cap, output = pending
         self._done = (state, self._deliver(state, cap, output, in_place=True))
 
