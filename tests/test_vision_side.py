@@ -282,3 +282,19 @@ def test_tower_hooks_live_only_while_the_tower_runs():
         fixed(**batch)
         assert len(fixed.last_state.record(ToyMerge).images) == 1
     assert not tower._forward_pre_hooks
+
+
+def test_merged_into_follows_merges_through_stages():
+    from vlmfix.core.state import CallState
+
+    state = CallState(rows=[], prompt_len=6)
+    state.rows = [None]  # batch_size 1 (the rows' layouts are not read here)
+    first = torch.tensor([[-1, 0, -1, -1, 3, -1]])  # 1 -> 0, 4 -> 3 at layer 0
+    alive0 = first < 0
+    state.slot_maps.append(slot_stage(0, None, alive0, first))
+    second = torch.tensor([[-1, -1, -1, 0, -1, -1]])  # 3 -> 0 at layer 2
+    state.slot_maps.append(slot_stage(2, state.slot_maps[0], alive0 & (second < 0), second))
+    assert state.merged_into(1).tolist() == first.tolist()
+    assert state.merged_into(2).tolist() == [[-1, 0, -1, 0, 0, -1]]
+    assert state.slot_maps[1].pos.tolist() == [[0, 2, 5]]
+    assert state.slot_maps[0].group(0, 3).tolist() == [3, 4] and state.slot_maps[1].group(0, 0).tolist() == [0, 3]

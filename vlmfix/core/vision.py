@@ -191,7 +191,7 @@ class VisionHooks:
         for k, (row, j, pos) in enumerate(where):
             img = VisionImage(k, row, j, pos, output[k], tmap, layer)
             if q is not None:
-                heads = int(getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads"))
+                heads = int(getattr(attn, "num_heads", None) or attn.num_attention_heads)
                 d = q.shape[-1] // heads
                 img.queries = q[k].float().view(tokens, heads, d).transpose(0, 1)
                 img.keys = cap["k"][layer][k].float().view(tokens, heads, d).transpose(0, 1)
