@@ -174,6 +174,55 @@ class Adapter:
         every key at its position for the whole call, or raise VlmfixInputError when it cannot (Gemma 3's
         sliding-window layers); nothing to do by default."""
 
+    # -- the vision side (ReadsVision / EditsFeatures, vlmfix.core.vision) ----------------------------
+    #: whether vision-side methods can run on this family (its adapter maps the tower to the image tokens)
+    vision_side: bool = False
+
+    @property
+    def vision_tower(self) -> nn.Module | None:
+        """The model's vision tower (`model.model.vision_tower`), or None."""
+        return getattr(getattr(self.model, "model", self.model), "vision_tower", None)
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision tower's encoder layers (each with `self_attn.q_proj` / `k_proj`)."""
+        self.check_vision_side()
+        tower = self.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    @property
+    def projector(self) -> nn.Module:
+        """The multi-modal projector, whose forward output is the image features (images, N, D) scattered into
+        the decoder's input embeddings."""
+        self.check_vision_side()
+        return getattr(self.model, "model", self.model).multi_modal_projector
+
+    @property
+    def vision_cls(self) -> bool:
+        """Whether the tower's tokens start with a CLS token that the image features drop."""
+        return False
+
+    @property
+    def vision_feature_layer(self) -> int:
+        """The encoder layer (0-based) whose output feeds the projector."""
+        return len(self.vision_layers) - 1
+
+    def vision_token_map(self, tower_tokens: int) -> torch.Tensor:
+        """(tower_tokens,) long: the offset among its image's N features (tokens) that each tower token of
+        one image feeds, -1 for none (a dropped CLS); several patches may feed one token (pooling)."""
+        raise NotImplementedError
+
+    def check_vision_side(self) -> None:
+        """Raise VlmfixInputError unless vision-side methods can run on this family."""
+        if not self.vision_side:
+            from vlmfix.adapters import ADAPTERS
+
+            ok = ", ".join(a.family for a in ADAPTERS if a.vision_side)
+            raise VlmfixInputError(
+                f"vision-side methods (ReadsVision / EditsFeatures) do not support {self.family or type(self.model).__name__} "
+                f"yet: its adapter does not map the vision tower's patches to image tokens. Supported families: {ok}."
+            )
+
     # -- image layout ---------------------------------------------------------------------------
     def image_layouts(self, inputs: Mapping[str, Any]) -> list[ImageLayout]:
         """Layouts of the images in `inputs`, in the order their tokens appear (row-major over the batch)."""

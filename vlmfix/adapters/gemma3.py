@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import torch
+
 from vlmfix.core.state import ImageSegment
 from vlmfix.adapters.base import Adapter, ImageLayout, VlmfixInputError, encoded_images
 from vlmfix.adapters.inputs import pixels
@@ -91,3 +93,18 @@ class Gemma3Adapter(Adapter):
                     f"read keys at the wrong positions. Generate with max length <= the sliding window "
                     f"({self.sliding_window}) or with the default dynamic cache."
                 )
+
+    # -- the vision side: SigLIP (no CLS), p x p patches average-pooled k x k into the s x s tokens ----------
+    vision_side = True
+
+    def vision_token_map(self, tower_tokens: int) -> torch.Tensor:
+        """Patch (r, c) of the tower's p x p grid feeds image token (r // k) * s + c // k, k = p // s (Gemma 3:
+        64 x 64 patches pooled 4 x 4 into 16 x 16 tokens): many patches to one token, never one to several."""
+        p = math.isqrt(tower_tokens)
+        if p * p != tower_tokens or p % self.side:
+            raise VlmfixInputError(f"Gemma 3's tower gave {tower_tokens} tokens, not a square grid pooled to "
+                                   f"{self.side} x {self.side}")
+        k = p // self.side
+        r = torch.arange(p)[:, None] // k
+        c = torch.arange(p)[None, :] // k
+        return (r * self.side + c).flatten()

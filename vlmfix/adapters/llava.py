@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import torch
+
 from vlmfix.core.state import ImageSegment
 from vlmfix.adapters.base import Adapter, ImageLayout, VlmfixInputError, encoded_images
 
@@ -39,3 +41,34 @@ class LlavaAdapter(Adapter):
                 grids.append((side, (features.shape[0] - cls) // max(side, 1)))
         return [ImageLayout(segments=(ImageSegment(start=cls, rows=r, cols=c),), length=cls + r * c,
                             extra=(0,) * cls) for r, c in grids]
+
+    # -- the vision side: CLIP (CLS first, then the patch grid row-major); one feature per patch --------
+    vision_side = True
+
+    @property
+    def _strategy(self) -> str:
+        return getattr(self.config, "vision_feature_select_strategy", "default")
+
+    @property
+    def vision_cls(self) -> bool:
+        """CLIP's CLS token is dropped with vision_feature_select_strategy="default" (LLaVA-1.5's); with
+        "full" it is kept as the image's first feature."""
+        return self._strategy == "default"
+
+    @property
+    def vision_feature_layer(self) -> int:
+        """The config's `vision_feature_layer` (an index into the tower's hidden states, -2 in LLaVA-1.5) as an
+        encoder layer; a list of layers (features concatenated) is refused."""
+        k = self.config.vision_feature_layer
+        n = len(self.vision_layers)
+        layer = (k % (n + 1)) - 1 if isinstance(k, int) else -1
+        if layer < 0:
+            raise VlmfixInputError(f"vision-side methods need one vision_feature_layer after an encoder layer, "
+                                   f"got {k!r}")
+        return layer
+
+    def vision_token_map(self, tower_tokens: int) -> torch.Tensor:
+        """Identity over the patch grid; the CLS token (tower token 0) feeds nothing ("default") or token 0."""
+        if self.vision_cls:
+            return torch.arange(-1, tower_tokens - 1)
+        return torch.arange(tower_tokens)

@@ -43,6 +43,7 @@ from vlmfix.core.protocol import (BiasesScores, CombinesLogits, EditsQueries, Me
                                   ObservesQueries, ReadsInputs, ReplacesMask, Runtime, Target)
 from vlmfix.core.sinks import check_tau, find_sink_dims, scaled_tau, sink_scores
 from vlmfix.core.state import FIRST_SINK_LAYER, CallState, Phase
+from vlmfix.core.vision import VisionHooks, vision_runtimes
 
 
 class VlmfixError(RuntimeError):
@@ -141,6 +142,8 @@ class Attached:
         self.readers = tuple(r for r in self.runtimes if issubclass(r.call, ReadsInputs))
         #: runtimes that move tokens in this configuration (a pruner in mask form moves none)
         self.movers = tuple(r for r in self.runtimes if issubclass(r.call, MovesTokens) and r.moved_layers())
+        #: the vision-side hooks (ReadsVision / EditsFeatures calls; the family must support them), or None
+        self._vision = VisionHooks(self, vision) if (vision := vision_runtimes(self.runtimes)) else None
         #: whether any layer call may leave the fast path
         self.active = any(issubclass(c, (ObservesQueries, EditsQueries, BiasesScores, ReplacesMask)) for c in calls) \
             or bool(self.movers)
@@ -230,6 +233,8 @@ class Attached:
         tower = getattr(getattr(self.model, "model", self.model), "vision_tower", None)
         if tower is not None and self.readers:
             self._hooks.append(tower.register_forward_pre_hook(self._keep_pixels, with_kwargs=True))
+        if self._vision is not None:
+            self._hooks += self._vision.hooks()
         self._attached = True
 
     def detach(self) -> nn.Module:
@@ -401,6 +406,8 @@ class Attached:
             self._local.pixels = None
         for c in state.readers:
             c.read_inputs(state, inputs)
+        if self._vision is not None:  # images that generate encoded before this forward
+            self._vision.start_call(state, inputs)
         self._add_prefill_hooks()
         until = max((u for r in self.runtimes if (u := r.prepass_until()) is not None), default=None)
         if until is not None:
@@ -466,6 +473,8 @@ class Attached:
                                                                                  with_kwargs=True))
 
     def _drop_prefill_hooks(self) -> None:
+        if self._vision is not None:
+            self._vision.drop()
         for h in self._prefill_hooks:
             h.remove()
         self._prefill_hooks.clear()

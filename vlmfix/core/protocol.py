@@ -33,6 +33,16 @@ Rows not asked for by any call stay on the model's own attention function (the f
 runtime may also ask, from what it resolved, for a pre-pass over the prompt (`prepass_until`) or
 for the tokens it moves in some layers (`moved_layers`).
 
+On the vision side, before the decoder (`vlmfix.core.vision`):
+
+- `ReadsVision`: `read_vision(state, images)` reads, once per prefill and per image, the vision tower at
+  the layer its runtime names (`vision_layer`): queries, keys, attention (per head or mean), hidden states,
+  and which image token each tower token feeds (`vlmfix.core.vision.VisionImage`), before the decoder;
+- `EditsFeatures`: `edit_features(state, image, features)` may replace an image's (N, D) features after the
+  multi-modal projector, before they enter the decoder. A `MovesTokens` call may act at decoder layer 0
+  and record token merges (`SlotMap.owner`, `CallState.merged_into`; `vlmfix.core.moves.InPlaceMoves`).
+  Families whose adapter does not map the tower to the image tokens refuse both at attach.
+
 Words: a *row* is a batch row (one prompt of the batch, `RowLayout`); a *query* is a query row of
 an attention block (one token's attention over the keys, `Queries`).
 
@@ -62,9 +72,9 @@ if TYPE_CHECKING:
     from vlmfix.adapters import Adapter
     from vlmfix.core.slots import SlotView
 
-__all__ = ["Block", "BiasesScores", "CallState", "CombinesLogits", "EditsQueries", "HeatMaps", "MethodCall",
-           "MethodConfig", "MovesTokens", "ObservesQueries", "Phase", "Queries", "ReadsInputs", "Record", "ReplacesMask", "Runtime",
-           "Target"]
+__all__ = ["Block", "BiasesScores", "CallState", "CombinesLogits", "EditsFeatures", "EditsQueries", "HeatMaps",
+           "MethodCall", "MethodConfig", "MovesTokens", "ObservesQueries", "Phase", "Queries", "ReadsInputs", "ReadsVision",
+           "Record", "ReplacesMask", "Runtime", "Target"]
 
 
 @dataclass(frozen=True)
@@ -306,5 +316,29 @@ class CombinesLogits:
         raise NotImplementedError
 
 
+# -- vision-side capabilities (vlmfix.core.vision): before the decoder ------------------------------
+class ReadsVision:
+    """Capability: read the vision tower once per prefill, per image (`vlmfix.core.vision.VisionImage`): the
+    tower's queries and keys at one encoder layer (its attention computed from them, per head or mean over
+    heads), that layer's output hidden states, and the image's projected features. The runtime names the
+    layer by its attribute `vision_layer` (an int, negative from the last layer; absent or None: the adapter's
+    `vision_feature_layer`, the one feeding the projector). Called before the decoder's first layer and
+    before any `EditsFeatures` call."""
+
+    def read_vision(self, state: CallState, images: Sequence[Any]) -> None:
+        raise NotImplementedError
+
+
+class EditsFeatures:
+    """Capability: replace an image's features after the multi-modal projector, before they are scattered into
+    the decoder's input embeddings (same shape: one feature per image token)."""
+
+    def edit_features(self, state: CallState, image: Any, features: torch.Tensor) -> torch.Tensor | None:
+        """The new features (N, D) of `image` (a `VisionImage`), or None to leave them; `features` are those
+        the previous `EditsFeatures` call left (the projector's own for the first)."""
+        raise NotImplementedError
+
+
 #: every capability a call may have
-CAPABILITIES = (ObservesQueries, EditsQueries, BiasesScores, ReplacesMask, MovesTokens, ReadsInputs, CombinesLogits)
+CAPABILITIES = (ObservesQueries, EditsQueries, BiasesScores, ReplacesMask, MovesTokens, ReadsInputs, CombinesLogits,
+                ReadsVision, EditsFeatures)

@@ -39,6 +39,12 @@ class SlotView:
         self.kv_len = prompt_len + self.extra  # key columns in original positions
         self.q_start, self.q_len = (0, prompt_len) if self.prefill else (self.kv_len - q_len, q_len)
 
+    @property
+    def owner(self) -> torch.Tensor | None:
+        """(B, prompt_len): the kept position each position removed at this stage was merged into, -1 for
+        none; None without merging (`SlotMap.owner`)."""
+        return self.smap.owner
+
     @cached_property
     def key_pos(self) -> torch.Tensor:
         """(B, K_slots) original position of each key slot."""

@@ -139,7 +139,10 @@ class SlotMap:
     - valid (B, S): whether the token in a slot is still in the sequence (in-place batches fill
       short rows with dropped tokens, masked as keys);
     - index (B, S): the gather index into the previous map's slots (in-place), None (mask form);
-    - alive (B, prompt_len): which prompt positions are still in the sequence.
+    - alive (B, prompt_len): which prompt positions are still in the sequence;
+    - owner (B, prompt_len) or None: token merging: the prompt position of the kept token that each
+      position removed here was merged into (its features folded into that token's), -1 for none (a kept
+      position, or one dropped without merging). Earlier stages' merges are not repeated here.
     """
 
     layer: int
@@ -147,6 +150,15 @@ class SlotMap:
     valid: torch.Tensor
     index: torch.Tensor | None
     alive: torch.Tensor
+    owner: torch.Tensor | None = None
+
+    def group(self, row: int, position: int) -> torch.Tensor:
+        """The sorted prompt positions the kept token at `position` of batch row `row` stands for: itself and
+        the positions merged into it (at this stage)."""
+        if self.owner is None:
+            return torch.tensor([position])
+        merged = (self.owner[row] == position).nonzero().flatten()
+        return torch.cat([merged, torch.tensor([position])]).sort().values
 
 
 class Phase(enum.Enum):
@@ -291,6 +303,20 @@ class CallState:
             if m.layer <= layer:
                 current = m
         return current
+
+    def merged_into(self, layer: int) -> torch.Tensor | None:
+        """(B, prompt_len) CPU long: the kept prompt position each position was merged into by the stages in
+        force at `layer` (followed through later stages), -1 for none; None when no stage merged."""
+        maps = [m for m in self.slot_maps if m.layer <= layer and m.owner is not None]
+        if not maps:
+            return None
+        owner = torch.full((self.batch_size, self.prompt_len), -1, dtype=torch.long)
+        for m in maps:
+            owner = torch.where(m.owner >= 0, m.owner, owner)  # this stage's merges
+            moved = owner >= 0  # follow an earlier owner that this stage merged away
+            later = m.owner.gather(1, owner.clamp_min(0))
+            owner = torch.where(moved & (later >= 0), later, owner)
+        return owner
 
     def to_prompt(self, layer: int, values: torch.Tensor) -> torch.Tensor:
         """Per-slot values (B, S) of the hidden states entering `layer` -> (B, prompt_len) over prompt

@@ -16,12 +16,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from vlmfix.core.protocol import (BiasesScores, Block, CallState, EditsQueries, HeatMaps, MethodCall, MethodConfig,
-                                  MovesTokens, ObservesQueries, Phase, Queries, ReadsInputs, Record, ReplacesMask,
-                                  Runtime, Target)
+from vlmfix.core.protocol import (BiasesScores, Block, CallState, CombinesLogits, EditsFeatures, EditsQueries,
+                                  HeatMaps, MethodCall, MethodConfig, MovesTokens, ObservesQueries, Phase, Queries,
+                                  ReadsInputs, ReadsVision, Record, ReplacesMask, Runtime, Target)
 from vlmfix.core.state import FIRST_SINK_LAYER
 
-__all__ = ["FIRST_SINK_LAYER", "BiasesScores", "Block", "Buffers", "CallState", "EditsQueries", "HeatMaps", "MethodCall",
+__all__ = ["FIRST_SINK_LAYER", "BiasesScores", "Block", "Buffers", "CallState", "CombinesLogits", "EditsFeatures",
+           "EditsQueries", "HeatMaps", "MethodCall", "ReadsVision",
            "MethodConfig", "MovesTokens", "ObservesQueries", "Phase", "Queries", "ReadsInputs", "Record", "ReplacesMask",
            "Runtime", "Target", "check_choice", "check_layers", "check_number", "check_tau_field", "is_int",
            "is_number", "raise_problems"]

@@ -30,8 +30,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from vlmfix.core.protocol import CombinesLogits
-from vlmfix.methods.base import (BiasesScores, Block, CallState, HeatMaps, MethodCall, MethodConfig, Phase, Queries,
+from vlmfix.methods.base import (BiasesScores, Block, CallState, CombinesLogits, HeatMaps, MethodCall, MethodConfig, Phase, Queries,
                                  Record, Runtime, Target, check_layers, check_number, is_int, raise_problems)
 from vlmfix.methods.registry import register_method
 
