@@ -29,7 +29,7 @@ A call declares what it does by the capabilities it subclasses. Each receives th
   the contrast branch its runtime declares (`Runtime.branches()`, e.g. the prompt without its image; see
   `vlmfix.core.contrast`: the branch rows are extra rows of the same forward, which methods never act on).
 
-Rows not asked for by any call stay on the model's own attention function (the fast path). A
+Queries no call asks for stay on the model's own attention function (the fast path). A
 runtime may also ask, from what it resolved, for a pre-pass over the prompt (`prepass_until`) or
 for the tokens it moves in some layers (`moved_layers`).
 
