@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "Attached": "core.attach",
-    "VlmfixError": "core.attach",
+    "VlmfixError": "core.errors",
     "attach": "core.attach",
     "CallState": "core.state",
     "Debias": "methods",

@@ -42,12 +42,9 @@ from vlmfix.core.eager import additive_bias
 from vlmfix.core.protocol import (BiasesScores, CombinesLogits, EditsQueries, MethodConfig, MovesTokens,
                                   ObservesQueries, ReadsInputs, ReplacesMask, Runtime, Target)
 from vlmfix.core.sinks import check_tau, find_sink_dims, scaled_tau, sink_scores
+from vlmfix.core.errors import VlmfixError
 from vlmfix.core.state import FIRST_SINK_LAYER, CallState, Phase
 from vlmfix.core.vision import VisionHooks, vision_runtimes
-
-
-class VlmfixError(RuntimeError):
-    """Misuse of attach/detach (the message says what to do instead)."""
 
 
 def _implementations(config: Any) -> dict[str, Any]:

@@ -178,7 +178,7 @@ class VisionHooks:
             pos = row.image_positions
             where += [(row.index, j, pos[j * n_tok:(j + 1) * n_tok]) for j in range(len(pos) // n_tok)]
         if len(where) != n_img:
-            from vlmfix.core.attach import VlmfixError
+            from vlmfix.core.errors import VlmfixError
 
             raise VlmfixError(f"the vision tower encoded {n_img} images of {n_tok} tokens but the prompt holds "
                               f"{len(where)} such images; vision-side methods need one prompt image per encoded "
