@@ -18,12 +18,9 @@ rows as a cached run), two model calls per step. Pure PyTorch plus transformers'
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from reference_attention import routed
 
 NAME = "pai_reference"
 
@@ -90,25 +87,6 @@ def image_token_ids(model) -> set[int]:
     return {int(v) for v in (getattr(config, n, None) for n in names) if v is not None}
 
 
-def _text_key(model) -> str:
-    text = model.config.get_text_config()
-    return next(k for k in model.config.sub_configs if getattr(model.config, k) is text)
-
-
-@contextlib.contextmanager
-def _routed(model, attention):
-    """Run the model's text decoder through `attention` (registered as NAME), restoring it after."""
-    AttentionInterface.register(NAME, attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    key = _text_key(model)
-    previous = model.config.get_text_config()._attn_implementation
-    model.set_attn_implementation({key: NAME})
-    try:
-        yield
-    finally:
-        model.set_attn_implementation({key: previous})
-
-
 class Intervention:
     """The attention function of the image-conditioned forward: PAI in `layers`, plain eager elsewhere."""
 
@@ -165,7 +143,7 @@ def pai_generate_reference(model, inputs_with_image, inputs_without_image, layer
     attention.image_positions = image  # the image sits in the prompt: its key columns never move
     tokens, scores = [], []
     for _ in range(steps):
-        with _routed(model, attention):
+        with routed(model, NAME, attention):
             img_logits = _forward(model, inputs_with_image, ids)
         noimg_logits = None if free is None else _forward(model, inputs_without_image, free)
         out = combine(img_logits, noimg_logits, gamma, beta)

@@ -24,7 +24,7 @@ from vlmfix.core.state import FIRST_SINK_LAYER
 __all__ = ["FIRST_SINK_LAYER", "BiasesScores", "Block", "Buffers", "CallState", "CombinesLogits", "EditsFeatures",
            "EditsQueries", "HeatMaps", "MethodCall", "ReadsVision",
            "MethodConfig", "MovesTokens", "ObservesQueries", "Phase", "Queries", "ReadsInputs", "Record", "ReplacesMask",
-           "Runtime", "Target", "check_choice", "check_layers", "check_number", "check_tau_field", "is_int",
+           "Runtime", "Target", "check_choice", "check_layers", "check_number", "check_tau_field", "is_int", "model_layers",
            "is_number", "raise_problems"]
 
 
@@ -91,6 +91,16 @@ def check_tau_field(name: str, value: Any) -> str | None:
     except ValueError as err:
         return str(err)
     return None
+
+
+def model_layers(owner: str, what: str, layers: Iterable[int], num_layers: int) -> tuple[int, ...]:
+    """`layers` sorted as ints, each a decoder layer of a model with `num_layers` layers; a ValueError naming
+    `owner` and `what` (e.g. "VAR", "layers") for any beyond the model's depth (checked when attach binds)."""
+    layers = tuple(sorted(int(x) for x in layers))
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if bad:
+        raise ValueError(f"{owner} {what} {bad} are outside the model's {num_layers} decoder layers")
+    return layers
 
 
 def raise_problems(owner: str, problems: Iterable[str | None]) -> None:

@@ -57,7 +57,7 @@ from vlmfix.core.state import RowLayout
 from vlmfix.core.words import informative_tokens
 from vlmfix.methods.base import (Block, Buffers, CallState, EditsQueries, HeatMaps, MethodCall, MethodConfig, Phase,
                                  Queries, Record, Runtime, Target, check_choice, check_layers, check_number,
-                                 raise_problems)
+                                 model_layers, raise_problems)
 from vlmfix.methods.registry import register_method
 
 #: the largest alpha GIFT takes: alpha S_hat, log r and log beta + log r stay far inside fp32's range
@@ -456,11 +456,8 @@ class GIFTRuntime(Runtime):
         self._direct = self.beta > 0 and self.alpha + max(self._log_beta, 0.0) <= DIRECT_MAX
         sal = sal if config.saliency_layers is None else config.saliency_layers
         boost = boost if config.boost_layers is None else config.boost_layers
-        self.saliency_layers, self.boost_layers = tuple(int(x) for x in sal), tuple(int(x) for x in boost)
-        for what, layers in (("saliency_layers", self.saliency_layers), ("boost_layers", self.boost_layers)):
-            bad = [x for x in layers if not x < n]
-            if bad:
-                raise ValueError(f"GIFT {what} {bad} are outside the model's {n} decoder layers")
+        self.saliency_layers = model_layers("GIFT", "saliency_layers", sal, n)
+        self.boost_layers = model_layers("GIFT", "boost_layers", boost, n)
         self._sal, self._boost = frozenset(self.saliency_layers), frozenset(self.boost_layers)
         self._buffers = Buffers()
         self._top = half(adapter.num_heads)

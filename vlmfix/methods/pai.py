@@ -31,7 +31,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from vlmfix.methods.base import (BiasesScores, Block, CallState, CombinesLogits, HeatMaps, MethodCall, MethodConfig, Phase, Queries,
-                                 Record, Runtime, Target, check_layers, check_number, is_int, raise_problems)
+                                 Record, Runtime, Target, check_layers, check_number, is_int, model_layers,
+                                 raise_problems)
 from vlmfix.methods.registry import register_method
 
 #: PAI's first intervened layer (the authors' --start-layer 2): the first two layers are left alone
@@ -190,16 +191,10 @@ class PAIRuntime(Runtime):
     def __init__(self, config: PAI, target: Target):
         super().__init__(config, target)
         n = target.adapter.num_layers
-        if config.layers is None:
-            if config.start_layer >= n:
-                raise ValueError(f"PAI start_layer {config.start_layer} is beyond the model's {n} decoder layers")
-            layers = tuple(range(config.start_layer, n))
-        else:
-            bad = [x for x in config.layers if not 0 <= x < n]
-            if bad:
-                raise ValueError(f"PAI layers {bad} are outside the model's {n} decoder layers")
-            layers = tuple(sorted(int(x) for x in config.layers))
-        self.layers = layers
+        if config.layers is None and config.start_layer >= n:
+            raise ValueError(f"PAI start_layer {config.start_layer} is beyond the model's {n} decoder layers")
+        layers = range(config.start_layer, n) if config.layers is None else config.layers
+        self.layers = model_layers("PAI", "layers", layers, n)
         self.layer_set = frozenset(layers)
 
     def branches(self) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ import torch
 
 from vlmfix.methods.base import (FIRST_SINK_LAYER, Block, Buffers, CallState, EditsQueries, HeatMaps, MethodCall,
                                  MethodConfig, Phase, Queries, Record, Runtime, Target, check_choice, check_layers,
-                                 check_number, check_tau_field, raise_problems)
+                                 check_number, check_tau_field, model_layers, raise_problems)
 from vlmfix.methods.registry import register_method
 
 #: the smallest normal fp32 number: a pair's visual non-sinks must hold at least this much attention, so that
@@ -329,14 +329,8 @@ class VARRuntime(Runtime):
         super().__init__(config, target)
         n = target.adapter.num_layers
         self.tau = target.tau if config.tau is None else check_tau(config.tau, target.adapter.hidden_size)
-        if config.layers is None:
-            layers = tuple(range(FIRST_SINK_LAYER, n - 1))
-        else:
-            bad = [x for x in config.layers if not 0 <= x < n]
-            if bad:
-                raise ValueError(f"VAR layers {bad} are outside the model's {n} decoder layers")
-            layers = tuple(sorted(int(x) for x in config.layers))
-        self.layers = layers
+        layers = range(FIRST_SINK_LAYER, n - 1) if config.layers is None else config.layers
+        self.layers = layers = model_layers("VAR", "layers", layers, n)
         self._index = {layer: k for k, layer in enumerate(layers)}
         self._buffers = Buffers()
         self._limits: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
