@@ -26,16 +26,17 @@ Parts, each with one job:
     every layer >= L are gathered to the kept slots, so kept tokens keep their original positions.
     The attention mask of those layers is rebuilt over the kept slots from the model's own mask.
     Batch rows may keep different numbers of tokens: shorter rows are filled with dropped tokens
-    that stay masked as keys;
+    that stay masked as keys. These mechanics are `vlmfix.core.moves.InPlaceMoves`'s (token merging
+    shares them); this module chooses the tokens;
   - "mask": nothing is removed; dropped tokens are masked out as keys from layer L on (reference).
 Each stage is recorded as a `SlotMap` in `CallState.slot_maps` (slot -> original position, and
 the positions still present), and in the call's `PruneRecord` (`prune_record(state)`).
 
 Cost: the scoring, the selection and the slot maps happen once per stage at the prefill. Decoding
 steps carry no pruning hooks; the replaced mask of a step is built once (at the first pruned
-layer) and reused by the later layers. Under a static cache (compiled generation) only the mask
-form runs: in-place pruning shortens the KV cache of the pruned layers, which a static cache
-cannot hold, and attach says so at the prefill.
+layer) and reused by the later layers (`vlmfix.core.moves.SlotMasks`, which both forms use).
+Under a static cache (compiled generation) only the mask form runs: in-place pruning shortens the
+KV cache of the pruned layers, which a static cache cannot hold, and attach says so at the prefill.
 
 Composition with VAR and GIFT: methods name tokens by prompt position. In the mask form nothing
 moves; in the in-place form a `SlotView` (vlmfix/core/slots.py) hands every method its rows and keys in
@@ -65,11 +66,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
-from vlmfix.core.slots import SlotView
+from vlmfix.core.moves import InPlaceMoves, SlotMasks, allowed_mask, as_mask_of, slot_mask, slot_stage
 from vlmfix.core.state import SlotMap
 from vlmfix.methods.base import (Block, CallState, HeatMaps, MethodCall, MethodConfig, MovesTokens, ObservesQueries,
-                                 Phase, Queries, ReadsInputs, Record, ReplacesMask, Runtime, Target, check_choice,
-                                 check_layers, check_number, is_int, raise_problems)
+                                 Phase, Queries, ReadsInputs, Record, Runtime, Target, check_choice, check_layers,
+                                 check_number, is_int, raise_problems)
 from vlmfix.methods.debias import Debias, Trend, content_size, padding_fractions, raster_positions
 from vlmfix.methods.registry import register_method
 
@@ -81,25 +82,6 @@ FORMS = ("inplace", "mask")
 FIRST_STAGE_LAYER = 1
 #: FastV's K, the paper's setting: score at layer K - 1 = 1, drop from layer K = 2 on ("after layer 2")
 FASTV_LAYER = 2
-
-
-def _take(t: torch.Tensor, pos: torch.Tensor, seq_dim: int) -> torch.Tensor:
-    """Gather `t` (..., B or 1, P, ...) along its sequence dim at per-row positions pos (B, S)."""
-    seq_dim %= t.dim()
-    moved = t.movedim((seq_dim - 1, seq_dim), (0, 1))
-    moved = moved.expand(pos.shape[0], *moved.shape[1:])
-    rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
-    return moved[rows, pos.to(t.device)].movedim((0, 1), (seq_dim - 1, seq_dim))
-
-
-def _allowed(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """The model's mask as bool (B or 1, 1, Q, K), True = may attend (None means plain causal)."""
-    if attention_mask is None:
-        q = torch.arange(q_len, device=device) + (k_len - q_len)
-        return (torch.arange(k_len, device=device)[None, :] <= q[:, None])[None, None]
-    if attention_mask.dtype == torch.bool:
-        return attention_mask
-    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
 def _ratio_budget(ratio: float, n: int) -> int:
@@ -244,11 +226,11 @@ class PruneRecord(Record):
 
 
 # -- the calls: scoring and selection shared, one class per form ------------------------------------------
-class PruneCall(MethodCall, ObservesQueries, ReplacesMask, ReadsInputs):
+class PruneCall(MethodCall, ObservesQueries, SlotMasks, ReadsInputs):
     """One call of a pruner: it observes the scoring rows at each layer L - 1 (`Scoring`), selects the
     kept tokens of stage L (budgets, `Debias`, padding fractions from the inputs) and replaces the masks
-    of the layers from L on. What a stage does to the sequence is the form's (`MaskPruneCall`,
-    `InPlacePruneCall`: `_next_map`, `_build_mask`)."""
+    of the layers from L on (`SlotMasks.mask`: cached, compile-aware). What a stage does to the sequence
+    is the form's (`MaskPruneCall`, `InPlacePruneCall`: `_next_map`, `_build_mask`)."""
 
     record_type = PruneRecord
 
@@ -259,13 +241,10 @@ class PruneCall(MethodCall, ObservesQueries, ReplacesMask, ReadsInputs):
             runtime.trend
         self._geometry, self._background = runtime.geometry, runtime.background
         self._stage = {layer: k for k, layer in enumerate(self.layers)}
-        self._dtype = next(runtime.target.adapter.decoder_layers.parameters()).dtype  # of decoding steps' masks
         b, p = state.batch_size, state.prompt_len
         budgets = [[runtime.budget(s, len(r.image_positions)) for r in state.rows] for s in range(len(self.layers))]
         everything = torch.ones(b, p, dtype=torch.bool)
         self._start = SlotMap(0, torch.arange(p).expand(b, p), everything, None, everything)
-        #: (key, the model's mask object, the replacement) of the last layer call
-        self._mask: tuple[tuple, torch.Tensor | None, torch.Tensor] | None = None
         #: per row, each visual token's x of the position trend (per frame for a video)
         self._raster = [raster_positions(r) for r in state.rows] if self.debias is not None else []
         active = any(bud < len(r.image_positions) for stage in budgets for bud, r in zip(stage, state.rows))
@@ -275,6 +254,7 @@ class PruneCall(MethodCall, ObservesQueries, ReplacesMask, ReadsInputs):
                  for r in state.rows if r.has_image and keep is not None and keep >= len(r.image_positions)]
         super().__init__(runtime, PruneRecord(runtime.config.form, self.layers, budgets, [None] * b, active,
                                               [len(r.image_positions) for r in state.rows], budget_notes=notes))
+        self._mask_dtype()  # the decoding steps' mask dtype, read now (not inside a compiled step)
 
     def read_inputs(self, state: CallState, inputs: dict[str, Any]) -> None:
         """Each row's padding fractions, from its pixel values (`Debias(padding=True)` on a padding processor)."""
@@ -357,56 +337,6 @@ class PruneCall(MethodCall, ObservesQueries, ReplacesMask, ReadsInputs):
         """The `SlotMap` of a stage at `layer` that keeps the prompt positions `alive` (B, P)."""
         raise NotImplementedError
 
-    # -- masks of layers >= L ---------------------------------------------------------------------
-    def mask(self, block: Block, state: CallState, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        m = state.slot_map(block.layer)
-        if m is None:
-            return None
-        if torch.compiler.is_compiling():  # a compiled decoding step: the mask form, from the prefill's tensors
-            return self._build_mask(block, state, m, attention_mask)
-        if self._sees_every_key(block, m, attention_mask):
-            return None
-        key = (m.layer, block.phase, block.q_len, block.kv_len)
-        # the model's mask object itself is held (not its id, which a freed mask's successor may reuse)
-        if self._mask is None or self._mask[0] != key or self._mask[1] is not attention_mask:
-            self._mask = (key, attention_mask, self._build_mask(block, state, m, attention_mask))
-        return self._mask[2]
-
-    def _sees_every_key(self, block: Block, m: SlotMap, attention_mask: torch.Tensor | None) -> bool:
-        """Whether the layer call needs no mask at all (the model's own None stands)."""
-        return False
-
-    def _build_mask(self, block: Block, state: CallState, m: SlotMap,
-                    attention_mask: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _slot_mask(self, block: Block, state: CallState, m: SlotMap, attention_mask: torch.Tensor | None,
-                   queries_in_slots: bool) -> torch.Tensor:
-        """The model's mask read at the slots' prompt positions (keys; queries too when `queries_in_slots`),
-        less the filler slots as keys; a prompt row left with no key attends to itself."""
-        b, p = state.batch_size, state.prompt_len
-        q_len, key_len = block.q_len, block.kv_len
-        device = state.device if attention_mask is None else attention_mask.device
-        slots = m.pos.shape[1]
-        extra = key_len - slots  # generated tokens in the cache (in-place) / beyond the prompt (mask form)
-        tail = torch.arange(p, p + extra).expand(b, extra)
-        kmap = torch.cat([m.pos, tail], 1)
-        kvalid = torch.cat([m.valid, torch.ones(b, extra, dtype=torch.bool)], 1)
-        if queries_in_slots:
-            qmap, orig_q, orig_k = m.pos, p, p
-        else:
-            qmap, orig_q, orig_k = torch.arange(q_len).expand(b, q_len), q_len, p + extra
-        allowed = _allowed(attention_mask, orig_q, orig_k, device).expand(b, -1, -1, -1)
-        rows = torch.arange(b, device=device)[:, None, None]
-        new = allowed[rows, 0, qmap[:, :, None].to(device), kmap[:, None, :].to(device)]  # (B, Q, K)
-        new = new & kvalid[:, None, :].to(device)
-        if block.phase is not Phase.DECODE:  # a prompt row left with no key (left padding) attends to itself
-            empty = ~new.any(-1)  # (B, Q)
-            if bool(empty.any()):
-                own = torch.arange(q_len, device=device) + (key_len - q_len)
-                new[empty] = torch.nn.functional.one_hot(own, key_len).bool()[None].expand(b, -1, -1)[empty]
-        return _as_mask_of(new[:, None], attention_mask, self._dtype if block.phase is Phase.DECODE else None)
-
 
 class MaskPruneCall(PruneCall):
     """The mask form: nothing moves; the dropped tokens are masked out as keys from each stage on."""
@@ -422,100 +352,23 @@ class MaskPruneCall(PruneCall):
     def _build_mask(self, block: Block, state: CallState, m: SlotMap,
                     attention_mask: torch.Tensor | None) -> torch.Tensor:
         if block.phase is not Phase.DECODE:
-            return self._slot_mask(block, state, m, attention_mask, False)
+            return slot_mask(block, state, m, attention_mask, False, self._dtype)
         # the model's mask (every generated token and the prompt), less the dropped prompt tokens
         b, p, key_len = state.batch_size, state.prompt_len, block.kv_len
         device = state.device if attention_mask is None else attention_mask.device
         keys = torch.ones(b, key_len, dtype=torch.bool, device=device)
         keys[:, :p] = self._alive[m.layer]
-        allowed = _allowed(attention_mask, block.q_len, key_len, device) & keys[:, None, None, :]
-        return _as_mask_of(allowed, attention_mask, self._dtype)
+        allowed = allowed_mask(attention_mask, block.q_len, key_len, device) & keys[:, None, None, :]
+        return as_mask_of(allowed, attention_mask, self._dtype)
 
 
-class InPlacePruneCall(PruneCall, MovesTokens):
+class InPlacePruneCall(InPlaceMoves, PruneCall):
     """The in-place form: the dropped tokens leave the hidden states (and the KV cache) at each stage;
-    `view` translates slots back to prompt positions for every other method."""
-
-    def __init__(self, runtime: "PruneRuntime", state: CallState):
-        super().__init__(runtime, state)
-        #: per stage, what its layers gather (rotary tables, position ids); the view of the last layer call
-        self._gathers: dict[tuple, Any] = {}
-        self._views: dict[tuple, SlotView] = {}
+    the gathers, the masks over the kept slots and the `view` that translates slots back to prompt
+    positions for every other method are `InPlaceMoves`'s."""
 
     def _next_map(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor) -> SlotMap:
-        keep = prev.valid & alive.gather(1, prev.pos)  # (B, S_prev): slots that stay real
-        width = int(keep.sum(1).max())
-        index = torch.empty(state.batch_size, width, dtype=torch.long)
-        for b in range(state.batch_size):
-            real = keep[b].nonzero().flatten()
-            filler = (~keep[b]).nonzero().flatten()[: width - len(real)]
-            index[b] = torch.cat([real, filler]).sort().values
-        return SlotMap(layer, prev.pos.gather(1, index), keep.gather(1, index), index, alive)
-
-    def after_prefill(self, state: CallState) -> None:
-        """Per stage, whether every slot holds a real token (a lone decoding row then needs no mask)."""
-        self._no_filler = {m.layer: bool(m.valid.all()) for m in state.slot_maps}
-
-    def _sees_every_key(self, block: Block, m: SlotMap, attention_mask: torch.Tensor | None) -> bool:
-        # every slot a real token and no padding: the lone row of a decoding step sees every key
-        return block.phase is Phase.DECODE and block.q_len == 1 and attention_mask is None and self._no_filler[m.layer]
-
-    def _build_mask(self, block: Block, state: CallState, m: SlotMap,
-                    attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return self._slot_mask(block, state, m, attention_mask, block.phase is Phase.PREFILL)
-
-    # -- the view in prompt positions, and slicing the prefill inputs of layers >= L --------------------
-    def view(self, block: Block, state: CallState) -> SlotView | None:
-        m = state.slot_map(block.layer)
-        if m is None:
-            return None
-        key = (m.layer, block.phase, block.q_len, block.kv_len)
-        view = self._views.get(key)
-        if view is None:
-            self._views.clear()
-            view = self._views[key] = SlotView(m, state.prompt_len, block.phase, block.q_len, block.kv_len)
-        return view
-
-    def before_layer(self, layer: int, state: CallState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        m = state.slot_map(layer)
-        if m is None:
-            return None
-        kwargs = dict(kwargs)
-        if m.layer == layer:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            index = m.index.to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1])
-            hidden = hidden.gather(1, index)
-            if args:
-                args = (hidden, *args[1:])
-            else:
-                kwargs["hidden_states"] = hidden
-        full = state.prompt_len
-        pe = kwargs.get("position_embeddings")
-        if pe is not None and pe[0].shape[-2] == full:
-            # per rotary table (Gemma 3's sliding and full layers have their own); both live through the forward
-            kwargs["position_embeddings"] = self._gathered(("pe", m.layer, id(pe[0])),
-                                                           lambda: tuple(_take(t, m.pos, -2) for t in pe))
-        ids = kwargs.get("position_ids")
-        if isinstance(ids, torch.Tensor) and ids.shape[-1] == full:
-            kwargs["position_ids"] = self._gathered(("ids", m.layer), lambda: _take(ids, m.pos, -1))
-        return args, kwargs
-
-    def _gathered(self, key: tuple, make: Any) -> Any:
-        """What `make()` gives, once per stage and call (every layer of a stage gathers the same)."""
-        if key not in self._gathers:
-            self._gathers[key] = make()
-        return self._gathers[key]
-
-
-def _as_mask_of(allowed: torch.Tensor, like: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`allowed` (bool, True = attend) in the form of the model's mask `like`: additive when it is float,
-    or when `dtype` is given (a decoding step's mask, built once per step: SDPA on a CPU would otherwise
-    convert a bool mask in every layer)."""
-    if like is not None and like.dtype.is_floating_point:
-        dtype = like.dtype
-    if dtype is None:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return slot_stage(layer, prev, alive)
 
 
 def _padding_geometry(adapter: "Adapter") -> tuple[str, torch.Tensor | None]:
