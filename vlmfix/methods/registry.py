@@ -96,9 +96,9 @@ def _load() -> None:
 
 
 def methods() -> dict[str, MethodEntry]:
-    """Every registered method by name (vlmfix's own and the entry points'), in registration order."""
+    """Every registered method by name (vlmfix's own and the entry points'), in alphabetical order."""
     _load()
-    return dict(_REGISTRY)
+    return dict(sorted(_REGISTRY.items()))
 
 
 def method(name: str) -> MethodEntry:

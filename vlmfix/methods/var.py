@@ -145,7 +145,7 @@ class VARRecord(Record):
 
     def row(self, row: int) -> dict[str, Any]:
         """The attention mass moved in batch row `row`, summed over layers (1 = one head's whole row)."""
-        return {"moved": float(self.received[:, row].sum())}
+        return {"moved": float(sum(self.received.sum(-1)[:, row].tolist()))}  # summary()'s sums, added up
 
     def notes(self, row: int) -> list[str]:
         why = self.why_unchanged(row)
