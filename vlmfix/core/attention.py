@@ -125,7 +125,9 @@ def vlmfix_attention(
     rows = union_queries(asked, block)
     whole = rows.count == q_len and view is None
     out = None
-    if not whole:
+    if not whole and full is not None:  # the real rows of the model's own output, computed above for every row
+        out = full[:real]
+    elif not whole:
         out, _ = route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if out.requires_grad:  # the eager rows are written into it, and its backward may read it (SDPA's does)
             out = out.clone()
@@ -162,12 +164,11 @@ def vlmfix_attention(
         rows_out = grouped_values(probs.to(value.dtype), value).transpose(1, 2)  # (B, R, H, D)
     if out is None:
         out = rows_out.contiguous()
+        if full is not None:
+            full[:real] = out.to(full.dtype)
     else:
-        out[:, rows.index] = rows_out.to(out.dtype)
-    if full is not None:
-        full[:real] = out.to(full.dtype)
-        return full, None
-    return out, None
+        out[:, rows.index] = rows_out.to(out.dtype)  # with branch rows, `out` is a view of `full`'s real rows
+    return (out if full is None else full), None
 
 
 def union_queries(ranges: list[range], block: Block) -> Queries:
