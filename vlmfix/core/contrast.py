@@ -36,6 +36,8 @@ from typing import Any, Sequence
 
 import torch
 
+from vlmfix.core.errors import VlmfixError
+
 #: the branch kinds attach knows how to build
 KINDS = ("no_image",)
 
@@ -91,8 +93,6 @@ def _expand_positions(position_ids: torch.Tensor | None, branch: torch.Tensor, s
 def prefill_inputs(args: tuple, kwargs: dict, adapter: Any, rows: Sequence[Any], combiner: Any,
                    kinds: Sequence[str]) -> tuple[tuple, dict, Branch]:
     """The prefill's (args, kwargs) with the branch rows added (see the module docstring), and the `Branch`."""
-    from vlmfix.core.errors import VlmfixError
-
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise VlmfixError(f"unknown contrast branch kinds {unknown}; known: {', '.join(KINDS)}")

@@ -199,6 +199,9 @@ class Runtime:
     needs_tokenizer: ClassVar[bool] = False
     #: the class of this runtime's calls (attach reads its capabilities before any call)
     call: ClassVar[type[MethodCall]] = MethodCall
+    #: the vision tower's encoder layer a `ReadsVision` call reads (negative from the last; None: the layer that
+    #: feeds the projector)
+    vision_layer: int | None = None
 
     def __init__(self, config: MethodConfig, target: Target):
         self.config = config
@@ -321,7 +324,7 @@ class ReadsVision:
     """Capability: read the vision tower once per prefill, per image (`vlmfix.core.vision.VisionImage`): the
     tower's queries and keys at one encoder layer (its attention computed from them, per head or mean over
     heads), that layer's output hidden states, and the image's projected features. The runtime names the
-    layer by its attribute `vision_layer` (an int, negative from the last layer; absent or None: the adapter's
+    layer by `Runtime.vision_layer` (an int, negative from the last layer; None: the adapter's
     `vision_feature_layer`, the one feeding the projector). Called before the decoder's first layer and
     before any `EditsFeatures` call."""
 

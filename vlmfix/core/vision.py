@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from vlmfix.core.errors import VlmfixError
 from vlmfix.core.protocol import EditsFeatures, ReadsVision, Runtime
 from vlmfix.core.state import CallState, Phase
 
@@ -104,7 +105,7 @@ class VisionHooks:
         for r in runtimes:
             if not issubclass(r.call, ReadsVision):
                 continue
-            k = getattr(r, "vision_layer", None)
+            k = r.vision_layer
             k = adapter.vision_feature_layer if k is None else k
             if not isinstance(k, int) or not -n <= k < n:
                 raise ValueError(f"{type(r.config).__name__}: vision_layer {k!r} is out of range: the vision tower "
@@ -178,8 +179,6 @@ class VisionHooks:
             pos = row.image_positions
             where += [(row.index, j, pos[j * n_tok:(j + 1) * n_tok]) for j in range(len(pos) // n_tok)]
         if len(where) != n_img:
-            from vlmfix.core.errors import VlmfixError
-
             raise VlmfixError(f"the vision tower encoded {n_img} images of {n_tok} tokens but the prompt holds "
                               f"{len(where)} such images; vision-side methods need one prompt image per encoded "
                               "image (no num_beams / num_return_sequences expansion)")
