@@ -162,6 +162,8 @@ class Attached:
         #: `last_state` (its last call's state)
         self._local = threading.local()
         self._bias: tuple[Any, tuple, torch.Tensor | None] | None = None
+        #: (the model's mask, real rows, the mask cut to them) of the last branch-row cut (`real_rows_mask`)
+        self._real_mask: tuple[Any, int, torch.Tensor] | None = None
         self._attached = False
         self._attach()
 
@@ -184,7 +186,7 @@ class Attached:
 
     def real_rows_mask(self, mask: torch.Tensor, real: int) -> torch.Tensor:
         """`mask` cut to the call's `real` batch rows (contrast branches), cut once per mask object."""
-        cached = getattr(self, "_real_mask", None)
+        cached = self._real_mask
         if torch.compiler.is_compiling() or cached is None or cached[0] is not mask or cached[1] != real:
             cached = self._real_mask = (mask, real, mask[:real])
         return cached[2]
