@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from vlmfix.cli.flags import RESUME, add_methods, add_model, add_n_images, add_out, add_parser, add_restart, deprecated
+from vlmfix.cli.flags import (RESUME, add_methods, add_model, add_n_images, add_out, add_parser, add_restart, add_settings,
+                              deprecated)
 from vlmfix.eval.tasks import CHAIR_SAMPLE, COMMON_KEYS, DATA_KEYS, TASK_KEYS, TASKS, load_config, run
 from vlmfix.loading import DTYPES
 
@@ -22,12 +23,13 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     from vlmfix.data.pope import SPLITS
     from vlmfix.metrics.pope import RULES
 
-    parser = add_parser(sub, "eval", "POPE / CHAIR evaluation (resumable; sharded with accelerate launch)",
-                        description="POPE / CHAIR evaluation. Flags override the YAML config "
+    parser = add_parser(sub, "eval", "POPE / CHAIR / AMBER evaluation (resumable; sharded with accelerate launch)",
+                        description="POPE / CHAIR / AMBER evaluation. Flags override the YAML config "
                         "(configs/evals/<task>.yaml, then --config); a flag left out keeps the config's value.")
     tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
     helps = {"pope": "POPE yes/no object questions (accuracy, precision, recall, F1, yes-ratio)",
-             "chair": "CHAIR on detailed captions (CHAIR_s, CHAIR_i, Recall, Len)"}
+             "chair": "CHAIR on detailed captions (CHAIR_s, CHAIR_i, Recall, Len)",
+             "amber": "AMBER: captions (CHAIR, Cover, Hal, Cog) and yes/no questions (accuracy, F1)"}
     for task in TASKS:
         p = add_parser(tasks, task, helps[task])
         p.add_argument("--config", metavar="FILE", help=f"YAML layered over configs/evals/{task}.yaml")
@@ -48,6 +50,13 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                            help="the first N questions of each split (config default: all); more than a split "
                            "holds is an error")
             p.add_argument("--rule", choices=tuple(RULES), help="answer parsing rule (config default: reference)")
+        elif task == "amber":
+            p.add_argument("--amber-dir", metavar="DIR", help="the benchmark's data/ folder (annotations.json, "
+                           "relation.json, safe_words.txt, query/query_all.json); with --image-dir")
+            p.add_argument("--limit", type=int, metavar="N", help="the first N queries of each kind (generative, "
+                           "discriminative; config default: all)")
+            p.add_argument("--rule", choices=tuple(RULES), help="yes/no parsing rule (config default: reference)")
+            p.add_argument("--question-prompt", help="the text of a yes/no question ({query} is replaced)")
         else:
             p.add_argument("--instances", nargs="+", metavar="FILE",
                            help="COCO instances file(s); images are drawn from the first")
@@ -56,9 +65,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--image-ids", metavar="FILE",
                            help="JSON file of image ids to caption (e.g. a saved chair_image_ids.json)")
         add_methods(p, None, "method sets, each evaluated on its own (config default: none var gift)")
+        add_settings(p)
         p.add_argument("--batch-size", type=int, metavar="N", help="prompts per batch (config default: 8)")
         p.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate per answer or caption")
-        p.add_argument("--prompt", help="the user's text" + (" ({question} is replaced)" if task == "pope" else ""))
+        p.add_argument("--prompt", help="the user's text" + {"pope": " ({question} is replaced)",
+                                                               "amber": " ({query} is replaced)"}.get(task, ""))
         p.add_argument("--seed", type=int, help="seed of the image draw and of a generated world (config default: 0)")
         p.add_argument("--prep-workers", type=int, metavar="N",
                        help="CPU threads preparing the next batches (default: 0 on CPU, up to 8 with a GPU)")

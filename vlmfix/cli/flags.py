@@ -91,6 +91,15 @@ def add_methods(parser: argparse.ArgumentParser, default: list[str] | None, seve
                         "registered method and its presets (configs/methods/NAME.yaml)")
 
 
+def add_settings(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """`--set NAME.PARAM=VALUE ...` (and `--tau`): method parameters without a YAML file."""
+    parser.add_argument("--set", dest="settings", nargs="+", metavar="NAME.PARAM=VALUE",
+                        help="method parameters, applied to every method set holding the method: e.g. var.p=0.4 "
+                        "gift.alpha=3 (an unknown method or parameter is an error listing what exists)")
+    parser.add_argument("--tau", help="sink threshold on phi: a number, 'scaled' (20*sqrt(d/4096)) or 'bos:F' "
+                        "(F x the first token's phi); default: the model preset, else 'scaled'")
+
+
 def add_n_images(parser: argparse.ArgumentParser, default: int | None, what: str) -> None:
     parser.add_argument("--n-images", type=int, default=default, metavar="N",
                         help=f"{what}; more than the data holds is an error")

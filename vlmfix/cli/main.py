@@ -174,13 +174,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from vlmfix.core.attach import attach
     from vlmfix.adapters.chat import chat_prompt
     from vlmfix.loading import load_for
-    from vlmfix.methods import parse_methods
+    from vlmfix.methods import parse_methods, parse_settings, with_settings
     from vlmfix.core.sinks import check_tau
     from vlmfix.viz import map_folders, method_heat_maps
 
-    sets = [(spec, parse_methods(spec)) for spec in args.methods]  # bad specs fail before the model loads
-    if args.tau is not None:
-        check_tau(args.tau, hidden_size=1)
+    settings = parse_settings(args.settings)  # bad specs and settings fail before the model loads
+    tau = args.tau if args.tau is not None else settings.get("", {}).get("tau")
+    sets = [(spec, with_settings(parse_methods(spec), settings)) for spec in args.methods]
+    if tau is not None:
+        check_tau(tau, hidden_size=1)
     image = _open_image(args.image)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before the model loads
@@ -203,7 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     runs, notes = [], []
     folders = map_folders(args.methods, out)
     for spec, methods in sets:
-        with attach(model, processor, methods, sink_dims=args.sink_dims, tau=args.tau) as fixed:
+        with attach(model, processor, methods, sink_dims=args.sink_dims, tau=tau) as fixed:
             text, seconds = run(fixed)
             state = fixed.last_state
         print(f"{spec:<16} {seconds:5.2f} s  {text}")
@@ -294,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_methods(g, ["var"], "method sets to compare with the plain model, each run on its own")
     deprecated(g, "--method", "--methods (several sets: --methods var gift var,gift)", "methods", type=lambda s: [s])
     g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate")
+    g.add_argument("--set", dest="settings", nargs="+", metavar="NAME.PARAM=VALUE",
+                   help="method parameters, applied to every method set holding the method: e.g. var.p=0.4 "
+                   "gift.alpha=3 (an unknown method or parameter is an error listing what exists)")
     _add_sink_flags(g)
     add_out(g, "out/generate", "folder for generate.json and the heat maps (one sub-folder per set when a method is in two sets)")
     g.set_defaults(func=cmd_generate)

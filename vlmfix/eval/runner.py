@@ -111,7 +111,9 @@ class Settings:
     the output folder, and `prep_workers`: CPU threads that prepare the next batches (image
     decoding, processor) while one generates; None = 0 for a model on the CPU (it needs the
     cores), else min(8, cores per process - 1). It changes speed only, never an output.
-    `restart`: discard the output folder's results of the method sets being run, and start afresh."""
+    `restart`: discard the output folder's results of the method sets being run, and start afresh.
+    `tau`: the sink threshold of attach (None: the model preset's, else scaled); `progress_row`: the line of the
+    per-method-set progress bar (1 below a grid's bar in `vlmfix compare`)."""
 
     model: str
     out: Path
@@ -121,14 +123,17 @@ class Settings:
     seed: int = 0
     prep_workers: int | None = None
     restart: bool = False
+    tau: float | str | None = None
+    progress_row: int = 0
 
 
 # ------------------------------------------------------------------------------- method sets
 
 
-def parse_method_sets(specs: Iterable[str]) -> list[MethodSet]:
-    """Method sets from their specs; unknown method names or presets raise ValueError."""
-    from vlmfix.methods import normal_spec, parse_methods
+def parse_method_sets(specs: Iterable[str], settings: Mapping[str, Mapping[str, Any]] | None = None) -> list[MethodSet]:
+    """Method sets from their specs, with `settings` ({NAME: {PARAM: value}}, `vlmfix.methods.parse_settings`)
+    applied to the methods of those names; unknown method names or presets raise ValueError."""
+    from vlmfix.methods import normal_spec, parse_methods, with_settings
 
     sets: list[MethodSet] = []
     for raw in specs:
@@ -136,7 +141,7 @@ def parse_method_sets(specs: Iterable[str]) -> list[MethodSet]:
         label = spec.replace(",", "+").replace(":", "@")
         if any(s.label == label for s in sets):
             raise ValueError(f"method set {spec!r} is given twice")
-        sets.append(MethodSet(spec, label, tuple(parse_methods(spec))))
+        sets.append(MethodSet(spec, label, tuple(with_settings(parse_methods(spec), dict(settings or {})))))
     if not sets:
         raise ValueError("no method sets to evaluate (use 'none' for the plain model)")
     return sets
@@ -413,14 +418,14 @@ def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, set
     print(f"{task.name} {mset.spec}{where}: {len(own) - len(pending)} of {len(own)} items done, "
           f"{len(pending)} to generate", file=sys.stderr, flush=True)
     methods = list(mset.methods)
-    handle = attach(model, processor, methods) if methods else contextlib.nullcontext()
+    handle = attach(model, processor, methods, tau=settings.tau) if methods else contextlib.nullcontext()
     with handle as fixed:
         resolved = {"methods": method_params(methods, fixed.runtimes if fixed is not None else ()),
                     "acts": {r.config.name: r.call.record_type.acts for r in (fixed.runtimes if fixed is not None else ())
                              if r.call.record_type.acts}}
         if fixed is not None and fixed.tracks_sinks:
             resolved.update(sink_dims=list(fixed.sink_dims), tau=fixed.tau, sink_dims_source=fixed.sink_source)
-        bar = tqdm(total=len(pending), desc=f"{task.name} {mset.spec}{where}", position=rank, unit="item",
+        bar = tqdm(total=len(pending), desc=f"{task.name} {mset.spec}{where}", position=rank + settings.progress_row, unit="item",
                    dynamic_ncols=True)
         batches = [pending[start:start + settings.batch_size] for start in range(0, len(pending), settings.batch_size)]
         prepared = prefetched(prepare_batch, processor, batches, prep_workers(settings, model, n))
@@ -508,7 +513,7 @@ def evaluate(task: Task, model: Any, processor: Any, method_sets: Sequence[Metho
                      for name, a in acted.items() if a["items"] == 0]
     config = {"task": task.name, "model": settings.model, "dtype": settings.dtype,
               "batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens,
-              "decoding": "greedy", "seed": settings.seed, "num_processes": acc.num_processes,
+              "decoding": "greedy", "seed": settings.seed, "num_processes": acc.num_processes, "tau": settings.tau,
               "items": len(task.items), **task.config, "method_sets": resolved, "versions": versions()}
     results = {"config": config, "results": metrics, "warnings": warnings}
     write_atomic(out / RESULTS_JSON, json.dumps(results, indent=2, default=str))
@@ -521,7 +526,7 @@ def _identity(task: Task, mset: MethodSet, settings: Settings) -> dict:
 
     return {"task": task.name, "model": settings.model, "dtype": settings.dtype,
             "methods": method_params(mset.methods), "max_new_tokens": settings.max_new_tokens, **task.identity,
-            "vlmfix": __version__}
+            "vlmfix": __version__, **({"tau": settings.tau} if settings.tau is not None and mset.methods else {})}
 
 
 def _markdown(task: Task, config: dict, metrics: Mapping[str, dict], warnings: Sequence[str]) -> str:

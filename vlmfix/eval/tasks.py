@@ -26,13 +26,15 @@ from vlmfix.loading import DTYPES
 if TYPE_CHECKING:
     from vlmfix.eval.runner import Task
 
-TASKS = ("pope", "chair")
+TASKS = ("pope", "chair", "amber")
 COMMON_KEYS = ("model", "dtype", "data", "world_images", "methods", "batch_size", "max_new_tokens", "prompt",
-               "seed", "out", "prep_workers")
-TASK_KEYS = {"pope": ("splits", "limit", "rule"), "chair": ("n_images", "image_ids")}
+               "seed", "out", "prep_workers", "settings", "tau")
+TASK_KEYS = {"pope": ("splits", "limit", "rule"), "chair": ("n_images", "image_ids"),
+             "amber": ("limit", "rule", "question_prompt")}
 #: CHAIR's sample size in the literature: `eval chair` without --n-images captions this many images (or all, if fewer)
 CHAIR_SAMPLE = 500
-DATA_KEYS = {"pope": ("world", "images", "pope_dir", "pope_hf"), "chair": ("world", "images", "instances", "captions")}
+DATA_KEYS = {"pope": ("world", "images", "pope_dir", "pope_hf"), "chair": ("world", "images", "instances", "captions"),
+             "amber": ("world", "images", "amber_dir")}
 
 
 # ------------------------------------------------------------------------------- configuration
@@ -55,6 +57,18 @@ def load_config(task: str, path: str | Path | None = None, overrides: Mapping[st
     config.update(given)
     _check(config, task)
     return config
+
+
+def method_settings(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The config's `settings` ("NAME.PARAM=VALUE" strings) as {NAME: {PARAM: value}}."""
+    from vlmfix.methods import parse_settings
+
+    return parse_settings(config.get("settings") or [])
+
+
+def config_tau(config: Mapping[str, Any]) -> float | str | None:
+    """The sink threshold of a config: its `tau`, else a "tau=VALUE" setting, else None (the model's)."""
+    return config["tau"] if config.get("tau") is not None else method_settings(config).get("", {}).get("tau")
 
 
 def _read_yaml(path: Path, task: str) -> dict:
@@ -98,15 +112,26 @@ def _check(config: dict, task: str) -> None:
         value = config.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    if isinstance(config["settings"], str):
+        config["settings"] = [config["settings"]]
+    settings = method_settings(config)  # an unknown method or parameter fails here, before anything runs
+    if settings.get("", {}).get("tau") is not None and config["tau"] is not None:
+        raise ValueError("tau is given twice (tau and a tau=VALUE setting); give one")
     workers = config["prep_workers"]
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
         raise ValueError(f"prep_workers must be null (automatic) or an integer >= 0, got {workers!r}")
-    if task == "pope":
-        from vlmfix.data.pope import check_splits
+    if task in ("pope", "amber"):
         from vlmfix.metrics.pope import RULES
 
         if config["rule"] not in RULES:
             raise ValueError(f"unknown POPE answer rule {config['rule']!r}; valid rules: {', '.join(RULES)}")
+    if task == "amber":
+        for key in ("prompt", "question_prompt"):
+            if "{query}" not in config[key]:
+                raise ValueError(f"the AMBER {key} must contain {{query}} (the benchmark's query), e.g. '{{query}}'")
+    if task == "pope":
+        from vlmfix.data.pope import check_splits
+
         check_splits(config["splits"])
         if "{question}" not in config["prompt"]:
             raise ValueError("the POPE prompt must contain {question}, e.g. "
@@ -142,9 +167,12 @@ def resolve_data(task: str, config: dict) -> dict[str, Any]:
         data = {"world": str(world), "images": world / "images"}
         if task == "pope":
             data["pope_dir"] = world
+        elif task == "amber":
+            data["amber_dir"] = _emojicoco_amber(world)
         else:
             data.update(instances=[world / "instances.json"], captions=[world / "captions.json"])
-    needed = ("images", "pope_dir|pope_hf") if task == "pope" else ("images", "instances", "captions")
+    needed = {"pope": ("images", "pope_dir|pope_hf"), "chair": ("images", "instances", "captions"),
+              "amber": ("images", "amber_dir")}[task]
     for key in needed:
         if not any(data.get(k) for k in key.split("|")):
             raise ValueError(f"{task} data lacks {key.replace('|', ' or ')} (or give an EmojiCOCO folder with --data)")
@@ -159,6 +187,19 @@ def resolve_data(task: str, config: dict) -> dict[str, Any]:
     if not Path(resolved["images"]).is_dir():
         raise FileNotFoundError(f"{resolved['images']}: image folder not found")
     return resolved
+
+
+def _emojicoco_amber(world: Path) -> Path:
+    """The AMBER-format split of an EmojiCOCO world (`<world>/amber`, written by the main process when missing)."""
+    from vlmfix.data.amber import write_emojicoco_amber
+
+    from vlmfix.eval.runner import accelerator
+
+    folder = world / "amber"
+    with accelerator().main_process_first():
+        if not (folder / "annotations.json").is_file():
+            write_emojicoco_amber(world, folder)
+    return folder
 
 
 def _check_count(key: str, count: int | None, available: int, source: str, unit: str, unset: str) -> None:
@@ -325,6 +366,71 @@ def chair_task(config: dict, data: dict) -> Task:
                 identity={"prompt": config["prompt"], "data": data}, artifacts={"chair_image_ids.json": sample})
 
 
+# ------------------------------------------------------------------------------- AMBER
+
+
+def amber_task(config: dict, data: dict) -> Task:
+    """AMBER (Wang et al., 2023; `vlmfix.data.amber`, `vlmfix.metrics.amber`): each query of the folder's
+    query_all.json; generative queries through `prompt`, discriminative ones through `question_prompt`
+    ({query} replaced); `limit`: the first N queries of each kind."""
+    from vlmfix.data.amber import GENERATIVE, load_amber
+    from vlmfix.metrics import amber
+    from vlmfix.eval.runner import Item, Task
+
+    loaded = load_amber(data["amber_dir"])
+    find = _image_finder(data["images"])
+    kinds: dict[bool, list] = {True: [], False: []}
+    for q in loaded.queries:
+        kinds[q.type == GENERATIVE].append(q)
+    items = []
+    for generative, queries in kinds.items():
+        _check_count("limit", config["limit"], len(queries), loaded.source,
+                     "generative queries" if generative else "discriminative queries", "all of them")
+        template = config["prompt"] if generative else config["question_prompt"]
+        for q in queries[:config["limit"]]:
+            image = find(q.image)
+            if image is None:
+                raise DataFormatError(f"{loaded.source}: query {q.id}: image {q.image!r} not found in {data['images']}")
+            fields = {"amber_id": q.id, "image": q.image, "type": q.type, "truth": q.truth,
+                      **({"hallu": list(q.hallu)} if generative else {})}
+            items.append(Item(str(q.id), image, template.replace("{query}", q.query), fields))
+    rule = config["rule"]
+
+    def score(records: list[dict]) -> dict:
+        out: dict[str, Any] = {}
+        gen = [r for r in records if r["type"] == GENERATIVE]
+        if gen:
+            per = [{"id": r["id"], **amber.generative_item(r["output"], r["truth"], r["hallu"], loaded.association,
+                                                           loaded.safe_words)} for r in gen]
+            out["generative"] = {**amber.generative_metrics(per), "responses": per}
+        disc = [r for r in records if r["type"] != GENERATIVE]
+        if disc:
+            out["discriminative"] = amber.discriminative_metrics([r["output"] for r in disc], [r["truth"] for r in disc],
+                                                                 [r["type"] for r in disc], rule)
+        if gen and disc:
+            out["amber_score"] = amber.amber_score(out["generative"]["CHAIR"], out["discriminative"]["f1"])
+        return out
+
+    def report(metrics: Mapping[str, dict]) -> str:
+        lines = ["## AMBER (percent; generative: CHAIR, Cover, Hal, Cog; discriminative: accuracy, F1)", "",
+                 "| method set | CHAIR | Cover | Hal | Cog | accuracy | F1 | AMBER score |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for spec, m in metrics.items():
+            g, d = m.get("generative", {}), m.get("discriminative", {})
+            cells = [g.get(k) for k in amber.GENERATIVE_METRICS] + [d.get("accuracy"), d.get("f1"),
+                                                                     m.get("amber_score")]
+            lines.append(f"| {spec} | " + " | ".join("-" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    settings = {"data": data, "prompt": config["prompt"], "question_prompt": config["question_prompt"],
+                "limit": config["limit"], "rule": rule}
+    return Task("amber", items, score, report, config=settings,
+                identity={"prompt": config["prompt"], "question_prompt": config["question_prompt"], "data": data})
+
+
+TASK_BUILDERS = {"pope": pope_task, "chair": chair_task, "amber": amber_task}
+
+
 # ------------------------------------------------------------------------------- running
 
 
@@ -337,12 +443,12 @@ def run(task: str, config: dict, model: Any = None, processor: Any = None, resta
     from vlmfix.loading import load, require_vlm
     from vlmfix.eval.runner import Settings, evaluate, parse_method_sets, prepare
 
-    method_sets = parse_method_sets(config["methods"])
+    method_sets = parse_method_sets(config["methods"], method_settings(config))
     data = resolve_data(task, config)
-    built = pope_task(config, data) if task == "pope" else chair_task(config, data)
+    built = TASK_BUILDERS[task](config, data)
     settings = Settings(model=config["model"], out=Path(config["out"]), dtype=config["dtype"],
                         batch_size=config["batch_size"], max_new_tokens=config["max_new_tokens"], seed=config["seed"],
-                        prep_workers=config["prep_workers"], restart=restart)
+                        prep_workers=config["prep_workers"], restart=restart, tau=config_tau(config))
     prints = prepare(built, method_sets, settings)  # before the model loads: a bad run fails fast
     if model is None:
         model, processor = load(config["model"], getattr(torch, config["dtype"]))

@@ -12,10 +12,10 @@ from typing import Any
 from vlmfix.core.protocol import MethodConfig
 from vlmfix.methods.debias import Debias
 from vlmfix.methods.registry import (MethodEntry, build, config_class, method, methods, normal_spec, parse_methods,
-                                     register_method, unregister_method)
+                                     parse_settings, register_method, unregister_method, with_settings)
 
 __all__ = ["Debias", "MethodConfig", "MethodEntry", "build", "method", "methods", "normal_spec", "parse_methods",
-           "register_method", "unregister_method"]
+           "parse_settings", "register_method", "unregister_method", "with_settings"]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ point that fails to load is an error that names it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -140,3 +141,55 @@ def parse_methods(spec: str) -> list[MethodConfig]:
         name, _, preset = item.partition(":")
         configs.append(build(name, preset or None))
     return configs
+
+
+def parse_value(text: str) -> Any:
+    """A setting's value as YAML reads it: "0.4" -> 0.4, "3" -> 3, "true" -> True, "null" -> None, "[1, 2]" ->
+    a list, anything else the string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_setting(text: str) -> tuple[str, str, str]:
+    """"NAME.PARAM=VALUE" -> (NAME, PARAM, VALUE text), checked against the registry: an unknown method or
+    parameter is a ValueError that lists what exists. "tau=VALUE" -> ("", "tau", VALUE text)."""
+    key, eq, value = str(text).partition("=")
+    key = key.strip()
+    if not eq or not key or not value.strip():
+        raise ValueError(f"setting {text!r}: write NAME.PARAM=VALUE (e.g. var.p=0.4) or tau=VALUE")
+    if key == "tau":
+        return "", "tau", value.strip()
+    name, dot, param = key.partition(".")
+    if not dot or not param:
+        raise ValueError(f"setting {text!r}: write NAME.PARAM=VALUE (e.g. var.p=0.4) or tau=VALUE")
+    try:
+        entry = method(name)
+    except ValueError as err:
+        raise ValueError(f"setting {text!r}: {err}") from None
+    fields = [f.name for f in dataclasses.fields(entry.config) if f.init]
+    if param not in fields:
+        raise ValueError(f"setting {text!r}: {name} has no parameter {param!r}; its parameters: {', '.join(fields)}")
+    return name, param, value.strip()
+
+
+def parse_settings(texts: Any) -> dict[str, dict[str, Any]]:
+    """"NAME.PARAM=VALUE" settings -> {NAME: {PARAM: value}} ("tau=VALUE" under the name ""); a parameter
+    given twice is an error."""
+    found: dict[str, dict[str, Any]] = {}
+    for text in texts or ():
+        name, param, value = parse_setting(text)
+        if param in found.get(name, {}):
+            raise ValueError(f"setting {text!r}: {(name + '.') if name else ''}{param} is given twice")
+        found.setdefault(name, {})[param] = parse_value(value)
+    return found
+
+
+def with_settings(configs: list[MethodConfig], settings: dict[str, dict[str, Any]]) -> list[MethodConfig]:
+    """The configs with `settings` ({NAME: {PARAM: value}}, `parse_settings`) applied to the methods of
+    those names (rebuilt, so each config validates its new values); settings of methods not in the list are
+    left out, tau (name "") too."""
+    return [dataclasses.replace(c, **settings[c.name]) if settings.get(c.name) else c for c in configs]
