@@ -5,7 +5,8 @@
     vlmfix generate --methods var gift --image IMG    # plain vs each method set, side by side, + heat maps
     vlmfix world --out DIR --n-images N --seed S      # an EmojiCOCO split with its POPE files
     vlmfix demo                                       # the demo VLM: plain vs VAR, GIFT, pruning; heat maps
-    vlmfix eval pope|chair --model M --data DIR       # POPE / CHAIR (resumable)
+    vlmfix eval pope|chair|amber --model M --data DIR # POPE / CHAIR / AMBER (resumable)
+    vlmfix compare --methods none var gift --tasks pope chair --data DIR   # a grid and its report
     vlmfix calibrate-trend --model M --data DIR       # fit a pruner's position trend, write its preset
 
 Nothing heavy is imported before the arguments are parsed: torch and transformers load inside the
@@ -272,6 +273,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from vlmfix import __version__
     from vlmfix.cli.calibrate import add_calibrate_parser
+    from vlmfix.cli.compare import add_compare_parser
     from vlmfix.cli.eval import add_eval_parser
     from vlmfix.cli.demo import add_demo_parser
 
@@ -318,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_parser(sub)
     add_demo_parser(sub)
     add_eval_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 
