@@ -260,7 +260,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     timing = report["timing"]
     lines = ["# vlmfix compare", "",
              f"- vlmfix {report['vlmfix']}; {report['hardware']}; {report['date']}",
-             f"- commands: " + "; ".join(f"`{c}`" for c in report["commands"][-5:]),
+             "- commands: " + "; ".join(f"`{c}`" for c in report["commands"][-5:]),
              f"- baseline method set: `{report['baseline']}`; intervals: 95 % percentile bootstrap over the items "
              f"({report['draws']} draws, seed {report['seed']}); paired tests: McNemar's exact test (right/wrong "
              "answers), paired bootstrap (rates), Holm-corrected over the whole grid",
