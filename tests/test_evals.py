@@ -266,7 +266,7 @@ def test_an_unwritable_out_is_one_error_line(world, tmp_path, capsys):
     model = ["--model", "no-such-model"]
     for argv in (["eval", "pope", "--data", str(world), *model], ["eval", "chair", "--data", str(world), *model],
                  ["sinks", *model], ["generate", *model], ["world"], ["demo"], ["demo", "results"],
-                 ["demo", "train"]):
+                 ["demo", "train"], ["compare", "--tasks", "pope"]):
         err = _fails([*argv, *out], capsys)
         said = err.splitlines()[-1]  # (after a progress line or none)
         assert said.startswith("vlmfix: error: ") and err.count("vlmfix: error") == 1 and "Traceback" not in err
