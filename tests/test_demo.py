@@ -141,7 +141,7 @@ def test_merged_lora_equals_the_wrapped_forward():
 
 def test_results_report_and_sink_profile(demo, tmp_path):
     from vlmfix.data.world import generate_world
-    from vlmfix.demo.results import LABELS, METHOD_SETS, report, sink_plot, sink_profile
+    from vlmfix.demo.results import report, sink_plot, sink_profile
 
     world = tmp_path / "world"
     generate_world(world, 4, seed=0)
@@ -151,61 +151,15 @@ def test_results_report_and_sink_profile(demo, tmp_path):
     assert all(0.0 <= v["share"] <= 1.0 and v["text_phi"] > 0 and v["image_phi"] > 0 for v in sinks.values())
     assert sink_plot(sinks, 20.0, tmp_path / "phi.png").stat().st_size > 0
 
-    def split(acc):
-        right = round(acc * 2000)
-        return {"accuracy": acc, "f1": acc, "yes_ratio": 0.5, "n": 2000, "tp": right // 2, "tn": right - right // 2}
-
-    # Newcombe's 95 % interval of a difference: about +-2.9 points at n = 2000 and p = 0.7 (POPE), about +-4.4
-    # at n = 1000 and p = 0.5 (CHAIR_s)
-    accuracy = {"none": 0.70, "var": 0.70, "gift": 0.68, "fastv:quarter": 0.75,
-                "fastv:quarter-debiased": 0.65, "var,fastv:quarter-debiased": 0.71}
-    chair_s = {"none": 0.5, "var": 0.5, "gift": 0.4, "fastv:quarter": 0.47,
-               "fastv:quarter-debiased": 0.56, "var,fastv:quarter-debiased": 0.52}
-    pope = {s: {"splits": {k: split(accuracy[s]) for k in ("random", "popular", "adversarial")}} for s in METHOD_SETS}
-    chair = {s: {"CHAIRs": chair_s[s], "CHAIRi": 0.3, "Recall": 0.4, "Len": 12.0,
-                 "counts": {"captions": 1000, "hallucinated_captions": round(1000 * chair_s[s]), "mentions": 5000,
-                            "hallucinated_mentions": 1500}} for s in METHOD_SETS}
     meta = {"command": "vlmfix demo results", "minutes": 1.0, "device": "CPU", "date": "2026-11-28", "images": 4,
             "chair_max_new_tokens": 128, "share_images": 2, "tau": 20.0}
-    text = report(pope, chair, sinks, meta)
-    assert all(LABELS[s] in text for s in METHOD_SETS)
-    assert "| plain | 70.0 / 70.0 / 50.0 |" in text
-    verdict = {s: next(line for line in text.splitlines() if line.startswith(f"- **{LABELS[s]}**")) for s in METHOD_SETS[1:]}
-    assert verdict["var"].endswith("identical to the plain model on every number.")
-    # GIFT: CHAIR_s -10 (beyond 4.4), POPE -2 (within 2.9)
-    assert "CHAIR_s -10.0, CHAIR_i +0.0, POPE random -2.0" in verdict["gift"]
-    assert verdict["gift"].endswith("Beyond noise: fewer hallucinated objects in captions (CHAIR_s).")
-    # -3 CHAIR_s is within noise; +5 POPE is not
-    assert verdict["fastv:quarter"].endswith("Beyond noise: higher POPE accuracy (random, popular, adversarial).")
-    assert "more hallucinated objects in captions (CHAIR_s)" in verdict["fastv:quarter-debiased"]
-    assert "lower POPE accuracy (random, popular, adversarial)" in verdict["fastv:quarter-debiased"]
-    assert verdict["var,fastv:quarter-debiased"].endswith(
-        "Every change is within noise: no measurable effect on hallucination or accuracy.")
+    text = report("# vlmfix compare\n\n## pope on demo\n\n| table |", sinks, meta)
+    assert text.startswith("# Results on the demo VLM") and "# vlmfix compare" not in text
+    assert "## pope on demo\n\n| table |" in text and "at most 128 new tokens" in text
     none = {2: {"share": 0.0, "image_phi": 12.5, "text_phi": 23.0}, 3: {"share": 0.0, "image_phi": 14.0, "text_phi": 23.0}}
-    assert "No image token reached tau in any layer (largest image-token phi 14.0)" in report(
-        pope, chair, none, meta)
+    assert "No image token reached tau in any layer (largest image-token phi 14.0)" in report("", none, meta)
     some = {2: {"share": 0.25, "image_phi": 30.0, "text_phi": 23.0}, 3: {"share": 0.5, "image_phi": 31.0, "text_phi": 23.0}}
-    assert "Highest shares: layer 3 50 %, layer 2 25 %." in report(pope, chair, some, meta)
-
-
-def test_results_verdict_from_two_captions_is_too_few_items():
-    """`demo results --n-images 2`: a plain CHAIR_s of 0 % against 50 % for a method is 1 caption of 2, which
-    no interval can tell from noise (the old 2 sqrt(2 p (1 - p) / n) was 0 there and said "beyond noise")."""
-    from vlmfix.demo.results import METHOD_SETS, _verdicts
-
-    def pope(right):
-        return {"splits": {k: {"accuracy": right / 12, "n": 12, "tp": right // 2, "tn": right - right // 2}
-                           for k in ("random", "popular", "adversarial")}}
-
-    def chair(bad):
-        return {"CHAIRs": bad / 2, "CHAIRi": bad / 6, "Recall": 0.5, "Len": 10.0,
-                "counts": {"captions": 2, "hallucinated_captions": bad, "mentions": 6, "hallucinated_mentions": bad}}
-
-    lines = _verdicts({s: pope(9 if s == "gift" else 8) for s in METHOD_SETS},
-                      {s: chair(1 if s == "gift" else 0) for s in METHOD_SETS})
-    gift = next(line for line in lines if line.startswith("- **GIFT**"))
-    assert "CHAIR_s +50.0" in gift and "Beyond noise" not in gift
-    assert gift.endswith("Too few items to tell for CHAIR_s.")  # CHAIR_i (6 mentions) and POPE (12) are within noise
+    assert "Highest shares: layer 3 50 %, layer 2 25 %." in report("", some, meta)
 
 
 def test_demo_results_by_default_writes_under_out_not_docs(tmp_path, monkeypatch):
@@ -213,7 +167,7 @@ def test_demo_results_by_default_writes_under_out_not_docs(tmp_path, monkeypatch
     out/demo-results/results.md (the evaluation itself is stubbed: only where things land is checked)."""
     from types import SimpleNamespace
 
-    import vlmfix.eval.tasks
+    import vlmfix.eval.compare
     import vlmfix.data.world
     import vlmfix.demo.load
     from vlmfix.cli import main as cli
@@ -222,19 +176,28 @@ def test_demo_results_by_default_writes_under_out_not_docs(tmp_path, monkeypatch
     config = SimpleNamespace(_name_or_path="demo", text_config=SimpleNamespace(hidden_size=7))
     monkeypatch.setattr(vlmfix.demo.load, "load_demo", lambda weights=None: (SimpleNamespace(config=config), None))
     monkeypatch.setattr(vlmfix.data.world, "generate_world", lambda *a, **k: None)
-    monkeypatch.setattr(vlmfix.eval.tasks, "run", lambda task, cfg, model, processor, restart: {
-        "results": {s: {"sentences": []} for s in results.METHOD_SETS}})
+
+    def run_grid(grid, command, loader):  # the grid's report and one plot, where compare writes them
+        grid.out.mkdir(parents=True, exist_ok=True)
+        (grid.out / "report.md").write_text("# vlmfix compare\n\n![bars](metrics.png)\n")
+        (grid.out / "metrics.png").write_text("plot")
+        assert loader("demo", "float32")[0].config is config
+        return {"plots": {"bars": "metrics.png"}}
+
+    monkeypatch.setattr(vlmfix.eval.compare, "run_grid", run_grid)
     monkeypatch.setattr(results, "sink_profile", lambda *a: {})
     monkeypatch.setattr(results, "sink_plot", lambda sinks, tau, path: path.write_text("plot"))
-    monkeypatch.setattr(results, "report", lambda *a: "report")
+    monkeypatch.setattr(results, "report", lambda text, sinks, meta: "report " + text)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out" / "demo-results").mkdir(parents=True)
     assert cli.main(["demo", "results", "--n-images", "2"]) == 0
-    assert (tmp_path / "out" / "demo-results" / "results.md").read_text() == "report"
+    assert (tmp_path / "out" / "demo-results" / "results.md").read_text().startswith("report # vlmfix compare")
+    assert "](results_metrics.png)" in (tmp_path / "out" / "demo-results" / "results.md").read_text()
     assert (tmp_path / "out" / "demo-results" / "results_sink_phi.png").exists()
+    assert (tmp_path / "out" / "demo-results" / "results_metrics.png").exists()
     assert not (tmp_path / "docs").exists()
     assert cli.main(["demo", "results", "--n-images", "2", "--doc", "docs/results.md"]) == 0  # only when named
-    assert (tmp_path / "docs" / "results.md").read_text() == "report"
+    assert (tmp_path / "docs" / "results.md").read_text().startswith("report ")
 
 
 def test_demo_train_refuses_fewer_images_than_a_batch(tmp_path):

@@ -1,9 +1,10 @@
-"""`vlmfix demo results`: the demo VLM's POPE and CHAIR table for every method, in one run.
+"""`vlmfix demo results`: the demo VLM's POPE and CHAIR report for every method, in one run: a preset of
+`vlmfix compare` (`vlmfix.eval.compare`).
 
 Held-out data: the EmojiCOCO world with seed 0 (`images` images; training used seed 1). POPE
 (random / popular / adversarial questions built from it) and CHAIR (one caption per image, greedy,
-`max_new_tokens` 128) run through the same evaluation code as `vlmfix eval`, resumable, for the
-method sets of `METHOD_SETS`. Then the share of the image attention that visual sinks take is
+`max_new_tokens` 128) run as a compare grid (each cell resumable, intervals and paired tests against the
+plain model) for the method sets of `METHOD_SETS`. Then the share of the image attention that visual sinks take is
 measured per layer (the `SinkShare` probe, on POPE prompts of the first `share_images` images) and
 plotted with the largest sink scores of image and text tokens (`sink_profile`, `sink_plot`). Everything
 lands in `out`; `doc` gets the markdown report.
@@ -16,17 +17,13 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
 METHOD_SETS = (
     "none", "var", "gift", "fastv:quarter", "fastv:quarter-debiased", "var,fastv:quarter-debiased",
 )
-LABELS = {
-    "none": "plain", "var": "VAR", "gift": "GIFT", "fastv:quarter": "FastV keep 25 %",
-    "fastv:quarter-debiased": "FastV keep 25 % + debias", "var,fastv:quarter-debiased": "VAR + FastV 25 % + debias",
-}
 
 
 def sink_profile(model: Any, processor: Any, world: Path, n_images: int) -> dict[int, dict[str, float]]:
@@ -118,72 +115,6 @@ def sink_plot(sinks: Mapping[int, Mapping[str, float]], tau: float, path: Path, 
     return path
 
 
-def _changes(base_p: Mapping[str, Any], p: Mapping[str, Any], base_c: Mapping[str, Any],
-             c: Mapping[str, Any]) -> dict[str, tuple[float, str]]:
-    """{measure: (change in points as a fraction, `intervals.verdict`)} of one method against the plain
-    model, from the raw counts: CHAIR_s over captions, CHAIR_i over object mentions, POPE accuracy per
-    split over its questions (each side with its own counts)."""
-    from vlmfix.metrics.intervals import verdict
-
-    def counts(k: str, n: str) -> tuple[tuple[int, int], tuple[int, int]]:
-        return (base_c["counts"][k], base_c["counts"][n]), (c["counts"][k], c["counts"][n])
-
-    pairs = {"CHAIR_s": counts("hallucinated_captions", "captions"),
-             "CHAIR_i": counts("hallucinated_mentions", "mentions")}
-    for split, m in p["splits"].items():
-        b = base_p["splits"][split]
-        pairs[f"POPE {split}"] = ((b["tp"] + b["tn"], b["n"]), (m["tp"] + m["tn"], m["n"]))
-    return {k: (k2 / max(n2, 1) - k1 / max(n1, 1), verdict(k1, n1, k2, n2))
-            for k, ((k1, n1), (k2, n2)) in pairs.items()}
-
-
-def _verdicts(pope: Mapping[str, Any], chair: Mapping[str, Any]) -> list[str]:
-    """One plain sentence per method: what it changed against the plain model, and whether each
-    change is beyond noise (`_changes`, `vlmfix.metrics.intervals`), or the items are too few to tell."""
-    from vlmfix.metrics.intervals import BEYOND, TOO_FEW
-
-    base_c, base_p = chair["none"], pope["none"]
-    lines = []
-    for spec in METHOD_SETS[1:]:
-        c, p = chair[spec], pope[spec]
-        if c == base_c and p == base_p:
-            lines.append(f"- **{LABELS[spec]}**: identical to the plain model on every number.")
-            continue
-        changes = _changes(base_p, p, base_c, c)
-        real = {k: d for k, (d, said) in changes.items() if said == BEYOND}
-        too_few = [k for k, (_, said) in changes.items() if said == TOO_FEW]
-        listed = ", ".join(f"{k} {100 * d:+.1f}" for k, (d, _) in changes.items())
-        fewer = [k for k in ("CHAIR_s", "CHAIR_i") if real.get(k, 0) < 0]
-        more = [k for k in ("CHAIR_s", "CHAIR_i") if real.get(k, 0) > 0]
-        worse = [k for k, d in real.items() if k.startswith("POPE") and d < 0]
-        better = [k for k, d in real.items() if k.startswith("POPE") and d > 0]
-        said = []
-        if fewer and not more:
-            said.append(f"fewer hallucinated objects in captions ({', '.join(fewer)})")
-        if more:
-            said.append(f"more hallucinated objects in captions ({', '.join(more)})")
-        if better:
-            said.append(f"higher POPE accuracy ({', '.join(k[5:] for k in better)})")
-        if worse:
-            said.append(f"lower POPE accuracy ({', '.join(k[5:] for k in worse)})")
-        if len(too_few) == len(changes):
-            verdict = "Too few items to tell any change from noise."
-        elif said:
-            verdict = "Beyond noise: " + "; ".join(said) + "."
-        else:
-            verdict = "Every change is within noise: no measurable effect on hallucination or accuracy."
-        if too_few and len(too_few) < len(changes):
-            verdict += f" Too few items to tell for {', '.join(too_few)}."
-        lines.append(f"- **{LABELS[spec]}** (points against plain): {listed}. {verdict}")
-    return lines
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _share_sentence(sinks: Mapping[int, Mapping[str, float]], tau: float) -> str:
     top = sorted(sinks.items(), key=lambda kv: -kv[1]["share"])[:3]
     if not top or top[0][1]["share"] == 0:
@@ -193,30 +124,19 @@ def _share_sentence(sinks: Mapping[int, Mapping[str, float]], tau: float) -> str
     return "Highest shares: " + ", ".join(f"layer {layer} {100 * v['share']:.0f} %" for layer, v in top) + "."
 
 
-def report(pope: Mapping[str, Any], chair: Mapping[str, Any], sinks: Mapping[int, Mapping[str, float]],
-           meta: Mapping[str, Any]) -> str:
-    """The markdown of docs/results.md."""
-    splits = ("random", "popular", "adversarial")
-    pope_rows = [[LABELS[s]] + [f"{100 * m['accuracy']:.1f} / {100 * m['f1']:.1f} / {100 * m['yes_ratio']:.1f}"
-                                for m in (pope[s]["splits"][k] for k in splits)] for s in METHOD_SETS]
-    chair_rows = [[LABELS[s], f"{100 * chair[s]['CHAIRs']:.1f}", f"{100 * chair[s]['CHAIRi']:.1f}",
-                   f"{100 * chair[s]['Recall']:.1f}", f"{chair[s]['Len']:.1f}"] for s in METHOD_SETS]
+def report(compared: str, sinks: Mapping[int, Mapping[str, float]], meta: Mapping[str, Any]) -> str:
+    """The markdown of docs/results.md: what ran, `vlmfix compare`'s report (`compared`, its title left out)
+    and the visual-sink profile."""
+    body = compared.split("\n", 1)[1].strip() if compared.startswith("# ") else compared.strip()
     return "\n\n".join([
         "# Results on the demo VLM",
         f"Produced by one command in one run: `{meta['command']}` ({meta['minutes']:.1f} minutes on {meta['device']}, "
-        f"{meta['date']}). Model: `vlmfix.load_demo()` (SmolLM2-135M-Instruct + the committed vision tower, "
-        f"projector and LoRA). Data: {meta['images']} held-out EmojiCOCO images (world seed 0; training used seed 1). "
-        "Greedy decoding. Method presets: configs/methods/*.yaml.",
-        "## POPE (accuracy / F1 / yes-ratio, %)",
-        _table(["method", "random", "popular", "adversarial"], pope_rows),
-        f"## CHAIR ({meta['images']} images, max {meta['chair_max_new_tokens']} new tokens, %)",
-        _table(["method", "CHAIR_s", "CHAIR_i", "Recall", "Len (words)"], chair_rows),
-        "## What each method did here",
-        "A change is beyond noise when the 95 % Newcombe interval of the difference of the two proportions "
-        "(Wilson score intervals with continuity correction) excludes 0: POPE accuracy over the questions of the "
-        "split, CHAIR_s over the captions, CHAIR_i over each side's object mentions. \"Too few items\" means that "
-        "no outcome at that size could be told from noise.",
-        "\n".join(_verdicts(pope, chair) + [f"- **Warning**: {w}" for w in meta.get("warnings", [])]),
+        f"{meta['date']}), a preset of `vlmfix compare` (docs/evaluation.md, \"Compare\"). Model: `vlmfix.load_demo()` "
+        "(SmolLM2-135M-Instruct + the committed vision tower, projector and LoRA). Data: "
+        f"{meta['images']} held-out EmojiCOCO images (world seed 0; training used seed 1), POPE's three splits and "
+        f"CHAIR captions of at most {meta['chair_max_new_tokens']} new tokens. Greedy decoding. Method presets: "
+        "configs/methods/*.yaml.",
+        body,
         "## Visual sinks in the demo VLM",
         "![sink scores and visual-sink attention share per layer](results_sink_phi.png)\n\n"
         f"Largest sink score of a text and of an image token per layer, and the share of the image attention of "
@@ -249,46 +169,51 @@ def run_results(out: str | Path = "out/demo-results", doc: str | Path | None = N
                 batch_size: int | None = None, max_new_tokens: int = 128, share_images: int = 50,
                 weights: str | Path | None = None, command: str = "vlmfix demo results",
                 restart: bool = False) -> dict[str, Any]:
-    """Run the whole table (resumable: rerun the same command after a crash; `restart` discards the
-    evaluations' results first) and write `doc` (default `<out>/results.md`, its sink plot beside it: a
-    committed report is rewritten only when named). `batch_size` None: 128 with a GPU, 16 on the CPU."""
+    """Run the grid (`vlmfix compare` with the method sets of `METHOD_SETS` x POPE and CHAIR on the demo VLM;
+    resumable: rerun the same command after a crash; `restart` discards the grid's results first) and write
+    `doc` (default `<out>/results.md`, its plots beside it: a committed report is rewritten only when named).
+    `batch_size` None: 128 with a GPU, 16 on the CPU."""
+    import shutil
     from datetime import date
 
-    from vlmfix.eval.tasks import load_config, run
-    from vlmfix.data.world import generate_world
     from vlmfix.core.presets import model_preset
+    from vlmfix.data.world import generate_world
     from vlmfix.demo.load import load_demo
+    from vlmfix.eval.compare import load_grid, run_grid
 
     start = time.perf_counter()
     out = Path(out)
     doc = out / "results.md" if doc is None else Path(doc)
     world = out / "emojicoco-heldout"
     if _world_size(world) != images:  # the folder is this command's: a world of another size is replaced
-        _stage(f"1/4 writing the held-out EmojiCOCO world ({images} images, seed 0) in {world}")
+        _stage(f"1/3 writing the held-out EmojiCOCO world ({images} images, seed 0) in {world}")
         generate_world(world, images, seed=0, overwrite=True)
     model, processor = load_demo(weights)  # the evaluation runner moves it to the accelerator's device
-    batch_size = batch_size or (128 if torch.cuda.is_available() else 16)
-    common = {"model": _model_name(weights), "methods": list(METHOD_SETS), "batch_size": batch_size,
-              "world": str(world)}
-    _stage(f"2/4 POPE, {len(METHOD_SETS)} method sets (resumable: rerun the command after a stop)")
-    pope = run("pope", load_config("pope", None, {**common, "out": str(out / "pope")}), model, processor, restart)
-    _stage(f"3/4 CHAIR, {len(METHOD_SETS)} method sets")
-    chair = run("chair", load_config("chair", None, {**common, "out": str(out / "chair"), "n_images": images,
-                                                      "max_new_tokens": max_new_tokens}), model, processor, restart)
-    _stage(f"4/4 the visual-sink profile per layer over {share_images} POPE prompts")
+    grid_dir = out / "grid"
+    if restart:
+        shutil.rmtree(grid_dir, ignore_errors=True)
+    grid = load_grid(None, {"models": [_model_name(weights)], "tasks": ["pope", "chair"], "methods": list(METHOD_SETS),
+                            "data": {"world": str(world)}, "n_images": images, "max_new_tokens": max_new_tokens,
+                            "batch_size": batch_size or (128 if torch.cuda.is_available() else 16),
+                            "out": str(grid_dir)})
+    _stage(f"2/3 vlmfix compare: {len(METHOD_SETS)} method sets x POPE, CHAIR (resumable: rerun the command after a "
+           "stop)")
+    compared = run_grid(grid, command, loader=lambda name, dtype: (model, processor))
+    _stage(f"3/3 the visual-sink profile per layer over {share_images} POPE prompts")
     sinks = sink_profile(model, processor, world, share_images)
     tau = float((model_preset(model.config._name_or_path, model.config.text_config.hidden_size) or {"tau": 20.0})["tau"])
     doc.parent.mkdir(parents=True, exist_ok=True)
     sink_plot(sinks, tau, doc.parent / "results_sink_phi.png")
+    text = (grid_dir / "report.md").read_text(encoding="utf-8")
+    for name in compared.get("plots", {}).values():  # the grid's plots beside the doc, named as its
+        shutil.copyfile(grid_dir / name, doc.parent / f"results_{name}")
+        text = text.replace(f"]({name})", f"](results_{name})")
     meta = {"command": command, "minutes": (time.perf_counter() - start) / 60, "images": images,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
             "date": date.today().isoformat(), "chair_max_new_tokens": max_new_tokens, "share_images": share_images,
-            "tau": tau, "warnings": [f"{task}: {w}" for task, got in (("POPE", pope), ("CHAIR", chair))
-                                     for w in got.get("warnings", [])]}
-    pope_metrics = {s: pope["results"][s] for s in METHOD_SETS}
-    chair_metrics = {s: {k: v for k, v in chair["results"][s].items() if k != "sentences"} for s in METHOD_SETS}
-    doc.write_text(report(pope_metrics, chair_metrics, sinks, meta), encoding="utf-8")
-    summary = {"pope": pope_metrics, "chair": chair_metrics, "sinks": sinks, "meta": meta}
+            "tau": tau}
+    doc.write_text(report(text, sinks, meta), encoding="utf-8")
+    summary = {"compare": compared, "sinks": sinks, "meta": meta}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"report: {doc}")
     return summary

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import sys
 import time
 import traceback
@@ -218,7 +219,7 @@ def task_config(grid: Grid, task: str, model: str) -> dict:
 
 
 def _cell_dir(grid: Grid, cell: Cell) -> Path:
-    model = cell.model.replace("/", "--").replace(":", "_")
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", cell.model.replace("/", "--")).strip("_")
     return grid.out / model / cell.task.replace(":", "-") / cell.folder
 
 
