@@ -242,7 +242,7 @@ def run_grid(grid: Grid, command: str = "vlmfix compare", loader: Any = None) ->
     outcomes: dict[Cell, dict] = {}
     timing = {"loading": 0.0, "tasks": 0.0, "cells": 0.0}
     bar = tqdm(total=len(cells), desc="grid", unit="cell", position=0, dynamic_ncols=True,
-               disable=not acc.is_main_process)
+               **({} if acc.is_main_process else {"disable": True}))  # TQDM_DISABLE=1 still silences it
     for model_name in grid.models:
         mine = [c for c in cells if c.model == model_name]
         loaded, failure = None, None
