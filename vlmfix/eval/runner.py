@@ -425,8 +425,8 @@ def _run_method_set(model: Any, processor: Any, task: Task, mset: MethodSet, set
                              if r.call.record_type.acts}}
         if fixed is not None and fixed.tracks_sinks:
             resolved.update(sink_dims=list(fixed.sink_dims), tau=fixed.tau, sink_dims_source=fixed.sink_source)
-        bar = tqdm(total=len(pending), desc=f"{task.name} {mset.spec}{where}", position=rank + settings.progress_row, unit="item",
-                   dynamic_ncols=True)
+        bar = tqdm(total=len(pending), desc=f"{task.name} {mset.spec}{where}", position=rank + settings.progress_row,
+                   unit="item", dynamic_ncols=True)
         batches = [pending[start:start + settings.batch_size] for start in range(0, len(pending), settings.batch_size)]
         prepared = prefetched(prepare_batch, processor, batches, prep_workers(settings, model, n))
         for batch, inputs in zip(batches, prepared):
