@@ -134,3 +134,16 @@ def test_settings_are_validated_everywhere_before_anything_runs(tmp_path, capsys
     assert main(["compare", "--tasks", "lmms:mme", "--out", str(tmp_path / "e")]) == 2
     assert "unknown task 'lmms:mme'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_fixed_and_swept_settings_name_the_cells_that_they_concern(tmp_path):
+    grid = load_grid(None, {"tasks": ["chair"], "methods": ["none", "var", "gift"], "settings": ["var.p=0.4"],
+                            "sweep": ["gift.alpha=1,3"], "out": str(tmp_path)})
+    assert [c.name for c in grid.cells()] == ["none", "var [var.p=0.4]", "gift [gift.alpha=1]", "gift [gift.alpha=3]"]
+    assert grid.cells()[1].method_settings() == {"var": {"p": 0.4}}
+    with pytest.raises(ValueError, match="tau is given twice"):
+        load_grid(None, {"tasks": ["chair"], "methods": ["var"], "settings": ["tau=15"], "tau": 20})
+    with pytest.raises(ValueError, match="swept twice"):
+        load_grid(None, {"tasks": ["chair"], "sweep": ["var.p=0.2", "var.p=0.4"]})
+    with pytest.raises(ValueError, match="baseline 'pai' is not one of"):
+        load_grid(None, {"tasks": ["chair"], "methods": ["none", "var"], "baseline": "pai"})

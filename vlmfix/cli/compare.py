@@ -7,7 +7,7 @@ import argparse
 import shlex
 import sys
 
-from vlmfix.cli.flags import RESUME, add_methods, add_n_images, add_out, add_parser
+from vlmfix.cli.flags import RESUME, add_methods, add_n_images, add_out, add_parser, add_restart
 from vlmfix.loading import DTYPES
 
 
@@ -18,7 +18,8 @@ def grid_overrides(args: argparse.Namespace) -> dict:
             "sweep": args.sweep, "tau": args.tau, "baseline": args.baseline, "max_new_tokens": args.max_new_tokens,
             "draws": args.draws, "out": args.out, "dtype": args.dtype, "data": data or None,
             "world_images": args.world_images, "batch_size": args.batch_size, "seed": args.seed,
-            "limit": args.limit, "n_images": args.n_images, "prep_workers": args.prep_workers}
+            "limit": args.limit, "n_images": args.n_images, "prep_workers": args.prep_workers,
+            "restart": args.restart or None}
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -70,4 +71,5 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draws", type=int, metavar="N", help="bootstrap draws (default: 2000, at least 1000)")
     add_out(p, None, "output folder: one sub-folder per cell, report.md, report.json, the plots "
             "(default: out/compare)")
+    add_restart(p)
     p.set_defaults(func=cmd_compare, resume=RESUME)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -44,6 +45,7 @@ TASK_NAMES = ("pope", "chair", "amber")
 TASK_OVERRIDES = ("dtype", "data", "world_images", "batch_size", "seed", "prep_workers", "limit", "n_images",
                   "image_ids", "rule", "prompt", "question_prompt")
 GRID_KEYS = ("models", "tasks", "methods", "settings", "sweep", "tau", "baseline", "max_new_tokens", "draws", "out",
+             "restart",
              *TASK_OVERRIDES)
 CELL_FILE = "cell.json"
 
@@ -91,26 +93,33 @@ class Grid:
     max_new_tokens: int | None = None
     draws: int = 2000
     out: Path = Path("out/compare")
+    restart: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def cells(self) -> list[Cell]:
         """Every cell: models x tasks x method sets x the sweep combinations that concern each set."""
         from vlmfix.methods import normal_spec, parse_methods, parse_settings, with_settings
 
-        fixed = parse_settings(self.settings)
+        fixed = {f"{name}.{param}" if name else param: value for name, params in parse_settings(self.settings).items()
+                 for param, value in params.items()}
+        if self.tau is not None:
+            if "tau" in fixed:
+                raise ValueError("tau is given twice (--tau and a tau=VALUE setting); give one")
+            fixed["tau"] = self.tau
         cells = []
         for model, task in itertools.product(self.models, self.tasks):
             for spec in map(normal_spec, self.method_sets):
                 names = {m.name for m in parse_methods(spec)}
-                keys = [k for k in self.sweep if (k == "tau" and names) or k.rpartition(".")[0] in names]
+
+                def concerns(key: str) -> bool:
+                    return (key == "tau" and bool(names)) or key.rpartition(".")[0] in names
+
+                kept = tuple((k, v) for k, v in fixed.items() if concerns(k) and k not in self.sweep)
+                keys = [k for k in self.sweep if concerns(k)]
                 for values in itertools.product(*(self.sweep[k] for k in keys)):
-                    combo = tuple(zip(keys, values))
-                    settings = {**{n: dict(p) for n, p in fixed.items()}}
-                    for key, value in combo:
-                        name, _, param = key.rpartition(".")
-                        settings.setdefault(name, {})[param] = value
-                    with_settings(parse_methods(spec), settings)  # each value validates before anything runs
-                    cells.append(Cell(model, task, spec, combo))
+                    cell = Cell(model, task, spec, kept + tuple(zip(keys, values)))
+                    with_settings(parse_methods(spec), cell.method_settings())  # each value validates here
+                    cells.append(cell)
         return cells
 
     def baseline_spec(self) -> str:
@@ -179,7 +188,7 @@ def load_grid(path: str | Path | None = None, overrides: Mapping[str, Any] | Non
     grid = Grid(models=as_list["models"], tasks=as_list["tasks"], method_sets=as_list["methods"],
                 settings=as_list["settings"], sweep=sweep, tau=config.get("tau"), baseline=config.get("baseline"),
                 max_new_tokens=config.get("max_new_tokens"), draws=int(config.get("draws", 2000)),
-                out=Path(config.get("out") or "out/compare"),
+                out=Path(config.get("out") or "out/compare"), restart=bool(config.get("restart")),
                 overrides={k: config[k] for k in TASK_OVERRIDES if config.get(k) is not None})
     if grid.draws < 1000:
         raise ValueError(f"draws must be >= 1000 for a 95 % bootstrap interval, got {grid.draws}")
@@ -237,6 +246,9 @@ def run_grid(grid: Grid, command: str = "vlmfix compare", loader: Any = None) ->
     cells = grid.cells()
     grid.out.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
+        if grid.restart:  # the grid's own cells only: nothing else in --out is touched
+            for cell in cells:
+                shutil.rmtree(_cell_dir(grid, cell), ignore_errors=True)
         with open(grid.out / "commands.txt", "a", encoding="utf-8") as f:
             f.write(command + "\n")
     outcomes: dict[Cell, dict] = {}
@@ -321,16 +333,13 @@ def _build_task(grid: Grid, task: str, model_name: str) -> tuple[Any, dict]:
 
 def _prepare_cell(grid: Grid, cell: Cell, built: Any, config: dict) -> tuple[Any, list, dict]:
     from vlmfix.eval.runner import Settings, parse_method_sets, prepare
-    from vlmfix.methods import parse_settings
 
-    settings_map = parse_settings(grid.settings)
-    for name, params in cell.method_settings().items():
-        settings_map.setdefault(name, {}).update(params)
-    tau = settings_map.pop("", {}).get("tau", grid.tau)
+    settings_map = cell.method_settings()
+    tau = settings_map.pop("", {}).get("tau")
     msets = parse_method_sets([cell.spec], settings_map)
     settings = Settings(model=cell.model, out=_cell_dir(grid, cell), dtype=config["dtype"],
                         batch_size=config["batch_size"], max_new_tokens=config["max_new_tokens"], seed=config["seed"],
-                        prep_workers=config["prep_workers"], tau=tau if msets[0].methods else None, progress_row=1)
+                        prep_workers=config["prep_workers"], tau=tau, progress_row=1)
     return settings, msets, prepare(built, msets, settings)
 
 
