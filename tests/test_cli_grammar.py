@@ -36,7 +36,7 @@ COMMANDS = subcommands(build_parser())
 def test_every_command_is_covered():
     names = {" ".join(path) for path, _ in COMMANDS}
     assert {"sinks", "generate", "world", "calibrate-trend", "demo", "demo train", "demo results", "eval pope",
-            "eval chair"} <= names
+            "eval chair", "eval amber", "compare"} <= names
 
 
 @pytest.mark.parametrize("path, parser", COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])

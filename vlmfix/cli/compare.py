@@ -13,7 +13,7 @@ from vlmfix.loading import DTYPES
 
 def grid_overrides(args: argparse.Namespace) -> dict:
     """The flags as `load_grid` overrides (None: not given)."""
-    data = {k: v for k, v in (("world", args.data), ("images", args.image_dir), ("amber_dir", args.amber_dir)) if v}
+    data = {k: v for k, v in (("world", args.world), ("images", args.images), ("amber_dir", args.amber_dir)) if v}
     return {"models": args.models, "tasks": args.tasks, "methods": args.methods, "settings": args.settings,
             "sweep": args.sweep, "tau": args.tau, "baseline": args.baseline, "max_new_tokens": args.max_new_tokens,
             "draws": args.draws, "out": args.out, "dtype": args.dtype, "data": data or None,
@@ -55,9 +55,9 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tau", help="sink threshold (default: the model preset, else 'scaled')")
     p.add_argument("--baseline", metavar="SET", help="the method set every cell is tested against (default: none "
                    "when in the grid, else the first)")
-    p.add_argument("--data", metavar="DIR", help="an EmojiCOCO folder for every task (see --world-images)")
+    p.add_argument("--data", dest="world", metavar="DIR", help="an EmojiCOCO folder for every task (see --world-images)")
     p.add_argument("--world-images", type=int, metavar="N", help="generate --data with N images when it does not exist")
-    p.add_argument("--image-dir", metavar="DIR", help="images of a real dataset (with --amber-dir)")
+    p.add_argument("--image-dir", dest="images", metavar="DIR", help="images of a real dataset (with --amber-dir)")
     p.add_argument("--amber-dir", metavar="DIR", help="the AMBER benchmark's data/ folder")
     p.add_argument("--limit", type=int, metavar="N", help="POPE: the first N questions per split; AMBER: the first N "
                    "queries of each kind")
