@@ -147,3 +147,15 @@ def test_fixed_and_swept_settings_name_the_cells_that_they_concern(tmp_path):
         load_grid(None, {"tasks": ["chair"], "sweep": ["var.p=0.2", "var.p=0.4"]})
     with pytest.raises(ValueError, match="baseline 'pai' is not one of"):
         load_grid(None, {"tasks": ["chair"], "methods": ["none", "var"], "baseline": "pai"})
+
+
+def test_eval_settings_reach_the_method_sets_and_tau_the_runner():
+    from vlmfix.eval.tasks import config_tau, load_config, method_settings
+
+    config = load_config("pope", None, {"methods": ["none", "var", "var,gift"], "settings": ["var.p=0.3", "tau=12"]})
+    sets = runner.parse_method_sets(config["methods"], method_settings(config))
+    assert [m.p for s in sets for m in s.methods if m.name == "var"] == [0.3, 0.3]
+    assert config_tau(config) == 12
+    assert config_tau(load_config("pope", None, {"tau": 9})) == 9
+    with pytest.raises(ValueError, match="must be"):  # a value the method refuses
+        runner.parse_method_sets(["var"], {"var": {"p": 7}})
