@@ -30,8 +30,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"vlmfix compare: {len(cells)} cells ({len(grid.models)} model(s) x {len(grid.tasks)} task(s) x "
           f"{len(cells) // max(1, len(grid.models) * len(grid.tasks))} method set(s) and settings) -> {grid.out}",
           file=sys.stderr, flush=True)
-    run_grid(grid, command=shlex.join(["vlmfix", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"]
-             else "vlmfix compare (called from Python)")
+    report = run_grid(grid, command=shlex.join(["vlmfix", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"]
+                      else "vlmfix compare (called from Python)")
+    failed = [c for c in (report or {}).get("cells", []) if c["status"] != "done"]
+    if failed:
+        print(f"vlmfix compare: {len(failed)} of {len(report['cells'])} cells failed (their errors are in "
+              f"{grid.out / 'report.md'}); rerun to retry them, finished cells are kept", file=sys.stderr)
+        return 1
     return 0
 
 

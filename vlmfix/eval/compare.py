@@ -234,7 +234,8 @@ def _cell_dir(grid: Grid, cell: Cell) -> Path:
 
 def run_grid(grid: Grid, command: str = "vlmfix compare", loader: Any = None) -> dict | None:
     """Run every cell (resuming finished and unfinished ones), then write the report (main process).
-    `loader(model_name) -> (model, processor)` replaces `vlmfix.loading.load` (tests). Returns the report."""
+    `loader(model_name, dtype) -> (model, processor)` replaces `vlmfix.loading.load` (a model already loaded,
+    tests). Returns the report on the main process, else None."""
     import torch
     from tqdm.auto import tqdm
 
