@@ -28,15 +28,13 @@ NAME = "sparsevlm_reference"
 
 def raters_reference(embeddings: torch.Tensor, image: list[int], text: list[int]) -> list[int]:
     d = embeddings.shape[-1]
-    r = []
-    for t in text:
-        total = 0.0
-        for v in image:
-            logits = [float(embeddings[v].double() @ embeddings[u].double()) / math.sqrt(d) for u in text]
-            top = max(logits)
-            z = sum(math.exp(x - top) for x in logits)
-            total += math.exp(logits[text.index(t)] - top) / z
-        r.append(total / len(image))
+    r = [0.0] * len(text)
+    for v in image:  # one softmax over the text tokens per image token
+        logits = [float(embeddings[v].double() @ embeddings[u].double()) / math.sqrt(d) for u in text]
+        top = max(logits)
+        z = sum(math.exp(x - top) for x in logits)
+        for k, x in enumerate(logits):
+            r[k] += math.exp(x - top) / z / len(image)
     mean = sum(r) / len(r)
     return [t for t, x in zip(text, r) if x >= mean]
 

@@ -339,6 +339,8 @@ class SparseVLMRuntime(PruneRuntime):
         """`keeps[stage]` / `keep_ratios[stage]`; or, for a final `keep` / `keep_ratio` K, the geometric schedule
         ceil(n (K / n)^((stage + 1) / stages)), which ends at K."""
         c = self.config
+        if n == 0:
+            return 0
         if c.keeps is not None:
             return min(n, int(c.keeps[stage]))
         if c.keep_ratios is not None:
