@@ -262,3 +262,19 @@ def test_cli_generate_and_lmms_eval(tmp_path, capsys):
         lmm.detach()
     logs = [r.token_counts.to_dict()["vlmfix"] for r in results]
     assert [log["sparsevlm_kept"] for log in logs] == [64, 64] and all(log["sparsevlm_raters"] > 0 for log in logs)
+
+
+def test_pdrop_preset_ranks_by_the_last_token():
+    """StagedPrune(scoring="last") ranks as FastV does (the last real token's attention): PyramidDrop's criterion."""
+    pdrop = build("staged", "pdrop")
+    assert pdrop.stage_layers() == (8, 16, 24) and list(pdrop.keep_ratios) == [0.5, 0.25, 0.125]
+    assert pdrop.scoring == "last" and build("staged").scoring == "text"
+    with pytest.raises(ValueError, match="scoring"):
+        vlmfix.StagedPrune(scoring="first")
+    model = make_model("llava")
+    batch = make_batch("llava", model, prompts_two())
+    staged = run(model, batch, vlmfix.StagedPrune(layers=(2,), keep_ratios=(0.3,), scoring="last"))
+    fastv = run(model, batch, vlmfix.FastVPrune(layer=2, keep_ratio=0.3))
+    text = run(model, batch, vlmfix.StagedPrune(layers=(2,), keep_ratios=(0.3,)))
+    assert kept_lists(staged[2]) == kept_lists(fastv[2]) != kept_lists(text[2])
+    assert torch.equal(staged[0], fastv[0]) and torch.equal(staged[1], fastv[1])

@@ -10,7 +10,8 @@ scoring's query rows i with weights w_b,i (`Scoring`):
 
 FastV's scoring (`LastToken`) weighs only each batch row's last real token (the last prompt token,
 or the one before a right-padded row's padding); multi-stage's (`TextAfterImage`) the row's text
-after its image, up to that token (padding excluded). The top tokens of s (optionally after `Debias`)
+after its image, up to that token (padding excluded), or with `scoring="last"` FastV's (PyramidDrop's last
+instruction token). The top tokens of s (optionally after `Debias`)
 are kept, within the stage's budget, and the rest dropped from layer L on.
 
 Parts, each with one job:
@@ -485,15 +486,21 @@ class FastVRuntime(PruneRuntime):
         return _ratio_budget(self.ratio, n) if self.ratio is not None else min(n, int(self.keep))
 
 
+#: StagedPrune's `scoring` choices: the text after the image (default), or each row's last real token (PDrop's
+#: last instruction token)
+STAGED_SCORINGS: dict[str, Scoring] = {"text": TextAfterImage(), "last": LastToken()}
+
+
 class StagedRuntime(PruneRuntime):
-    """Multi-stage pruning bound to a model: scored by the text after the image; `keep_ratios[stage]` of
-    each row's image at each stage."""
+    """Multi-stage pruning bound to a model: scored by the text after the image (or, `scoring="last"`, by each
+    row's last real token); `keep_ratios[stage]` of each row's image at each stage."""
 
     scoring = TextAfterImage()
 
     def __init__(self, config: "StagedPrune", target: Target):
         super().__init__(config, target)
         self.ratios = tuple(float(r) for r in config.keep_ratios)
+        self.scoring = STAGED_SCORINGS[config.scoring]  # type: ignore[misc]  # per runtime, by the config
 
     def budget(self, stage: int, n: int) -> int:
         return _ratio_budget(self.ratios[stage], n)
@@ -571,19 +578,22 @@ class StagedPrune(MethodConfig):
     image's tokens, strictly decreasing) ranked by the mean attention of the text after the image.
 
     layers: a non-empty, strictly increasing list of ints >= 1; keep_ratios: one number in (0, 1] per
-    layer; debias and form as FastVPrune's. Every mistake is refused at construction; a layer beyond
+    layer; debias and form as FastVPrune's; scoring: "text" (the mean over the text after the image) or "last"
+    (each row's last real token, PyramidDrop's last instruction token: the `pdrop` preset). Every mistake is refused at construction; a layer beyond
     the model's depth when attach binds it."""
 
     layers: Sequence[int] = (2, 10, 20)
     keep_ratios: Sequence[float] = (0.32, 0.16, 0.08)
     debias: Debias | None = None
     form: str = "inplace"
+    scoring: str = "text"
 
     preset_key: ClassVar[str] = "staged"
 
     def __post_init__(self) -> None:
         layers, ratios = self.layers, self.keep_ratios
-        problems = [check_layers("layers", layers, lo=FIRST_STAGE_LAYER), *_pruner_problems(self)]
+        problems = [check_layers("layers", layers, lo=FIRST_STAGE_LAYER), *_pruner_problems(self),
+                    check_choice("scoring", self.scoring, tuple(STAGED_SCORINGS))]
         layers_ok = problems[0] is None
         if layers_ok and any(b <= a for a, b in zip(layers, layers[1:])):
             problems[0] = f"layers must be strictly increasing, got {list(layers)}"

@@ -1,7 +1,9 @@
 """SparseVLM: text-guided visual token sparsification (Zhang et al., "SparseVLM: Visual Token Sparsification
 for Efficient Vision-Language Model Inference", ICML 2025, arXiv 2410.04417).
 
-Three parts, each as the paper describes it (our reading; choices where the text leaves room are marked):
+Three parts, as the paper describes them. Only the paper's abstract and our notes of its method could be read
+when this was written (no code was consulted): the formulas are our reading, and the choices where it leaves
+room are marked "choice"; docs/methods.md lists them.
 
 1. **Text raters.** Not every text token speaks for the image. From the decoder's input embeddings
    (entering layer 0) of a batch row's image tokens H_v (N x D) and of its candidate text tokens H_q
@@ -9,7 +11,7 @@ Three parts, each as the paper describes it (our reading; choices where the text
 
        R = softmax_over_text(H_v H_q^T / sqrt(D)),    r_t = (1 / N) sum_v R_v,t,
 
-   and the raters are the text tokens with r_t >= mean_t(r_t). Candidates (our choice): the row's question
+   and the raters are the text tokens with r_t >= mean_t(r_t). Candidates (choice): the row's question
    (`RowLayout.query_positions`) after its last image token (a token before the image cannot attend to it);
    without one, the text after the image up to the row's last real token; without that, the last token.
 2. **Progressive sparsification with rank-based counts.** At each stage layer L (default 2, 6, 15, LLaVA-1.5's
