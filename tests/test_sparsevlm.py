@@ -8,6 +8,8 @@ import pytest
 import torch
 from reference_sparsevlm import dpc_knn_reference, raters_reference, sparsevlm_reference
 from test_compose import VAR_TINY, gift_prompts, moved
+from test_families import case  # noqa: F401 (the families' fixture: images, tiles and video frames)
+from test_families import run as run_family
 from tiny import PAD, make_batch, make_model, prompts_two, tokenizer
 
 import vlmfix
@@ -278,3 +280,24 @@ def test_pdrop_preset_ranks_by_the_last_token():
     text = run(model, batch, vlmfix.StagedPrune(layers=(2,), keep_ratios=(0.3,)))
     assert kept_lists(staged[2]) == kept_lists(fastv[2]) != kept_lists(text[2])
     assert torch.equal(staged[0], fastv[0]) and torch.equal(staged[1], fastv[1])
+
+
+def test_every_family_grid_forms_agree_or_inplace_is_refused(case):  # noqa: F811
+    """Images, tiles and video frames of every family of tests/families: both forms recycle the same groups and
+    give the same tokens (the in-place form where the family allows it; else refused naming the mask form)."""
+    module, model, _, batch = case
+    make = lambda form: SparseVLM(layers=(2, 3), keeps=(8, 4), rank_scale=None, form=form)  # noqa: E731
+    masked = run_family(model, batch, make("mask"))
+    rec = prune_record(masked[2])
+    for row in masked[2].rows:
+        assert len(rec.stages[-1].kept[row.index]) == 4
+        assert set(rec.stages[-1].kept[row.index].tolist()) <= set(row.image_positions.tolist())
+    assert any(g for stage in rec.groups for g in stage), "nothing was recycled"
+    if not module.PRUNE_IN_PLACE:
+        with pytest.raises(vlmfix.VlmfixInputError, match="form='mask'"):
+            vlmfix.attach(model, tokenizer(), make("inplace"))
+        return
+    inplace = run_family(model, batch, make("inplace"))
+    assert kept_lists(inplace[2]) == kept_lists(masked[2]) and prune_record(inplace[2]).groups == rec.groups
+    assert torch.equal(inplace[0], masked[0])
+    assert torch.allclose(inplace[1], masked[1], atol=1e-4, rtol=0), (inplace[1] - masked[1]).abs().max()

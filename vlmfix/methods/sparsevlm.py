@@ -271,7 +271,9 @@ class SparseVLMCall(PruneCall):
             slots = torch.searchsorted(prev.pos[r].contiguous(), positions)
             feats = hidden[r, slots.to(hidden.device)].detach()
             centres, assign = density_peaks(feats.cpu(), clusters, self.neighbours)
-            means = torch.stack([feats[(assign == c).to(feats.device)].float().mean(0) for c in range(len(centres))])
+            index = assign.to(feats.device)
+            sums = torch.zeros(len(centres), feats.shape[-1], device=feats.device).index_add_(0, index, feats.float())
+            means = sums / torch.bincount(assign, minlength=len(centres)).to(feats.device)[:, None]
             centre_pos = positions[centres]
             alive[r, centre_pos] = True
             groups = {}
