@@ -301,3 +301,27 @@ def test_every_family_grid_forms_agree_or_inplace_is_refused(case):  # noqa: F81
     assert kept_lists(inplace[2]) == kept_lists(masked[2]) and prune_record(inplace[2]).groups == rec.groups
     assert torch.equal(inplace[0], masked[0])
     assert torch.allclose(inplace[1], masked[1], atol=1e-4, rtol=0), (inplace[1] - masked[1]).abs().max()
+
+
+@pytest.mark.smollm2
+def test_cli_calibrate_trend_sparsevlm(tmp_path, capsys):
+    """`vlmfix calibrate-trend --pruner sparsevlm` fits SparseVLM's first-stage scores (layer 2, rated at 1)."""
+    import json
+
+    import yaml
+    from PIL import Image
+
+    from vlmfix.cli.main import main
+
+    world = tmp_path / "world"
+    (world / "images").mkdir(parents=True)
+    images = []
+    for i, (size, colour) in enumerate((((120, 90), "red"), ((90, 120), "blue")), 1):
+        Image.new("RGB", size, colour).save(world / "images" / f"{i:06d}.png")
+        images.append({"id": i, "file_name": f"{i:06d}.png", "width": size[0], "height": size[1]})
+    (world / "instances.json").write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    out = tmp_path / "trends" / "smol__sparsevlm.yaml"
+    assert main(["calibrate-trend", "--model", "smollm2-llava-small", "--data", str(world), "--n-images", "2",
+                 "--pruner", "sparsevlm", "--match", "smol-calib", "--out", str(out)]) == 0
+    assert "exp trend over 2 images" in capsys.readouterr().out
+    assert yaml.safe_load(out.read_text())["family"] == "exp" and "stage layer 2" in out.read_text()
