@@ -291,7 +291,11 @@ class ReplacesMask:
 
 
 class MovesTokens:
-    """Capability: remove tokens from the hidden states of the runtime's `moved_layers` (in-place pruning)."""
+    """Capability: remove tokens from the hidden states of the runtime's `moved_layers` (in-place pruning), or
+    rewrite them there. `shortens_cache` False: the call keeps every token (it only rewrites features), so it
+    runs under a static cache."""
+
+    shortens_cache: ClassVar[bool] = True
 
     def before_layer(self, layer: int, state: CallState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """New (args, kwargs) for the layer's prefill forward, or None to leave them."""

@@ -10,7 +10,8 @@ scoring's query rows i with weights w_b,i (`Scoring`):
 
 FastV's scoring (`LastToken`) weighs only each batch row's last real token (the last prompt token,
 or the one before a right-padded row's padding); multi-stage's (`TextAfterImage`) the row's text
-after its image, up to that token (padding excluded). The top tokens of s (optionally after `Debias`)
+after its image, up to that token (padding excluded), or with `scoring="last"` FastV's (PyramidDrop's last
+instruction token). The top tokens of s (optionally after `Debias`)
 are kept, within the stage's budget, and the rest dropped from layer L on.
 
 Parts, each with one job:
@@ -67,7 +68,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 import torch
 
 from vlmfix.core.moves import InPlaceMoves, SlotMasks, allowed_mask, as_mask_of, slot_mask, slot_stage
-from vlmfix.core.state import SlotMap
+from vlmfix.core.state import RowLayout, SlotMap
 from vlmfix.methods.base import (Block, CallState, HeatMaps, MethodCall, MethodConfig, MovesTokens, ObservesQueries,
                                  Phase, Queries, ReadsInputs, Record, Runtime, Target, check_choice, check_layers,
                                  check_number, is_int, raise_problems)
@@ -237,7 +238,7 @@ class PruneCall(MethodCall, ObservesQueries, SlotMasks, ReadsInputs):
     record: PruneRecord
 
     def __init__(self, runtime: "PruneRuntime", state: CallState):
-        self.scoring, self.layers, self.debias, self.trend = runtime.scoring, runtime.layers, runtime.debias, \
+        self.scoring, self.layers, self.debias, self.trend = self._scoring(runtime), runtime.layers, runtime.debias, \
             runtime.trend
         self._geometry, self._background = runtime.geometry, runtime.background
         self._stage = {layer: k for k, layer in enumerate(self.layers)}
@@ -252,9 +253,13 @@ class PruneCall(MethodCall, ObservesQueries, SlotMasks, ReadsInputs):
         notes = [f"row {r.index}: keep {keep} >= its {len(r.image_positions)} image tokens, so nothing is pruned "
                  "(keep counts are sized for LLaVA-1.5's 576 tokens; keep_ratio scales with the image)"
                  for r in state.rows if r.has_image and keep is not None and keep >= len(r.image_positions)]
-        super().__init__(runtime, PruneRecord(runtime.config.form, self.layers, budgets, [None] * b, active,
-                                              [len(r.image_positions) for r in state.rows], budget_notes=notes))
+        super().__init__(runtime, self.record_type(runtime.config.form, self.layers, budgets, [None] * b, active,
+                                                   [len(r.image_positions) for r in state.rows], budget_notes=notes))
         self._mask_dtype()  # the decoding steps' mask dtype, read now (not inside a compiled step)
+
+    def _scoring(self, runtime: "PruneRuntime") -> Scoring:
+        """This call's scoring: the runtime's (a subclass may make one per call)."""
+        return runtime.scoring
 
     def read_inputs(self, state: CallState, inputs: dict[str, Any]) -> None:
         """Each row's padding fractions, from its pixel values (`Debias(padding=True)` on a padding processor)."""
@@ -295,11 +300,13 @@ class PruneCall(MethodCall, ObservesQueries, SlotMasks, ReadsInputs):
         weights = self.scoring.weights(state, queries.positions)  # (B, R)
         per_head = probs[..., :p].detach().mean(1).cpu()  # (B, R, P): the one host read of a stage
         scores = (per_head * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
-        self._select(state, stage, scores * prev.alive, prev)
+        self._select(state, stage, scores * prev.alive, prev, per_head, weights)
 
-    def _select(self, state: CallState, stage: int, scores: torch.Tensor, prev: SlotMap) -> None:
+    def _select(self, state: CallState, stage: int, scores: torch.Tensor, prev: SlotMap, per_head: torch.Tensor,
+                weights: torch.Tensor) -> None:
         """Per row: the top `budget` of its image tokens still present (after `Debias`, within the padding
-        cap), recorded as a `PruneStage` and, through the form, as the stage's `SlotMap`."""
+        cap; `_count` may change the count), recorded as a `PruneStage` and, through `_add_stage`, as the
+        stage's `SlotMap`. `per_head` (B, R, P) and `weights` (B, R) are the scoring rows read."""
         rec = self.record
         alive = prev.alive.clone()
         kept_rows, budgets = [], []
@@ -323,7 +330,7 @@ class PruneCall(MethodCall, ObservesQueries, SlotMasks, ReadsInputs):
                         f"row {row.index}, layer {self.layers[stage]}: budget {budget} lowered to {capped} by the "
                         f"padding cap (only {capped} candidate patches are not padding)")
                 budget = capped
-            budget = min(budget, len(cand))
+            budget = min(self._count(state, stage, row, cand, s, budget, per_head, weights), len(cand))
             kept = cand[torch.topk(s, budget).indices].sort().values
             alive[row.index, cand] = False
             alive[row.index, kept] = True
@@ -331,6 +338,16 @@ class PruneCall(MethodCall, ObservesQueries, SlotMasks, ReadsInputs):
             budgets.append(budget)
         layer = self.layers[stage]
         rec.stages.append(PruneStage(layer, kept_rows, budgets, [scores[r.index, r.image_positions] for r in state.rows]))
+        self._add_stage(state, layer, prev, alive)
+
+    def _count(self, state: CallState, stage: int, row: RowLayout, cand: torch.Tensor, scores: torch.Tensor,
+               budget: int, per_head: torch.Tensor, weights: torch.Tensor) -> int:
+        """The top-scored tokens batch row `row` keeps of its candidates `cand` (scored `scores`, after any
+        `Debias`) at `stage`: the budget (FastV, multi-stage); a subclass may decide otherwise."""
+        return budget
+
+    def _add_stage(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor) -> None:
+        """Append the `SlotMap` of the stage at `layer` (keeping the prompt positions `alive`) to the call."""
         state.slot_maps.append(self._next_map(state, layer, prev, alive))
 
     def _next_map(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor) -> SlotMap:
@@ -469,15 +486,21 @@ class FastVRuntime(PruneRuntime):
         return _ratio_budget(self.ratio, n) if self.ratio is not None else min(n, int(self.keep))
 
 
+#: StagedPrune's `scoring` choices: the text after the image (default), or each row's last real token (PDrop's
+#: last instruction token)
+STAGED_SCORINGS: dict[str, Scoring] = {"text": TextAfterImage(), "last": LastToken()}
+
+
 class StagedRuntime(PruneRuntime):
-    """Multi-stage pruning bound to a model: scored by the text after the image; `keep_ratios[stage]` of
-    each row's image at each stage."""
+    """Multi-stage pruning bound to a model: scored by the text after the image (or, `scoring="last"`, by each
+    row's last real token); `keep_ratios[stage]` of each row's image at each stage."""
 
     scoring = TextAfterImage()
 
     def __init__(self, config: "StagedPrune", target: Target):
         super().__init__(config, target)
         self.ratios = tuple(float(r) for r in config.keep_ratios)
+        self.scoring = STAGED_SCORINGS[config.scoring]  # type: ignore[misc]  # per runtime, by the config
 
     def budget(self, stage: int, n: int) -> int:
         return _ratio_budget(self.ratios[stage], n)
@@ -555,19 +578,22 @@ class StagedPrune(MethodConfig):
     image's tokens, strictly decreasing) ranked by the mean attention of the text after the image.
 
     layers: a non-empty, strictly increasing list of ints >= 1; keep_ratios: one number in (0, 1] per
-    layer; debias and form as FastVPrune's. Every mistake is refused at construction; a layer beyond
+    layer; debias and form as FastVPrune's; scoring: "text" (the mean over the text after the image) or "last"
+    (each row's last real token, PyramidDrop's last instruction token: the `pdrop` preset). Every mistake is refused at construction; a layer beyond
     the model's depth when attach binds it."""
 
     layers: Sequence[int] = (2, 10, 20)
     keep_ratios: Sequence[float] = (0.32, 0.16, 0.08)
     debias: Debias | None = None
     form: str = "inplace"
+    scoring: str = "text"
 
     preset_key: ClassVar[str] = "staged"
 
     def __post_init__(self) -> None:
         layers, ratios = self.layers, self.keep_ratios
-        problems = [check_layers("layers", layers, lo=FIRST_STAGE_LAYER), *_pruner_problems(self)]
+        problems = [check_layers("layers", layers, lo=FIRST_STAGE_LAYER), *_pruner_problems(self),
+                    check_choice("scoring", self.scoring, tuple(STAGED_SCORINGS))]
         layers_ok = problems[0] is None
         if layers_ok and any(b <= a for a, b in zip(layers, layers[1:])):
             problems[0] = f"layers must be strictly increasing, got {list(layers)}"
