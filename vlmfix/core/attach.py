@@ -370,10 +370,12 @@ class Attached:
         cache = _cache_of(kwargs)
         if self.movers and cache is not None and getattr(cache, "is_compileable", False):
             names = ", ".join(type(r.config).__name__ for r in self.movers)
+            masked = [type(r.config).__name__ for r in self.movers if "mask" in getattr(r, "forms", ())]
             raise VlmfixError(
-                f"{names} with form='inplace' removes tokens from the KV cache of the layers it prunes, which a "
-                f"static cache ({type(cache).__name__}) cannot hold. Use form='mask' for static-cache / compiled "
-                "generation, or generate with the default dynamic cache."
+                f"{names} removes tokens in place from the KV cache of the layers it prunes, which a static cache "
+                f"({type(cache).__name__}) cannot hold. Generate with the default dynamic cache"
+                + (f", or use form='mask' ({', '.join(masked)}) for static-cache / compiled generation." if masked
+                   else " (no cache_implementation=\"static\"); this pruner has no mask form.")
             )
         if self.brancher is not None and cache is not None and getattr(cache, "is_compileable", False):
             raise VlmfixError(
