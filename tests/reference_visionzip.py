@@ -47,12 +47,12 @@ def llava_visionzip(model, pixel_values: torch.Tensor, keep: int, contextual: in
     """LLaVA-1.5 ("default" strategy, the feature layer read): (dominant, targets, groups, features (N, D) with
     the contextual tokens' features replaced by projector(mean of the group's tower features))."""
     tower = eager_tower(model)
-    layer = model.config.vision_feature_layer % (len(tower.vision_model.encoder.layers) + 1) - 1
+    layer = model.config.vision_feature_layer % (len(getattr(tower, "vision_model", tower).encoder.layers) + 1) - 1
     out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
     attention = out.attentions[layer][0].float()  # (H, T, T)
     heads = attention.shape[0]
     scores = [float(attention[:, 0, j].mean()) for j in range(1, attention.shape[-1])]  # from CLS to each patch
-    block = tower.vision_model.encoder.layers[layer]
+    block = getattr(tower, "vision_model", tower).encoder.layers[layer]
     keys = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[layer]))[0]  # (T, H * d)
     keys = keys.view(keys.shape[0], heads, -1).mean(1)[1:].tolist()
     dominant, targets, groups = select(scores, keys, keep, contextual)
@@ -71,11 +71,11 @@ def gemma3_visionzip(model, pixel_values: torch.Tensor, keep: int, contextual: i
     the mean of its patches' head-mean keys; the contextual tokens' features are their groups' mean features."""
     tower = eager_tower(model)
     out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
-    layer = len(tower.vision_model.encoder.layers) - 1
+    layer = len(getattr(tower, "vision_model", tower).encoder.layers) - 1
     attention = out.attentions[layer][0].float()
     heads, t = attention.shape[0], attention.shape[-1]
     received = attention.mean((0, 1))  # (T,)
-    block = tower.vision_model.encoder.layers[layer]
+    block = getattr(tower, "vision_model", tower).encoder.layers[layer]
     keys = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[layer]))[0].view(t, heads, -1).mean(1)
     p = math.isqrt(t)
     k = p // side
