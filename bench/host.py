@@ -15,8 +15,9 @@ Random weights, fp32, one thread; tau is set so that about 10 % of the image tok
 It prints, against the plain model in the same run (interleaved, medians over repeats):
 - eager prefill (generate 1 token) and decode-per-token ratios (the interval between consecutive
   one-token forwards of generate, medians over tokens and repeats) for attach with no methods, VAR,
-  GIFT, VAR + GIFT, FastV keep 128, StagedPrune, PAI's attention intervention alone (gamma 1) and PAI
-  (with its image-free contrast rows: twice the batch);
+  GIFT, VAR + GIFT, FastV keep 128, StagedPrune, PAI's attention intervention alone (gamma 1), PAI
+  (with its image-free contrast rows: twice the batch), VisionZip and DivPrune at keep 64 and 128 (in place,
+  before the decoder);
 - compiled decode (static cache, torch.compile fullgraph): the median time of a compiled decoding
   step (each call of transformers' compiled forward timed on its own) for VAR and GIFT against
   plain, or why the compilation failed;
@@ -28,8 +29,8 @@ It prints, against the plain model in the same run (interleaved, medians over re
     python bench/host.py --device cuda [--batch B] (the real 7B width, bf16, CLIP ViT-L; ~60 GB with compile)
 
 Targets: attach with no methods <= 1.02 (prefill and decode); VAR decode <= 1.05, prefill <= 1.10;
-GIFT decode <= 1.03; FastV keep 128 prefill <= 0.40, decode <= 0.85; compiled VAR and GIFT
-decode <= 1.03 of compiled plain.
+GIFT decode <= 1.03; FastV keep 128 prefill <= 0.40, decode <= 0.85; VisionZip and DivPrune keep 64
+prefill <= 0.35, decode <= 0.85; compiled VAR and GIFT decode <= 1.03 of compiled plain.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ TARGETS = {  # (variant, "prefill" | "decode" | "compiled decode") -> ratio to p
     ("none", "prefill"): 1.02, ("none", "decode"): 1.02, ("VAR", "prefill"): 1.10, ("VAR", "decode"): 1.05,
     ("GIFT", "decode"): 1.03, ("FastV keep 128", "prefill"): 0.40, ("FastV keep 128", "decode"): 0.85,
     ("VAR", "compiled decode"): 1.03, ("GIFT", "compiled decode"): 1.03,
+    ("VisionZip keep 64", "prefill"): 0.35, ("VisionZip keep 64", "decode"): 0.85,
+    ("DivPrune keep 64", "prefill"): 0.35, ("DivPrune keep 64", "decode"): 0.85,
 }
 
 
@@ -272,6 +275,11 @@ def main() -> None:
         "VAR+GIFT": [vlmfix.VAR(tau=tau), vlmfix.GIFT()], "FastV keep 128": [vlmfix.FastVPrune(keep=128)],
         "StagedPrune": [vlmfix.StagedPrune() if layers == 32 else vlmfix.StagedPrune(layers=(1, 2, 3))],
         "PAI attention": [vlmfix.PAI(gamma=1.0)], "PAI": [vlmfix.PAI()],
+        # the proxy's 1-layer tower feeds the projector its embeddings (feature layer -2): VisionZip reads layer 0
+        "VisionZip keep 64": [vlmfix.methods.VisionZip(keep=64, vision_layer=0)],
+        "VisionZip keep 128": [vlmfix.methods.VisionZip(keep=128, vision_layer=0)],
+        "DivPrune keep 64": [vlmfix.methods.DivPrune(keep=64)],
+        "DivPrune keep 128": [vlmfix.methods.DivPrune(keep=128)],
     }
     say("checking that each variant attaches ...")
     variants = attachable(model, tokenizer, variants, dims)
@@ -285,8 +293,8 @@ def main() -> None:
         say(f"compiled generate (static cache, fullgraph), {n} new tokens ...")
         compiled_times(model, tokenizer, inputs, some("plain", "VAR", "GIFT", "PAI attention"), n, repeats)
     say(f"aten operators of one decode step ({layers} layers) ...")
-    op_counts(model, tokenizer, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128", "PAI attention"),
-              layers)
+    op_counts(model, tokenizer, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128", "PAI attention",
+                                             "VisionZip keep 64", "DivPrune keep 64"), layers)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_divprune import divprune_select, kept_model_logits, layer0_inputs
+from test_families import case  # noqa: F401 (the families' fixture)
 from tiny import PAD, make_batch, make_model, tokenizer
 
 import vlmfix
+from vlmfix.adapters import get_adapter
 from vlmfix.methods.divprune import DivPrune, max_min_select
 from vlmfix.methods.prune import kept_tokens
 
@@ -107,12 +109,40 @@ def test_batch_rows_equal_rows_alone(family_model):
             torch.testing.assert_close(gen.logits[-1][r], alone_gen.logits[-1][0], atol=1e-4, rtol=0)
 
 
-def test_static_cache_is_refused_naming_the_dynamic_cache():
+@torch.no_grad()
+def test_forms_agree_and_the_mask_form_runs_compiled():
+    """The mask form (nothing moves; pruned tokens masked as keys from layer 0 on) chooses the same tokens and gives
+    the in-place form's tokens and logits; under a static cache it gives the eager tokens, also compiled (the
+    in-place form is refused there, naming the mask form)."""
+    from test_runtime import compile_config, other_batch
+
     model = make_model("llava")
-    batch = make_batch("llava", model, ONE)
-    with vlmfix.attach(model, None, DivPrune(keep=5)) as fixed:
-        with pytest.raises(vlmfix.VlmfixError, match="Generate with the default dynamic cache.*no mask form"):
-            fixed.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+    batch = make_batch("llava", model, TWO)
+    batch2 = other_batch("llava", model, TWO)
+    runs = {}
+    for form in ("inplace", "mask"):
+        with vlmfix.attach(model, None, DivPrune(keep=6, form=form)) as fixed:
+            out = fixed.generate(**batch, **GEN)
+            runs[form] = (out.sequences, torch.stack(out.logits), [k.tolist() for k in kept_tokens_all(fixed)])
+            if form == "inplace":
+                with pytest.raises(vlmfix.VlmfixError, match="DivPrune.*use form='mask'"):
+                    fixed.generate(**batch, **GEN, cache_implementation="static")
+            else:
+                static = fixed.generate(**batch, **GEN, cache_implementation="static", disable_compile=True)
+                static2 = fixed.generate(**batch2, **GEN, cache_implementation="static", disable_compile=True)
+                compiled = fixed.generate(**batch, **GEN, cache_implementation="static", compile_config=compile_config())
+                compiled2 = fixed.generate(**batch2, **GEN, cache_implementation="static",
+                                           compile_config=compile_config())
+    assert runs["inplace"][2] == runs["mask"][2] and torch.equal(runs["inplace"][0], runs["mask"][0])
+    torch.testing.assert_close(runs["inplace"][1], runs["mask"][1], atol=1e-4, rtol=0)
+    assert torch.equal(static.sequences, runs["mask"][0])
+    assert torch.equal(compiled.sequences, static.sequences) and torch.equal(compiled2.sequences, static2.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(static.logits), atol=1e-4, rtol=0)
+
+
+def kept_tokens_all(fixed):
+    state = fixed.last_state
+    return [kept_tokens(state, r) for r in range(state.batch_size)]
 
 
 @torch.no_grad()
@@ -164,3 +194,51 @@ def test_cli_generate_writes_the_kept_map(tmp_path, capsys):
                  "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert (tmp_path / "out" / "kept_tokens.png").is_file() and "kept_tokens.png" in printed
+
+
+def test_lmms_eval_runs_divprune_and_logs_its_record():
+    """lmms-eval's `methods=divprune:quarter` prunes each request's image on the demo VLM and logs its row."""
+    pytest.importorskip("lmms_eval")
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from vlmfix.integrations.lmms_eval import VlmfixLMM
+
+    lmm = VlmfixLMM.create_from_arg_string("pretrained=demo,methods=divprune:quarter", {"batch_size": 2, "device": None})
+    try:
+        docs = {0: Image.new("RGB", (96, 64), (200, 40, 40)), 1: Image.new("RGB", (64, 96), (40, 160, 60))}
+        lmm.task_dict = {"task": {"test": docs}}
+        gen = {"max_new_tokens": 2, "until": ["\n"]}
+        requests = [SimpleNamespace(args=(f"What is in the image? {i}", gen, lambda doc: [doc], i, "task", "test"))
+                    for i in docs]
+        results = lmm.generate_until(requests)
+    finally:
+        lmm.detach()
+    logs = [r.token_counts.to_dict()["vlmfix"] for r in results]
+    assert [log["divprune_kept"] for log in logs] == [36, 36]
+
+
+@torch.no_grad()
+def test_every_family_forms_agree(case):  # noqa: F811 (case: the families' fixture)
+    """Images and videos of every family in tests/families: the in-place form chooses the mask form's tokens and
+    gives its tokens and logits; where in-place pruning from layer 0 is refused (Qwen3-VL's deepstack), the mask
+    form runs."""
+    module, model, kind, batch = case
+    gen = dict(GEN, max_new_tokens=1)
+
+    def run(form):
+        with vlmfix.attach(model, tokenizer(), DivPrune(keep_ratio=0.5, form=form)) as fixed:
+            out = fixed.generate(**batch, **gen)
+            state = fixed.last_state
+        return out.sequences, torch.stack(out.logits), [kept_tokens(state, r).tolist() for r in range(2)], state
+
+    mask = run("mask")
+    assert mask[3].record(DivPrune).acted() == [True, True]
+    if getattr(get_adapter(model), "deepstack_layers", 0):
+        with pytest.raises(vlmfix.VlmfixInputError, match="deepstack"):
+            vlmfix.attach(model, None, DivPrune(keep_ratio=0.5))
+        return
+    inplace = run("inplace")
+    assert inplace[2] == mask[2] and torch.equal(inplace[0], mask[0])
+    torch.testing.assert_close(inplace[1], mask[1], atol=1e-4, rtol=0)

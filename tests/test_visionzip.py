@@ -127,11 +127,40 @@ def test_other_families_are_refused_with_the_reason():
         vlmfix.attach(make_model("qwen2_vl"), None, VisionZip())
 
 
-def test_static_cache_is_refused_naming_the_dynamic_cache(llava):
-    batch = make_batch("llava", llava, ONE)
-    with vlmfix.attach(llava, None, VisionZip(keep=5)) as fixed:
-        with pytest.raises(vlmfix.VlmfixError, match="VisionZip.*Generate with the default dynamic cache"):
-            fixed.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+@torch.no_grad()
+def test_forms_agree_and_the_mask_form_runs_compiled(llava):
+    """The mask form (nothing moves; pruned tokens masked as keys from layer 0 on) chooses the same tokens and gives
+    the in-place form's tokens and logits; under a static cache it gives the eager tokens, also compiled (the
+    in-place form is refused there, naming the mask form)."""
+    from test_runtime import compile_config, other_batch
+
+    model = llava
+    batch = make_batch("llava", model, TWO)
+    batch2 = other_batch("llava", model, TWO)
+    runs = {}
+    for form in ("inplace", "mask"):
+        with vlmfix.attach(model, None, VisionZip(keep=6, form=form)) as fixed:
+            out = fixed.generate(**batch, **GEN)
+            runs[form] = (out.sequences, torch.stack(out.logits), [k.tolist() for k in kept_tokens_all(fixed)])
+            if form == "inplace":
+                with pytest.raises(vlmfix.VlmfixError, match="VisionZip.*use form='mask'"):
+                    fixed.generate(**batch, **GEN, cache_implementation="static")
+            else:
+                static = fixed.generate(**batch, **GEN, cache_implementation="static", disable_compile=True)
+                static2 = fixed.generate(**batch2, **GEN, cache_implementation="static", disable_compile=True)
+                compiled = fixed.generate(**batch, **GEN, cache_implementation="static", compile_config=compile_config())
+                compiled2 = fixed.generate(**batch2, **GEN, cache_implementation="static",
+                                           compile_config=compile_config())
+    assert runs["inplace"][2] == runs["mask"][2] and torch.equal(runs["inplace"][0], runs["mask"][0])
+    torch.testing.assert_close(runs["inplace"][1], runs["mask"][1], atol=1e-4, rtol=0)
+    assert torch.equal(static.sequences, runs["mask"][0])
+    assert torch.equal(compiled.sequences, static.sequences) and torch.equal(compiled2.sequences, static2.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(static.logits), atol=1e-4, rtol=0)
+
+
+def kept_tokens_all(fixed):
+    state = fixed.last_state
+    return [kept_tokens(state, r) for r in range(state.batch_size)]
 
 
 @torch.no_grad()
@@ -177,3 +206,26 @@ def test_cli_generate_writes_the_kept_map(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (tmp_path / "out" / "kept_tokens.png").is_file() and "kept_tokens.png" in printed
     assert "visionzip" in printed
+
+
+def test_lmms_eval_runs_visionzip_and_logs_its_record():
+    """lmms-eval's `methods=visionzip:quarter` prunes each request's image on the demo VLM and logs its row."""
+    pytest.importorskip("lmms_eval")
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from vlmfix.integrations.lmms_eval import VlmfixLMM
+
+    lmm = VlmfixLMM.create_from_arg_string("pretrained=demo,methods=visionzip:quarter", {"batch_size": 2, "device": None})
+    try:
+        docs = {0: Image.new("RGB", (96, 64), (200, 40, 40)), 1: Image.new("RGB", (64, 96), (40, 160, 60))}
+        lmm.task_dict = {"task": {"test": docs}}
+        gen = {"max_new_tokens": 2, "until": ["\n"]}
+        requests = [SimpleNamespace(args=(f"What is in the image? {i}", gen, lambda doc: [doc], i, "task", "test"))
+                    for i in docs]
+        results = lmm.generate_until(requests)
+    finally:
+        lmm.detach()
+    logs = [r.token_counts.to_dict()["vlmfix"] for r in results]
+    assert [log["visionzip_kept"] for log in logs] == [36, 36]

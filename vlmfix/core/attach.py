@@ -368,9 +368,10 @@ class Attached:
         """A prefill: build the call's state, let the runtimes begin, add the prefill-only hooks."""
         self._drop_prefill_hooks()  # a prefill that raised left them
         cache = _cache_of(kwargs)
-        if self.movers and cache is not None and getattr(cache, "is_compileable", False):
-            names = ", ".join(type(r.config).__name__ for r in self.movers)
-            masked = [type(r.config).__name__ for r in self.movers if "mask" in getattr(r, "forms", ())]
+        shorten = [r for r in self.movers if getattr(r.config, "form", "inplace") != "mask"]  # a mask form only reads
+        if shorten and cache is not None and getattr(cache, "is_compileable", False):
+            names = ", ".join(type(r.config).__name__ for r in shorten)
+            masked = [type(r.config).__name__ for r in shorten if hasattr(r.config, "form")]
             raise VlmfixError(
                 f"{names} removes tokens in place from the KV cache of the layers it prunes, which a static cache "
                 f"({type(cache).__name__}) cannot hold. Generate with the default dynamic cache"

@@ -18,8 +18,10 @@ matrix product for the distances.
 Where: the paper prunes the visual tokens the LLM receives (after the projector). Those are the decoder's
 layer-0 inputs at the visual positions in every supported family, so the selection reads them there
 (`MovesTokens.before_layer` at layer 0) and the unselected tokens leave the sequence before layer 0
-(`vlmfix.methods.predecoder`); no family's vision tower is read. Qwen3-VL is refused (its deepstack adds
-visual features to layers 0..2 at every image position, which in-place pruning from layer 0 would lose).
+(`vlmfix.methods.predecoder`; or, `form="mask"`, are masked out as keys from layer 0 on: the form that runs
+under a static cache / compiled generation); no family's vision tower is read. On Qwen3-VL only the mask form
+runs (its deepstack adds visual features to the first layers at every image position, which in-place pruning
+from layer 0 would lose).
 
 Choices where the paper leaves them open (also in docs/methods.md, "DivPrune"):
 - the unit: a batch row's visual tokens together (every image, tile, newline token and video frame of the
@@ -55,14 +57,14 @@ def max_min_select(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     far = (dist + torch.diag(dist.new_full((n,), float("inf")))).min(1).values
     picked = torch.empty(k, dtype=torch.long, device=device)
     gaps = torch.empty(k, device=device)
-    i = torch.argmax(far)
-    picked[0], gaps[0] = i, far[i]
-    running = dist[i].clone()
-    for t in range(1, k):  # k vector steps over the N tokens (on the features' device: no host read)
-        running[i] = -1.0  # a selected token is never selected again (distances are >= 0, up to rounding)
-        i = torch.argmax(running)
-        picked[t], gaps[t] = i, running[i]
-        running = torch.minimum(running, dist[i])
+    i = torch.argmax(far).view(1)  # indices stay tensors: no host read per step (a GPU never waits)
+    picked[0], gaps[0] = i[0], far.gather(0, i)[0]
+    running = dist.index_select(0, i)[0]
+    for t in range(1, k):  # k vector steps over the N tokens
+        running.scatter_(0, i, -1.0)  # a selected token is never selected again (distances are >= 0, up to rounding)
+        i = torch.argmax(running).view(1)
+        picked[t], gaps[t] = i[0], running.gather(0, i)[0]
+        running = torch.minimum(running, dist.index_select(0, i)[0])
     return picked.cpu(), gaps.cpu()
 
 
@@ -103,9 +105,10 @@ class DivPruneCall(PreDecoderCall):
 
 
 class DivPruneRuntime(PreDecoderRuntime):
-    """DivPrune bound to a model (every family whose decoder takes 4-D masks; Qwen3-VL refused)."""
+    """DivPrune bound to a model (every family whose decoder takes 4-D masks; Qwen3-VL in the mask form)."""
 
     unit = "a batch row's visual tokens"
+    read_layers = (0,)  # the mask form reads layer 0's inputs too
 
     def start(self, state: CallState) -> DivPruneCall:
         return DivPruneCall(self, state)
@@ -122,14 +125,17 @@ class DivPrune(MethodConfig):
     distance of the image features), before the decoder.
 
     - keep: visual tokens kept per batch row (128 when neither keep nor keep_ratio is given: the budget the
-      pruning papers compare at, of LLaVA-1.5's 576); or keep_ratio in (0, 1] of each row's visual tokens.
+      pruning papers compare at, of LLaVA-1.5's 576); or keep_ratio in (0, 1] of each row's visual tokens;
+    - form: "inplace" (the pruned tokens leave the sequence: the speed-up) or "mask" (they are masked out as keys
+      from layer 0 on: the form that runs under a static cache / compiled generation; same tokens, same logits).
     Every mistake is refused at construction."""
 
     keep: int | None = None
     keep_ratio: float | None = None
+    form: str = "inplace"
 
     def __post_init__(self) -> None:
-        raise_problems("DivPrune", budget_problems(self.keep, self.keep_ratio))
+        raise_problems("DivPrune", budget_problems(self.keep, self.keep_ratio, self.form))
 
 
 register_method(name="divprune", config=DivPrune, runtime=DivPruneRuntime,

@@ -18,7 +18,8 @@ second-to-last, `vision_feature_layer` -2; `vision_layer` overrides it), with A_
   target becomes the mean of its group (itself and its assigned tokens).
 
 The D + C tokens enter the decoder; the others leave the sequence before layer 0 (in place,
-`vlmfix.methods.predecoder`), a merged token's group recorded as the stage's `SlotMap.owner`.
+`vlmfix.methods.predecoder`; or, `form="mask"`, are masked out as keys from layer 0 on: the form that runs
+under a static cache / compiled generation), a merged token's group recorded as the stage's `SlotMap.owner`.
 
 The merge, as the paper's, is of the tower's features before the projector where the projector maps one
 input row to one image token (LLaVA-1.5's MLP: the contextual feature is projector(mean of the group's
@@ -238,17 +239,20 @@ class VisionZip(MethodConfig):
     - keep: image tokens kept per image (dominant + contextual; 128 when neither keep nor keep_ratio is given),
       or keep_ratio in (0, 1] of each image's tokens;
     - contextual: the share of the kept tokens that are contextual (the paper's 10 / 64: 54 + 10 of 64);
-    - vision_layer: the tower's encoder layer read (None: the one feeding the projector, the paper's).
+    - vision_layer: the tower's encoder layer read (None: the one feeding the projector, the paper's);
+    - form: "inplace" (the pruned tokens leave the sequence: the speed-up) or "mask" (they are masked out as keys
+      from layer 0 on: the form that runs under a static cache / compiled generation; same tokens, same logits).
     Every mistake is refused at construction; a layer beyond the tower's depth at attach."""
 
     keep: int | None = None
     keep_ratio: float | None = None
     contextual: float = PAPER_CONTEXTUAL
     vision_layer: int | None = None
+    form: str = "inplace"
 
     def __post_init__(self) -> None:
         raise_problems("VisionZip", [
-            *budget_problems(self.keep, self.keep_ratio),
+            *budget_problems(self.keep, self.keep_ratio, self.form),
             check_number("contextual", self.contextual, 0.0, 1.0),
             None if self.vision_layer is None or is_int(self.vision_layer) else
             f"vision_layer must be an int (negative from the last tower layer) or None, got {self.vision_layer!r}",
