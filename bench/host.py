@@ -270,14 +270,15 @@ def main() -> None:
     say("finding tau (10 % of the image tokens sinks) ...")
     tau = busy_tau(model, inputs, dims)
     say(f"  tau = {tau:.3f}, sink dims {dims.get('sink_dims') or preset['sink_dims']}")
+    # the CPU proxy's 1-layer tower feeds the projector its embeddings (feature layer -2): VisionZip reads layer 0
+    zip_layer = 0 if model.config.vision_config.num_hidden_layers == 1 else None
     variants = {
         "plain": None, "none": [], "VAR": [vlmfix.VAR(tau=tau)], "GIFT": [vlmfix.GIFT()],
         "VAR+GIFT": [vlmfix.VAR(tau=tau), vlmfix.GIFT()], "FastV keep 128": [vlmfix.FastVPrune(keep=128)],
         "StagedPrune": [vlmfix.StagedPrune() if layers == 32 else vlmfix.StagedPrune(layers=(1, 2, 3))],
         "PAI attention": [vlmfix.PAI(gamma=1.0)], "PAI": [vlmfix.PAI()],
-        # the proxy's 1-layer tower feeds the projector its embeddings (feature layer -2): VisionZip reads layer 0
-        "VisionZip keep 64": [vlmfix.methods.VisionZip(keep=64, vision_layer=0)],
-        "VisionZip keep 128": [vlmfix.methods.VisionZip(keep=128, vision_layer=0)],
+        "VisionZip keep 64": [vlmfix.methods.VisionZip(keep=64, vision_layer=zip_layer)],
+        "VisionZip keep 128": [vlmfix.methods.VisionZip(keep=128, vision_layer=zip_layer)],
         "DivPrune keep 64": [vlmfix.methods.DivPrune(keep=64)],
         "DivPrune keep 128": [vlmfix.methods.DivPrune(keep=128)],
     }

@@ -34,7 +34,6 @@ Choices where the paper leaves them open (also in docs/methods.md, "DivPrune"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -107,16 +106,12 @@ class DivPruneCall(PreDecoderCall):
 class DivPruneRuntime(PreDecoderRuntime):
     """DivPrune bound to a model (every family whose decoder takes 4-D masks; Qwen3-VL in the mask form)."""
 
-    unit = "a batch row's visual tokens"
     read_layers = (0,)  # the mask form reads layer 0's inputs too
 
     def start(self, state: CallState) -> DivPruneCall:
         return DivPruneCall(self, state)
 
     call = DivPruneCall
-
-    def resolved(self) -> dict[str, Any]:
-        return {"keep": self.keep} if self.config.keep is None and self.keep is not None else {}
 
 
 @dataclass

@@ -26,7 +26,6 @@ any pruner's.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -36,20 +35,12 @@ from vlmfix.core.slots import SlotView
 from vlmfix.core.state import SlotMap
 from vlmfix.methods.base import (Block, CallState, MethodCall, Phase, Runtime, Target, check_choice, check_number,
                                  is_int)
-from vlmfix.methods.prune import FORMS, PruneRecord, PruneRuntime, PruneStage
+from vlmfix.methods.prune import FORMS, PruneRecord, PruneRuntime, PruneStage, _ratio_budget
 
 #: the tokens kept when neither keep nor keep_ratio is given (the budget pruning papers compare at, of 576)
 DEFAULT_KEEP = 128
 
-__all__ = ["DEFAULT_KEEP", "PreDecoderCall", "PreDecoderRuntime", "budget_problems", "unit_budget"]
-
-
-def unit_budget(keep: int | None, ratio: float | None, n: int) -> int:
-    """The tokens a unit of `n` visual tokens keeps: min(keep, n), or ceil(ratio x n) (at least 1; less 1e-9
-    first, so that 0.3 x 10 keeps 3)."""
-    if ratio is not None:
-        return min(n, max(1, math.ceil(ratio * n - 1e-9)))
-    return min(n, int(keep))
+__all__ = ["DEFAULT_KEEP", "PreDecoderCall", "PreDecoderRuntime", "budget_problems"]
 
 
 def budget_problems(keep: Any, ratio: Any, form: Any) -> list[str | None]:
@@ -159,9 +150,6 @@ class PreDecoderCall(MethodCall, InPlaceMoves):
 class PreDecoderRuntime(Runtime):
     """A pre-decoder pruner bound to a model: `keep` or `ratio` (one of them None), every decoder layer moved."""
 
-    #: the unit a budget counts, in words (reports)
-    unit: ClassVar[str] = ""
-
     def __init__(self, config: Any, target: Target):
         super().__init__(config, target)
         adapter = target.adapter
@@ -175,8 +163,11 @@ class PreDecoderRuntime(Runtime):
         self.keep: int | None = None if self.ratio is not None else int(config.keep or DEFAULT_KEEP)
 
     def budget(self, n: int) -> int:
-        """The tokens a unit of `n` visual tokens keeps."""
-        return unit_budget(self.keep, self.ratio, n)
+        """The tokens a unit of `n` visual tokens keeps: min(keep, n), or ceil(ratio x n), at least 1 (as FastV's)."""
+        return _ratio_budget(self.ratio, n) if self.ratio is not None else min(n, self.keep)
+
+    def resolved(self) -> dict[str, Any]:
+        return {"keep": self.keep} if self.config.keep is None and self.keep is not None else {}
 
     def moved_layers(self) -> tuple[int, ...]:
         return tuple(range(self._num_layers)) if self.config.form == "inplace" else self.read_layers

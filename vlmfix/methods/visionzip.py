@@ -203,7 +203,6 @@ class VisionZipRuntime(PreDecoderRuntime):
     """VisionZip bound to a model: the tower layer read (`vision_layer`), whether its tower has a CLS token,
     the contextual share."""
 
-    unit = "an image the vision tower encodes"
 
     def __init__(self, config: "VisionZip", target: Target):
         super().__init__(config, target)
@@ -225,10 +224,7 @@ class VisionZipRuntime(PreDecoderRuntime):
     call = VisionZipCall
 
     def resolved(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"dominant_score": "attention from CLS" if self.cls else "mean attention received"}
-        if self.config.keep is None and self.keep is not None:
-            out["keep"] = self.keep
-        return out
+        return {**super().resolved(), "dominant_score": "attention from CLS" if self.cls else "mean attention received"}
 
 
 @dataclass
