@@ -177,6 +177,14 @@ def test_composes_with_var_gift_and_pai(llava):
         assert len(gone) == 19
         for layer, phi in state.phi.items():
             assert bool((phi[r, gone] == 0).all()), f"a pruned token has phi at layer {layer}"
+    prepass = vlmfix.GIFT(alpha=3.0, saliency_layers=(2,), boost_layers=(1, 2, 3))  # a pre-pass over the whole prompt
+    forms = {}
+    for form in ("inplace", "mask"):
+        with vlmfix.attach(llava, tokenizer(), [prepass, VisionZip(keep=6, form=form)]) as fixed:
+            out = fixed.generate(**batch, **GEN)
+            forms[form] = out.sequences, torch.stack(out.logits)
+    assert torch.equal(forms["inplace"][0], forms["mask"][0])
+    torch.testing.assert_close(forms["inplace"][1], forms["mask"][1], atol=1e-4, rtol=0)
     with vlmfix.attach(llava, None, [vlmfix.PAI(gamma=1.0), VisionZip(keep=6)]) as fixed:
         fixed.generate(**batch, **GEN)
     with pytest.raises(ValueError, match="at most one pruner"):

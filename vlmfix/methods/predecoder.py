@@ -133,8 +133,12 @@ class PreDecoderCall(MethodCall, InPlaceMoves):
     def before_layer(self, layer: int, state: CallState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         return None if self.mask_form else super().before_layer(layer, state, args, kwargs)
 
+    # a GIFT pre-pass (before the prefill) reads the whole prompt, as with FastV: no mask, no view
+    def mask(self, block: Block, state: CallState, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        return None if block.phase is Phase.PREPASS else super().mask(block, state, attention_mask)
+
     def view(self, block: Block, state: CallState) -> SlotView | None:
-        return None if self.mask_form else super().view(block, state)
+        return None if self.mask_form or block.phase is Phase.PREPASS else super().view(block, state)
 
     def _sees_every_key(self, block: Block, m: SlotMap, attention_mask: torch.Tensor | None) -> bool:
         return not self.mask_form and super()._sees_every_key(block, m, attention_mask)
