@@ -368,13 +368,16 @@ class Attached:
         """A prefill: build the call's state, let the runtimes begin, add the prefill-only hooks."""
         self._drop_prefill_hooks()  # a prefill that raised left them
         cache = _cache_of(kwargs)
-        shorten = [r for r in self.movers if r.call.shortens_cache]
+        shorten = [r for r in self.movers  # a mask form only reads
+                   if r.call.shortens_cache and getattr(r.config, "form", "inplace") != "mask"]
         if shorten and cache is not None and getattr(cache, "is_compileable", False):
             names = ", ".join(type(r.config).__name__ for r in shorten)
+            masked = [type(r.config).__name__ for r in shorten if hasattr(r.config, "form")]
             raise VlmfixError(
-                f"{names} with form='inplace' removes tokens from the KV cache of the layers it prunes, which a "
-                f"static cache ({type(cache).__name__}) cannot hold. Use form='mask' for static-cache / compiled "
-                "generation, or generate with the default dynamic cache."
+                f"{names} removes tokens in place from the KV cache of the layers it prunes, which a static cache "
+                f"({type(cache).__name__}) cannot hold. Generate with the default dynamic cache"
+                + (f", or use form='mask' ({', '.join(masked)}) for static-cache / compiled generation." if masked
+                   else " (no cache_implementation=\"static\"); this pruner has no mask form.")
             )
         if self.brancher is not None and cache is not None and getattr(cache, "is_compileable", False):
             raise VlmfixError(

@@ -52,7 +52,9 @@ class VisionImage:
       none (a dropped CLS token); several tower tokens may feed one token (Gemma 3's pooling);
     - `layer`: the tower's encoder layer read (None for an `EditsFeatures`-only call: no tower tensors);
       `queries` / `keys` (H, T, d) fp32 there; `hidden` (T, D_v): that layer's output hidden states;
-      `attention` (H, T, T) fp32 and `mean_attention` (T, T) computed from them.
+      `attention` (H, T, T) fp32 and `mean_attention` (T, T) computed from them;
+    - `projector_input` (N, D_in): what the projector turned into `features`, where it maps one input row to
+      one image token (LLaVA-1.5's MLP); None where it does not (Gemma 3 pools k x k patches into a token).
     """
 
     index: int
@@ -66,6 +68,7 @@ class VisionImage:
     keys: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     scale: float = 1.0
+    projector_input: torch.Tensor | None = None
 
     @cached_property
     def attention(self) -> torch.Tensor:
@@ -148,6 +151,8 @@ class VisionHooks:
         self.drop()
         cap = self._local.capture
         self._local.capture = None
+        if args and isinstance(args[0], torch.Tensor):
+            cap["in"] = args[0].detach()
         h = self.handle
         state = h.state
         live = state is not None and state.phase is not Phase.DECODE and h._busy_thread == threading.get_ident()
@@ -187,8 +192,12 @@ class VisionHooks:
         tmap = self.adapter.vision_token_map(tokens) if tokens is not None else torch.zeros(0, dtype=torch.long)
         out = []
         attn = self.layers[layer].self_attn if q is not None else None
+        given = cap.get("in")
+        one_to_one = given is not None and tuple(given.shape[:2]) == (n_img, n_tok)
         for k, (row, j, pos) in enumerate(where):
             img = VisionImage(k, row, j, pos, output[k], tmap, layer)
+            if one_to_one:
+                img.projector_input = given[k]
             if q is not None:
                 heads = int(getattr(attn, "num_heads", None) or attn.num_attention_heads)
                 d = q.shape[-1] // heads

@@ -30,7 +30,7 @@ from vlmfix.core.protocol import MethodConfig, Runtime
 GROUP = "vlmfix.methods"
 #: modules of vlmfix.methods that define no method (every other module of the package is imported on the first
 #: look-up and registers what it defines: a new built-in method is one new module)
-NOT_METHODS = frozenset({"base", "registry", "debias"})
+NOT_METHODS = frozenset({"base", "registry", "debias", "predecoder"})
 
 
 @dataclass(frozen=True)
