@@ -242,6 +242,12 @@ class Runtime:
         "no_image" is each prompt without its image tokens. Its calls are then `CombinesLogits`."""
         return ()
 
+    def decoding(self) -> tuple[Any, dict[str, Any]] | None:
+        """This runtime's own decoding loop, or None: (a transformers `custom_generate` callable, the generate
+        keyword defaults it needs, e.g. {"num_beams": 5}). While attached, `model.generate(...)` runs it (the
+        call's own `custom_generate` or values for those keywords win)."""
+        return None
+
     def check_combination(self, others: Sequence["Runtime"]) -> None:
         """Raise ValueError when this method cannot run beside the `others` attached with it."""
 
