@@ -272,6 +272,8 @@ def main() -> None:
         "VAR+GIFT": [vlmfix.VAR(tau=tau), vlmfix.GIFT()], "FastV keep 128": [vlmfix.FastVPrune(keep=128)],
         "StagedPrune": [vlmfix.StagedPrune() if layers == 32 else vlmfix.StagedPrune(layers=(1, 2, 3))],
         "PAI attention": [vlmfix.PAI(gamma=1.0)], "PAI": [vlmfix.PAI()],
+        # OPERA is a 5-beam search: compare it with "beam 5" (its neutral setting, transformers' beam search)
+        "beam 5": [vlmfix.OPERA(alpha=0.0, threshold=None)], "OPERA": [vlmfix.OPERA()],
     }
     say("checking that each variant attaches ...")
     variants = attachable(model, tokenizer, variants, dims)
