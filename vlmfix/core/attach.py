@@ -142,7 +142,7 @@ class Attached:
         self.movers = tuple(r for r in self.runtimes if issubclass(r.call, MovesTokens) and r.moved_layers())
         #: the vision-side hooks (ReadsVision / EditsFeatures calls; the family must support them), or None
         self._vision = VisionHooks(self, vision) if (vision := vision_runtimes(self.runtimes)) else None
-        #: a runtime's own decoding loop (`Runtime.decoding`): (runtime, custom_generate callable, defaults), or None
+        #: a runtime's own decoding loop (`Runtime.decoding`): (runtime, custom_generate callable, its settings), or None
         self.decoder = self._resolve_decoder()
         #: whether any layer call may leave the fast path
         self.active = any(issubclass(c, (ObservesQueries, EditsQueries, BiasesScores, ReplacesMask)) for c in calls) \
@@ -196,12 +196,9 @@ class Attached:
 
     def _generate_with_decoder(self, *args: Any, **kwargs: Any) -> Any:
         """The model's generate running the attached decoding loop (the instance's `generate` while attached)."""
-        _, loop, defaults = self.decoder
+        _, loop, settings = self.decoder
         kwargs.setdefault("custom_generate", loop)
-        for key, value in defaults.items():
-            if kwargs.get(key) is None:
-                kwargs[key] = value
-        return type(self.model).generate(self.model, *args, **kwargs)
+        return type(self.model).generate(self.model, *args, **settings(kwargs))
 
     def real_rows_mask(self, mask: torch.Tensor, real: int) -> torch.Tensor:
         """`mask` cut to the call's `real` batch rows (contrast branches), cut once per mask object."""

@@ -39,8 +39,8 @@ in-place pruning beside it, stopping by EOS and length only.
 
 It runs as a transformers custom generation strategy: while attached, `model.generate(...)` (and
 `fixed.generate`) run `OPERARuntime.beam_search` through `generate(custom_generate=...)` with `num_beams` 5
-unless the call names another; the attention it needs comes from `ObservesQueries` (the last query row of
-each decoding step in its layers).
+unless the call asks for more than one beam (a harness's num_beams=1 gets OPERA's 5); the attention it
+needs comes from `ObservesQueries` (the last query row of each decoding step in its layers).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ LOG_CAP = 69.0
 class OPERA(MethodConfig):
     """Over-trust penalty and retrospection-allocation (defaults: the authors' published settings).
 
-    - num_beams: beams per prompt (5) when the generate call names none;
+    - num_beams: beams per prompt (5), unless the generate call asks for more than one;
     - sigma: the attention scale (50); alpha: the penalty weight (>= 0; 0: no penalty);
     - candidates: N_can, the next tokens each beam keeps (5; >= 2);
     - window: k, the last generated tokens the pattern is read over (None: all of them);
@@ -246,8 +246,14 @@ class OPERARuntime(Runtime):
             if other.decoding() is not None:
                 raise VlmfixError(f"OPERA and {name} each bring their own decoding loop: attach one of them")
 
-    def decoding(self) -> tuple[Callable, dict[str, Any]]:
-        return self.beam_search, {"num_beams": self.config.num_beams}
+    def decoding(self) -> tuple[Callable, Callable[[dict], dict]]:
+        return self.beam_search, self.settings
+
+    def settings(self, kwargs: dict) -> dict:
+        """The generate call's arguments with OPERA's beams: `num_beams` unless the call asks for more than one
+        (a harness's greedy num_beams=1 still gets OPERA's beams: OPERA is a beam search)."""
+        beams = kwargs.get("num_beams")
+        return {**kwargs, "num_beams": self.config.num_beams if beams is None or beams == 1 else beams}
 
     def beam_search(self, model: nn.Module, input_ids: torch.LongTensor, logits_processor: Any,
                     stopping_criteria: Any, generation_config: Any, **model_kwargs: Any) -> Any:
