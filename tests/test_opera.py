@@ -106,12 +106,12 @@ def test_static_cache_and_sampling_are_refused():
             fixed.generate(**one, max_new_tokens=2, do_sample=True, pad_token_id=0)
 
 
-def test_composes_with_gift_and_mask_pruning_and_refuses_branches_and_inplace():
+def test_composes_with_var_gift_and_mask_pruning_and_refuses_branches_and_inplace():
     model = make_model("llava")
     model.generation_config.eos_token_id = None
     one = make_batch("llava", model, [(BEFORE, (60, 90), AFTER)])
-    with vlmfix.attach(model, tokenizer(), [OPERA(threshold=2), vlmfix.GIFT(),
-                                            vlmfix.FastVPrune(keep=8, form="mask")]) as fixed:
+    with vlmfix.attach(model, tokenizer(), [OPERA(threshold=2), vlmfix.VAR(), vlmfix.GIFT(),
+                                            vlmfix.FastVPrune(keep=8, form="mask")], sink_dims=[0, 1]) as fixed:
         tokens = generated(fixed, one, steps=4)
         assert tokens.shape == (1, 4) and fixed.last_state.record(OPERA).steps[0] > 0
     with pytest.raises(VlmfixError, match="contrast-branch"):
