@@ -284,6 +284,8 @@ def main() -> None:
         "VisionZip keep 128": [vlmfix.methods.VisionZip(keep=128, vision_layer=zip_layer)],
         "DivPrune keep 64": [vlmfix.methods.DivPrune(keep=64)],
         "DivPrune keep 128": [vlmfix.methods.DivPrune(keep=128)],
+        # OPERA is a 5-beam search: compare it with "beam 5" (its neutral setting, transformers' beam search)
+        "beam 5": [vlmfix.OPERA(alpha=0.0, threshold=None)], "OPERA": [vlmfix.OPERA()],
     }
     say("checking that each variant attaches ...")
     variants = attachable(model, tokenizer, variants, dims)

@@ -28,6 +28,7 @@ them before generate starts.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from typing import Any, Iterable, Sequence
@@ -141,6 +142,8 @@ class Attached:
         self.movers = tuple(r for r in self.runtimes if issubclass(r.call, MovesTokens) and r.moved_layers())
         #: the vision-side hooks (ReadsVision / EditsFeatures calls; the family must support them), or None
         self._vision = VisionHooks(self, vision) if (vision := vision_runtimes(self.runtimes)) else None
+        #: a runtime's own decoding loop (`Runtime.decoding`): (runtime, custom_generate callable, its settings), or None
+        self.decoder = self._resolve_decoder()
         #: whether any layer call may leave the fast path
         self.active = any(issubclass(c, (ObservesQueries, EditsQueries, BiasesScores, ReplacesMask)) for c in calls) \
             or bool(self.movers)
@@ -183,6 +186,19 @@ class Attached:
             raise VlmfixError(f"{names} runs a contrast branch (extra batch rows), which {', '.join(others)} "
                               "(token pruning) cannot run beside yet: attach them separately")
         return runtime
+
+    def _resolve_decoder(self) -> tuple[Runtime, Any, dict] | None:
+        found = [(r, *d) for r in self.runtimes if (d := r.decoding()) is not None]
+        if len(found) > 1:
+            names = ", ".join(type(r.config).__name__ for r, *_ in found)
+            raise VlmfixError(f"{names} each bring their own decoding loop; attach at most one of them")
+        return found[0] if found else None
+
+    def _generate_with_decoder(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's generate running the attached decoding loop (the instance's `generate` while attached)."""
+        _, loop, settings = self.decoder
+        kwargs.setdefault("custom_generate", loop)
+        return type(self.model).generate(self.model, *args, **settings(kwargs))
 
     def real_rows_mask(self, mask: torch.Tensor, real: int) -> torch.Tensor:
         """`mask` cut to the call's `real` batch rows (contrast branches), cut once per mask object."""
@@ -234,6 +250,11 @@ class Attached:
             self._hooks.append(tower.register_forward_pre_hook(self._keep_pixels, with_kwargs=True))
         if self._vision is not None:
             self._hooks += self._vision.hooks()
+        if self.decoder is not None:  # transformers' own pattern for custom generation strategies (an instance attribute)
+            def generate(*args: Any, **kwargs: Any) -> Any:
+                return self._generate_with_decoder(*args, **kwargs)
+
+            self.model.generate = functools.wraps(type(self.model).generate)(generate)
         self._attached = True
 
     def detach(self) -> nn.Module:
@@ -249,6 +270,8 @@ class Attached:
             if getattr(module, attention.ROUTE, None) is not None and getattr(module, attention.ROUTE).handle is self:
                 delattr(module, attention.ROUTE)
         self.model.set_attn_implementation(self._previous)
+        if self.decoder is not None:
+            vars(self.model).pop("generate", None)
         self.state = None
         self._attached = False
         return self.model

@@ -242,6 +242,12 @@ class Runtime:
         "no_image" is each prompt without its image tokens. Its calls are then `CombinesLogits`."""
         return ()
 
+    def decoding(self) -> tuple[Any, Any] | None:
+        """This runtime's own decoding loop, or None: (a transformers `custom_generate` callable, a function from
+        the generate call's keyword arguments to those the loop runs with, e.g. setting num_beams). While
+        attached, `model.generate(...)` runs it (unless the call names its own `custom_generate`)."""
+        return None
+
     def check_combination(self, others: Sequence["Runtime"]) -> None:
         """Raise ValueError when this method cannot run beside the `others` attached with it."""
 

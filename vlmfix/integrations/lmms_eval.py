@@ -179,10 +179,11 @@ def row_records(fixed: Any, spec: str, process: int, batch: int, size: int) -> l
     state = fixed.last_state
     summary = state.summary()
     rows = []
+    beams = max(1, len(summary["rows"]) // size)  # beam search (OPERA) expands each request into `beams` rows
     for r in range(size):
-        entry = {**base, "image_tokens": summary["rows"][r]["image_tokens"]}
+        entry = {**base, "image_tokens": summary["rows"][r * beams]["image_tokens"]}
         if "visual_sinks_per_layer" in summary:
-            entry["visual_sinks"] = {str(layer): n[r] for layer, n in summary["visual_sinks_per_layer"].items()}
+            entry["visual_sinks"] = {str(layer): n[r * beams] for layer, n in summary["visual_sinks_per_layer"].items()}
         for record in state.records:
             if record is None:
                 continue
