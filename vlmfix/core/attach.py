@@ -368,8 +368,9 @@ class Attached:
         """A prefill: build the call's state, let the runtimes begin, add the prefill-only hooks."""
         self._drop_prefill_hooks()  # a prefill that raised left them
         cache = _cache_of(kwargs)
-        if self.movers and cache is not None and getattr(cache, "is_compileable", False):
-            names = ", ".join(type(r.config).__name__ for r in self.movers)
+        shorten = [r for r in self.movers if r.call.shortens_cache]
+        if shorten and cache is not None and getattr(cache, "is_compileable", False):
+            names = ", ".join(type(r.config).__name__ for r in shorten)
             raise VlmfixError(
                 f"{names} with form='inplace' removes tokens from the KV cache of the layers it prunes, which a "
                 f"static cache ({type(cache).__name__}) cannot hold. Use form='mask' for static-cache / compiled "

@@ -291,7 +291,12 @@ class ReplacesMask:
 
 
 class MovesTokens:
-    """Capability: remove tokens from the hidden states of the runtime's `moved_layers` (in-place pruning)."""
+    """Capability: remove tokens from the hidden states of the runtime's `moved_layers` (in-place pruning), or
+    rewrite a layer's prefill inputs without removing any (`shortens_cache` False: a mask-form pruner that
+    chooses from the hidden states; static caches run it)."""
+
+    #: whether the call removes tokens from the KV cache (which a static cache cannot hold)
+    shortens_cache: ClassVar[bool] = True
 
     def before_layer(self, layer: int, state: CallState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """New (args, kwargs) for the layer's prefill forward, or None to leave them."""
