@@ -15,8 +15,8 @@ Random weights, fp32, one thread; tau is set so that about 10 % of the image tok
 It prints, against the plain model in the same run (interleaved, medians over repeats):
 - eager prefill (generate 1 token) and decode-per-token ratios (the interval between consecutive
   one-token forwards of generate, medians over tokens and repeats) for attach with no methods, VAR,
-  GIFT, VAR + GIFT, FastV keep 128, StagedPrune, PAI's attention intervention alone (gamma 1) and PAI
-  (with its image-free contrast rows: twice the batch);
+  GIFT, VAR + GIFT, FastV keep 128, StagedPrune, DART / random / pool keep 64, PAI's attention
+  intervention alone (gamma 1) and PAI (with its image-free contrast rows: twice the batch);
 - compiled decode (static cache, torch.compile fullgraph): the median time of a compiled decoding
   step (each call of transformers' compiled forward timed on its own) for VAR and GIFT against
   plain, or why the compilation failed;
@@ -28,7 +28,8 @@ It prints, against the plain model in the same run (interleaved, medians over re
     python bench/host.py --device cuda [--batch B] (the real 7B width, bf16, CLIP ViT-L; ~60 GB with compile)
 
 Targets: attach with no methods <= 1.02 (prefill and decode); VAR decode <= 1.05, prefill <= 1.10;
-GIFT decode <= 1.03; FastV keep 128 prefill <= 0.40, decode <= 0.85; compiled VAR and GIFT
+GIFT decode <= 1.03; FastV keep 128 prefill <= 0.40, decode <= 0.85; DART, random and pool keep 64
+prefill <= 0.35, decode <= 0.85 (bench/prune.py: every pruner at keep 64 and 128); compiled VAR and GIFT
 decode <= 1.03 of compiled plain.
 """
 
@@ -55,6 +56,8 @@ TARGETS = {  # (variant, "prefill" | "decode" | "compiled decode") -> ratio to p
     ("none", "prefill"): 1.02, ("none", "decode"): 1.02, ("VAR", "prefill"): 1.10, ("VAR", "decode"): 1.05,
     ("GIFT", "decode"): 1.03, ("FastV keep 128", "prefill"): 0.40, ("FastV keep 128", "decode"): 0.85,
     ("VAR", "compiled decode"): 1.03, ("GIFT", "compiled decode"): 1.03,
+    **{(f"{name} keep 64", phase): target for name in ("DART", "random", "pool")
+       for phase, target in (("prefill", 0.35), ("decode", 0.85))},
 }
 
 
@@ -99,10 +102,24 @@ def attachable(model, processor, variants: dict, sink_dims: dict) -> dict:
 
 
 def eager_times(model, processor, inputs: dict, variants: dict, n: int, repeats: int) -> None:
-    """Interleaved prefill times (generate 1 token) and decode times per token of every variant; prints
-    ratios to plain. A token's time is the interval between the starts of two consecutive one-token
-    forwards of `generate(n tokens)` (a model pre-hook): the step and generate's own work around it,
-    with the prefill's noise kept out; medians over tokens and repeats."""
+    """Interleaved prefill and decode times of every variant (`eager_measure`); prints ratios to plain."""
+    prefill, decode, forward, count = eager_measure(model, processor, inputs, variants, n, repeats)
+    say(f"  plain: prefill {1000 * prefill['plain']:.1f} ms, decode {1000 * decode['plain']:.2f} ms per token, of "
+        f"which the forward {1000 * forward['plain']:.2f} ms (medians of {count})")
+    say(f"  {'variant':<16}{'prefill':>9}{'decode':>9}{'forward':>9}   (decode: per token; forward: the step alone)")
+    for name in variants:
+        p, d, f = prefill[name] / prefill["plain"], decode[name] / decode["plain"], forward[name] / forward["plain"]
+        say(f"  {name:<16}{p:>9.3f}{d:>9.3f}{f:>9.3f}  {verdict(name, 'prefill', p)} "
+            f"{verdict(name, 'decode', d)}".rstrip())
+
+
+def eager_measure(model, processor, inputs: dict, variants: dict, n: int,
+                  repeats: int) -> tuple[dict, dict, dict, int]:
+    """Interleaved prefill times (generate 1 token) and decode times per token of every variant: ({name: prefill
+    s}, {name: decode s per token}, {name: the decode forward alone}, the plain decode samples). A token's time is
+    the interval between the starts of two consecutive one-token forwards of `generate(n tokens)` (a model
+    pre-hook): the step and generate's own work around it, with the prefill's noise kept out; medians over
+    tokens and repeats."""
     starts: list[float] = []
     ends: list[float] = []
 
@@ -141,13 +158,7 @@ def eager_times(model, processor, inputs: dict, variants: dict, n: int, repeats:
             h.remove()
     decode = {name: statistics.median(v) for name, v in decode_steps.items()}
     forward = {name: statistics.median(v) for name, v in forwards.items()}
-    say(f"  plain: prefill {1000 * prefill['plain']:.1f} ms, decode {1000 * decode['plain']:.2f} ms per token, of "
-        f"which the forward {1000 * forward['plain']:.2f} ms (medians of {len(decode_steps['plain'])})")
-    say(f"  {'variant':<16}{'prefill':>9}{'decode':>9}{'forward':>9}   (decode: per token; forward: the step alone)")
-    for name in variants:
-        p, d, f = prefill[name] / prefill["plain"], decode[name] / decode["plain"], forward[name] / forward["plain"]
-        say(f"  {name:<16}{p:>9.3f}{d:>9.3f}{f:>9.3f}  {verdict(name, 'prefill', p)} "
-            f"{verdict(name, 'decode', d)}".rstrip())
+    return prefill, decode, forward, len(decode_steps["plain"])
 
 
 def compiled_times(model, processor, inputs: dict, variants: dict, n: int, repeats: int) -> None:
@@ -271,6 +282,8 @@ def main() -> None:
         "plain": None, "none": [], "VAR": [vlmfix.VAR(tau=tau)], "GIFT": [vlmfix.GIFT()],
         "VAR+GIFT": [vlmfix.VAR(tau=tau), vlmfix.GIFT()], "FastV keep 128": [vlmfix.FastVPrune(keep=128)],
         "StagedPrune": [vlmfix.StagedPrune() if layers == 32 else vlmfix.StagedPrune(layers=(1, 2, 3))],
+        "DART keep 64": [vlmfix.DART(keep=64)], "random keep 64": [vlmfix.RandomPrune(keep=64)],
+        "pool keep 64": [vlmfix.PoolPrune(keep=64)],
         "PAI attention": [vlmfix.PAI(gamma=1.0)], "PAI": [vlmfix.PAI()],
     }
     say("checking that each variant attaches ...")
