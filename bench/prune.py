@@ -12,9 +12,13 @@ forwards of generate). Each pruner runs in its in-place form (the speed form).
 Targets at keep 64: every pruner's prefill <= 0.35 x plain, decode <= 0.85 x plain; a pruner that acts before
 the decoder spends under 5 % of the plain prefill on its selection. PASS / FAIL per target.
 
+At batch 1 a decoding step of this proxy is the weights' and the host's work (32 layers of per-token
+operators); the KV cache a pruner shortens is a small part of it, so the decode ratio stays near 1 for
+every pruner; `--batch B` decodes B copies together, where reading the cache weighs more.
+
 A pruner is one line of `PRUNERS`: a pruner whose method is not registered (yet) is skipped with a note.
 
-    python bench/prune.py [--width 256] [--new-tokens 16] [--repeats 3] [--keeps 64 128] [--only dart pool]
+    python bench/prune.py [--width 256] [--new-tokens 16] [--repeats 3] [--keeps 64 128] [--only dart pool] [--batch B]
     python bench/prune.py --smoke           (4 layers, 1 repeat, 4 new tokens: checks the script)
 """
 
@@ -126,6 +130,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keeps", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together")
     ap.add_argument("--only", nargs="+", default=None, help="method names of the pruners to run (default: all)")
     ap.add_argument("--smoke", action="store_true", help="4 layers, 1 repeat, 4 new tokens: checks the script")
     args = ap.parse_args()
@@ -133,10 +138,10 @@ def main() -> None:
     width = args.width or (4096 if args.device == "cuda" else 256)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     torch.set_num_threads(1)
-    say(f"LLaVA-1.5-7B layout: {layers} layers, width {width}, {dtype}, {args.device}; 576 image tokens; "
+    say(f"LLaVA-1.5-7B layout: {layers} layers, width {width}, {dtype}, {args.device}, batch {args.batch}; 576 image tokens; "
         f"{n} new tokens, medians of {repeats} interleaved repeats (a shared machine: noisy)")
     model = llava_layout(args.device, layers, width, dtype)
-    inputs = inputs_for(args.device, 1, dtype)
+    inputs = inputs_for(args.device, args.batch, dtype)
     tokenizer = word_tokenizer(model.config.text_config.vocab_size, {IMAGE: "<image>"})
 
     registered = methods()
