@@ -32,6 +32,14 @@ Parts, each with one job:
 Each stage is recorded as a `SlotMap` in `CallState.slot_maps` (slot -> original position, and
 the positions still present), and in the call's `PruneRecord` (`prune_record(state)`).
 
+Pruners that choose from the hidden states instead of attention rows (DART, vlmfix/methods/dart.py; the
+random and pooling controls, vlmfix/methods/controls.py) share the rest: their runtime (a `KeepRuntime`:
+`keep` / `keep_ratio`) gives `choose(state, row, hidden, budget)` -> `RowChoice` for one batch row at a
+time, and `ChoosesFromHidden` calls it at the stage layer's prefill pre-hook, merges groups (the mean of
+their hidden states at the kept position, recorded in `PruneStage.owner`) and commits the stage through
+the same two forms (`HiddenMaskCall`, which rewrites that one layer's prefill inputs and keeps the cache
+length, so static caches run it; `HiddenInPlaceCall`).
+
 Cost: the scoring, the selection and the slot maps happen once per stage at the prefill. Decoding
 steps carry no pruning hooks; the replaced mask of a step is built once (at the first pruned
 layer) and reused by the later layers (`vlmfix.core.moves.SlotMasks`, which both forms use).
