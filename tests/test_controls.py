@@ -202,8 +202,11 @@ def test_compiled_static_cache_mask_form_gives_the_eager_tokens(name, llava):
         eager = run(fixed, batch)
         kept = kept_lists(fixed.last_state)
         counters.clear()
-        out = fixed.generate(**batch, **GEN, cache_implementation="static", compile_config=compile_config())
-        assert counters["stats"]["unique_graphs"] > 0, "the decoding steps were not compiled"
+        if name == "pool":  # one compilation: both controls' decoding steps are the mask form's (random: eager static)
+            out = fixed.generate(**batch, **GEN, cache_implementation="static", compile_config=compile_config())
+            assert counters["stats"]["unique_graphs"] > 0, "the decoding steps were not compiled"
+        else:
+            out = fixed.generate(**batch, **GEN, cache_implementation="static", disable_compile=True)
         assert kept_lists(fixed.last_state) == kept
     assert torch.equal(out.sequences, eager[0]) and torch.allclose(torch.stack(out.logits), eager[1], atol=1e-4, rtol=0)
     with vlmfix.attach(llava, None, CONTROLS[name](keep=6)) as fixed:
