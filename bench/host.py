@@ -298,8 +298,8 @@ def main() -> None:
         say(f"compiled generate (static cache, fullgraph), {n} new tokens ...")
         compiled_times(model, tokenizer, inputs, some("plain", "VAR", "GIFT", "PAI attention"), n, repeats)
     say(f"aten operators of one decode step ({layers} layers) ...")
-    op_counts(model, tokenizer, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128", "PAI attention"),
-              layers)
+    op_counts(model, tokenizer, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128", "DART keep 64",
+                                             "pool keep 64", "PAI attention"), layers)
 
 
 if __name__ == "__main__":
