@@ -30,7 +30,8 @@ It prints, against the plain model in the same run (interleaved, medians over re
 
 Targets: attach with no methods <= 1.02 (prefill and decode); VAR decode <= 1.05, prefill <= 1.10;
 GIFT decode <= 1.03; FastV keep 128 prefill <= 0.40, decode <= 0.85; every pruner at keep 64 prefill <= 0.35,
-decode <= 0.85 (the TARGETS table); compiled VAR and GIFT decode <= 1.03 of compiled plain.
+decode <= 0.85 (the TARGETS table; bench/prune.py: every pruner at keep 64 and 128); compiled VAR and GIFT
+decode <= 1.03 of compiled plain.
 """
 
 from __future__ import annotations
@@ -56,9 +57,8 @@ TARGETS = {  # (variant, "prefill" | "decode" | "compiled decode") -> ratio to p
     ("none", "prefill"): 1.02, ("none", "decode"): 1.02, ("VAR", "prefill"): 1.10, ("VAR", "decode"): 1.05,
     ("GIFT", "decode"): 1.03, ("FastV keep 128", "prefill"): 0.40, ("FastV keep 128", "decode"): 0.85,
     ("VAR", "compiled decode"): 1.03, ("GIFT", "compiled decode"): 1.03,
-    ("SparseVLM 64", "prefill"): 0.35, ("SparseVLM 64", "decode"): 0.85,
-    ("VisionZip keep 64", "prefill"): 0.35, ("VisionZip keep 64", "decode"): 0.85,
-    ("DivPrune keep 64", "prefill"): 0.35, ("DivPrune keep 64", "decode"): 0.85,
+    **{(f"{name} keep 64", phase): target for name in ("SparseVLM", "VisionZip", "DivPrune", "DART", "random", "pool")
+       for phase, target in (("prefill", 0.35), ("decode", 0.85))},
 }
 
 
@@ -103,10 +103,24 @@ def attachable(model, processor, variants: dict, sink_dims: dict) -> dict:
 
 
 def eager_times(model, processor, inputs: dict, variants: dict, n: int, repeats: int) -> None:
-    """Interleaved prefill times (generate 1 token) and decode times per token of every variant; prints
-    ratios to plain. A token's time is the interval between the starts of two consecutive one-token
-    forwards of `generate(n tokens)` (a model pre-hook): the step and generate's own work around it,
-    with the prefill's noise kept out; medians over tokens and repeats."""
+    """Interleaved prefill and decode times of every variant (`eager_measure`); prints ratios to plain."""
+    prefill, decode, forward, count = eager_measure(model, processor, inputs, variants, n, repeats)
+    say(f"  plain: prefill {1000 * prefill['plain']:.1f} ms, decode {1000 * decode['plain']:.2f} ms per token, of "
+        f"which the forward {1000 * forward['plain']:.2f} ms (medians of {count})")
+    say(f"  {'variant':<16}{'prefill':>9}{'decode':>9}{'forward':>9}   (decode: per token; forward: the step alone)")
+    for name in variants:
+        p, d, f = prefill[name] / prefill["plain"], decode[name] / decode["plain"], forward[name] / forward["plain"]
+        say(f"  {name:<16}{p:>9.3f}{d:>9.3f}{f:>9.3f}  {verdict(name, 'prefill', p)} "
+            f"{verdict(name, 'decode', d)}".rstrip())
+
+
+def eager_measure(model, processor, inputs: dict, variants: dict, n: int,
+                  repeats: int) -> tuple[dict, dict, dict, int]:
+    """Interleaved prefill times (generate 1 token) and decode times per token of every variant: ({name: prefill
+    s}, {name: decode s per token}, {name: the decode forward alone}, the plain decode samples). A token's time is
+    the interval between the starts of two consecutive one-token forwards of `generate(n tokens)` (a model
+    pre-hook): the step and generate's own work around it, with the prefill's noise kept out; medians over
+    tokens and repeats."""
     starts: list[float] = []
     ends: list[float] = []
 
@@ -145,13 +159,7 @@ def eager_times(model, processor, inputs: dict, variants: dict, n: int, repeats:
             h.remove()
     decode = {name: statistics.median(v) for name, v in decode_steps.items()}
     forward = {name: statistics.median(v) for name, v in forwards.items()}
-    say(f"  plain: prefill {1000 * prefill['plain']:.1f} ms, decode {1000 * decode['plain']:.2f} ms per token, of "
-        f"which the forward {1000 * forward['plain']:.2f} ms (medians of {len(decode_steps['plain'])})")
-    say(f"  {'variant':<16}{'prefill':>9}{'decode':>9}{'forward':>9}   (decode: per token; forward: the step alone)")
-    for name in variants:
-        p, d, f = prefill[name] / prefill["plain"], decode[name] / decode["plain"], forward[name] / forward["plain"]
-        say(f"  {name:<16}{p:>9.3f}{d:>9.3f}{f:>9.3f}  {verdict(name, 'prefill', p)} "
-            f"{verdict(name, 'decode', d)}".rstrip())
+    return prefill, decode, forward, len(decode_steps["plain"])
 
 
 def compiled_times(model, processor, inputs: dict, variants: dict, n: int, repeats: int) -> None:
@@ -277,9 +285,11 @@ def main() -> None:
         "plain": None, "none": [], "VAR": [vlmfix.VAR(tau=tau)], "GIFT": [vlmfix.GIFT()],
         "VAR+GIFT": [vlmfix.VAR(tau=tau), vlmfix.GIFT()], "FastV keep 128": [vlmfix.FastVPrune(keep=128)],
         "StagedPrune": [vlmfix.StagedPrune() if layers == 32 else vlmfix.StagedPrune(layers=(1, 2, 3))],
+        "DART keep 64": [vlmfix.DART(keep=64)], "random keep 64": [vlmfix.RandomPrune(keep=64)],
+        "pool keep 64": [vlmfix.PoolPrune(keep=64)],
         "PAI attention": [vlmfix.PAI(gamma=1.0)], "PAI": [vlmfix.PAI()],
-        "SparseVLM 64": [vlmfix.SparseVLM(keep=64, **({} if layers == 32 else {"layers": (1, 2, 3)}))],
-        "SparseVLM 128": [vlmfix.SparseVLM(keep=128, **({} if layers == 32 else {"layers": (1, 2, 3)}))],
+        "SparseVLM keep 64": [vlmfix.SparseVLM(keep=64, **({} if layers == 32 else {"layers": (1, 2, 3)}))],
+        "SparseVLM keep 128": [vlmfix.SparseVLM(keep=128, **({} if layers == 32 else {"layers": (1, 2, 3)}))],
         "VisionZip keep 64": [vlmfix.methods.VisionZip(keep=64, vision_layer=zip_layer)],
         "VisionZip keep 128": [vlmfix.methods.VisionZip(keep=128, vision_layer=zip_layer)],
         "DivPrune keep 64": [vlmfix.methods.DivPrune(keep=64)],
@@ -300,7 +310,8 @@ def main() -> None:
         compiled_times(model, tokenizer, inputs, some("plain", "VAR", "GIFT", "PAI attention"), n, repeats)
     say(f"aten operators of one decode step ({layers} layers) ...")
     op_counts(model, tokenizer, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128", "PAI attention",
-                                             "SparseVLM 64", "VisionZip keep 64", "DivPrune keep 64"), layers)
+                                             "SparseVLM keep 64", "VisionZip keep 64", "DivPrune keep 64", "DART keep 64",
+                                             "pool keep 64"), layers)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,13 @@ def slot_mask(block: Block, state: CallState, m: SlotMap, attention_mask: torch.
         qmap, orig_q, orig_k = m.pos, p, p
     else:
         qmap, orig_q, orig_k = torch.arange(q_len).expand(b, q_len), q_len, p + extra
-    allowed = allowed_mask(attention_mask, orig_q, orig_k, device).expand(b, -1, -1, -1)
+    if attention_mask is not None and attention_mask.shape[-1] != orig_k:
+        # a stage at layer 0 shortened every layer's cache, by which the model sized its decoding mask: its columns
+        # are not positions. A row's keys are its real prompt tokens and the generated tokens, causally.
+        keys = torch.cat([state.real_mask(device), torch.ones(b, extra, dtype=torch.bool, device=device)], 1)
+        allowed = allowed_mask(None, orig_q, orig_k, device) & keys[:, None, None, :]
+    else:
+        allowed = allowed_mask(attention_mask, orig_q, orig_k, device).expand(b, -1, -1, -1)
     rows = torch.arange(b, device=device)[:, None, None]
     new = allowed[rows, 0, qmap[:, :, None].to(device), kmap[:, None, :].to(device)]  # (B, Q, K)
     new = new & kvalid[:, None, :].to(device)

@@ -298,9 +298,10 @@ class ReplacesMask:
 
 class MovesTokens:
     """Capability: remove tokens from the hidden states of the runtime's `moved_layers` (in-place pruning), or
-    rewrite them there. `shortens_cache` False: the call keeps every token (it only rewrites features), so it
-    runs under a static cache."""
+    rewrite a layer's prefill inputs without removing any (`shortens_cache` False: a mask-form pruner that
+    chooses from the hidden states; static caches run it)."""
 
+    #: whether the call removes tokens from the KV cache (which a static cache cannot hold)
     shortens_cache: ClassVar[bool] = True
 
     def before_layer(self, layer: int, state: CallState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

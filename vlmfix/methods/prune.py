@@ -33,6 +33,14 @@ Parts, each with one job:
 Each stage is recorded as a `SlotMap` in `CallState.slot_maps` (slot -> original position, and
 the positions still present), and in the call's `PruneRecord` (`prune_record(state)`).
 
+Pruners that choose from the hidden states instead of attention rows (DART, vlmfix/methods/dart.py; the
+random and pooling controls, vlmfix/methods/controls.py) share the rest: their runtime (a `KeepRuntime`:
+`keep` / `keep_ratio`) gives `choose(state, row, hidden, budget)` -> `RowChoice` for one batch row at a
+time, and `ChoosesFromHidden` calls it at the stage layer's prefill pre-hook, merges groups (the mean of
+their hidden states at the kept position, recorded in `PruneStage.owner`) and commits the stage through
+the same two forms (`HiddenMaskCall`, which rewrites that one layer's prefill inputs and keeps the cache
+length, so static caches run it; `HiddenInPlaceCall`).
+
 Cost: the scoring, the selection and the slot maps happen once per stage at the prefill. Decoding
 steps carry no pruning hooks; the replaced mask of a step is built once (at the first pruned
 layer) and reused by the later layers (`vlmfix.core.moves.SlotMasks`, which both forms use).
@@ -141,17 +149,41 @@ class TextAfterImage(Scoring):
         return state.text_after_image(positions).float()
 
 
+class HiddenStates(Scoring):
+    """No attention rows: the pruner chooses from the hidden states entering its stage's layer
+    (`ChoosesFromHidden`: DART, the random and pooling controls)."""
+
+    describes = "no attention rows: the hidden states entering the stage's layer"
+
+    def queries(self, block: Block, state: CallState) -> range | None:
+        return None
+
+    def weights(self, state: CallState, positions: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(state.batch_size, len(positions))
+
+
 # -- the record ---------------------------------------------------------------------------------------
 @dataclass
 class PruneStage:
     """One pruning stage: from `layer` on, batch row b keeps the image tokens at prompt positions
     `kept[b]` (`budget[b]` of them), ranked by `scores[b]` (the raw scores, before any `Debias`, over
-    that row's image tokens)."""
+    that row's image tokens). `owner` (B, prompt_len) or None: a merging pruner's groups, the kept
+    position each dropped position was merged into (-1 for none; `SlotMap.owner`)."""
 
     layer: int
     kept: list[torch.Tensor]
     budget: list[int]
     scores: list[torch.Tensor]
+    owner: torch.Tensor | None = None
+
+    def groups(self, row: int) -> dict[int, list[int]]:
+        """{kept position: the positions merged into it} of batch row `row` ({} without merging)."""
+        if self.owner is None:
+            return {}
+        found: dict[int, list[int]] = {}
+        for pos in (self.owner[row] >= 0).nonzero().flatten().tolist():
+            found.setdefault(int(self.owner[row, pos]), []).append(pos)
+        return found
 
 
 @dataclass
@@ -222,7 +254,9 @@ class PruneRecord(Record):
 
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "form": self.form, "layers": list(self.layers), "budgets": self.budgets,
-                "stages": [{"layer": s.layer, "budget": list(s.budget), "kept": [k.tolist() for k in s.kept]}
+                "stages": [{"layer": s.layer, "budget": list(s.budget), "kept": [k.tolist() for k in s.kept],
+                            **({"merged": [{str(k): v for k, v in s.groups(r).items()} for r in range(len(s.kept))]}
+                               if s.owner is not None else {})}
                            for s in self.stages]}
 
 
@@ -308,7 +342,7 @@ class PruneCall(MethodCall, ObservesQueries, SlotMasks, ReadsInputs):
         cap; `_count` may change the count), recorded as a `PruneStage` and, through `_add_stage`, as the
         stage's `SlotMap`. `per_head` (B, R, P) and `weights` (B, R) are the scoring rows read."""
         rec = self.record
-        alive = prev.alive.clone()
+        alive = prev.alive
         kept_rows, budgets = [], []
         for row in state.rows:
             img = row.image_positions
@@ -331,14 +365,9 @@ class PruneCall(MethodCall, ObservesQueries, SlotMasks, ReadsInputs):
                         f"padding cap (only {capped} candidate patches are not padding)")
                 budget = capped
             budget = min(self._count(state, stage, row, cand, s, budget, per_head, weights), len(cand))
-            kept = cand[torch.topk(s, budget).indices].sort().values
-            alive[row.index, cand] = False
-            alive[row.index, kept] = True
-            kept_rows.append(kept)
+            kept_rows.append(cand[torch.topk(s, budget).indices].sort().values)
             budgets.append(budget)
-        layer = self.layers[stage]
-        rec.stages.append(PruneStage(layer, kept_rows, budgets, [scores[r.index, r.image_positions] for r in state.rows]))
-        self._add_stage(state, layer, prev, alive)
+        self._commit(state, stage, prev, kept_rows, budgets, [scores[r.index, r.image_positions] for r in state.rows])
 
     def _count(self, state: CallState, stage: int, row: RowLayout, cand: torch.Tensor, scores: torch.Tensor,
                budget: int, per_head: torch.Tensor, weights: torch.Tensor) -> int:
@@ -346,20 +375,38 @@ class PruneCall(MethodCall, ObservesQueries, SlotMasks, ReadsInputs):
         `Debias`) at `stage`: the budget (FastV, multi-stage); a subclass may decide otherwise."""
         return budget
 
-    def _add_stage(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor) -> None:
-        """Append the `SlotMap` of the stage at `layer` (keeping the prompt positions `alive`) to the call."""
-        state.slot_maps.append(self._next_map(state, layer, prev, alive))
+    def _commit(self, state: CallState, stage: int, prev: SlotMap, kept: list[torch.Tensor], budgets: list[int],
+                scores: list[torch.Tensor], owner: torch.Tensor | None = None) -> None:
+        """Stage `stage` keeps, per row, the image positions `kept[b]` (`budgets[b]` of them; `scores[b]` over its
+        image tokens for the record) of those `prev` left, merging by `owner` (or None): recorded as a
+        `PruneStage` and, through the form, as the stage's `SlotMap`."""
+        alive = prev.alive.clone()
+        for row, k in zip(state.rows, kept):
+            alive[row.index, row.image_positions] = False
+            alive[row.index, k] = True
+        layer = self.layers[stage]
+        self.record.stages.append(PruneStage(layer, kept, budgets, scores, owner))
+        self._add_stage(state, layer, prev, alive, owner)
 
-    def _next_map(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor) -> SlotMap:
-        """The `SlotMap` of a stage at `layer` that keeps the prompt positions `alive` (B, P)."""
+    def _add_stage(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor,
+                   owner: torch.Tensor | None = None) -> None:
+        """Append the `SlotMap` of the stage at `layer` (keeping the prompt positions `alive`, merging by `owner`)
+        to the call."""
+        state.slot_maps.append(self._next_map(state, layer, prev, alive, owner))
+
+    def _next_map(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor,
+                  owner: torch.Tensor | None = None) -> SlotMap:
+        """The `SlotMap` of a stage at `layer` that keeps the prompt positions `alive` (B, P), with the merges
+        `owner` (or None)."""
         raise NotImplementedError
 
 
 class MaskPruneCall(PruneCall):
     """The mask form: nothing moves; the dropped tokens are masked out as keys from each stage on."""
 
-    def _next_map(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor) -> SlotMap:
-        return SlotMap(layer, prev.pos, alive, None, alive)
+    def _next_map(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor,
+                  owner: torch.Tensor | None = None) -> SlotMap:
+        return SlotMap(layer, prev.pos, alive, None, alive, owner)
 
     def after_prefill(self, state: CallState) -> None:
         """The prompt positions still present after each stage, on the model's device, for the decoding
@@ -384,8 +431,116 @@ class InPlacePruneCall(InPlaceMoves, PruneCall):
     the gathers, the masks over the kept slots and the `view` that translates slots back to prompt
     positions for every other method are `InPlaceMoves`'s."""
 
-    def _next_map(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor) -> SlotMap:
-        return slot_stage(layer, prev, alive)
+    def _next_map(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor,
+                  owner: torch.Tensor | None = None) -> SlotMap:
+        return slot_stage(layer, prev, alive, owner)
+
+
+@dataclass
+class RowChoice:
+    """What a pruner that chooses from hidden states kept in one batch row: the image positions `kept` (sorted), a
+    score per image token (`scores`, over the row's image tokens in raster order, for the record), and for a
+    merging pruner `merged_into` (over the row's image tokens: the kept position each one is merged into, -1
+    for none) ; `note`: where the budget did not apply as written (a line starting "row {r}:"), or None."""
+
+    kept: torch.Tensor
+    scores: torch.Tensor
+    merged_into: torch.Tensor | None = None
+    note: str | None = None
+
+
+class ChoosesFromHidden(MovesTokens):
+    """Mixin of a one-stage `PruneCall` that chooses at its stage layer's prefill pre-hook, from the hidden states
+    entering that layer (`PruneRuntime.choose`, one batch row at a time, so that a row's choice never depends on
+    the others), instead of from attention rows. A merged group enters the layer as one token at its kept
+    position holding the mean (fp32) of the group's hidden states. The form decides the rest: `HiddenMaskCall`
+    masks the dropped tokens as keys (it rewrites the prefill's inputs at that one layer, the cache keeps its
+    length: static caches run it), `HiddenInPlaceCall` removes them (`InPlaceMoves`)."""
+
+    def before_layer(self, layer: int, state: CallState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        changed = False
+        if layer == self.layers[0] and self.record.active and not self.record.stages:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            merged = self._choose(state, hidden)
+            if merged is not None:
+                if args:
+                    args = (merged, *args[1:])
+                else:
+                    kwargs = {**kwargs, "hidden_states": merged}
+                changed = True
+        return self._then(layer, state, args, kwargs, changed)
+
+    def _then(self, layer: int, state: CallState, args: tuple, kwargs: dict,
+              changed: bool) -> tuple[tuple, dict] | None:
+        """The form's part of `before_layer`, after the choice."""
+        raise NotImplementedError
+
+    def _choose(self, state: CallState, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Choose every row's kept tokens from `hidden` (B, prompt_len, D) and commit the stage; the hidden states
+        with each merged group's mean at its kept position, or None when nothing was merged."""
+        if hidden.shape[1] != state.prompt_len:
+            raise RuntimeError(f"{type(self.runtime.config).__name__} chooses before any other pruning stage: layer "
+                               f"{self.layers[0]} holds {hidden.shape[1]} slots, not the prompt's {state.prompt_len}")
+        rec, runtime = self.record, self.runtime
+        h = hidden.detach()
+        kept, budgets, scores = [], [], []
+        owner = None
+        for row in state.rows:
+            img = row.image_positions
+            if not len(img):
+                kept.append(img)
+                budgets.append(0)
+                scores.append(torch.zeros(0))
+                continue
+            got = runtime.choose(state, row, h[row.index], rec.budgets[0][row.index])  # type: ignore[attr-defined]
+            kept.append(got.kept)
+            budgets.append(len(got.kept))
+            scores.append(got.scores)
+            if got.note:
+                rec.budget_notes.append(got.note)
+            if got.merged_into is not None:
+                if owner is None:
+                    owner = torch.full((state.batch_size, state.prompt_len), -1, dtype=torch.long)
+                owner[row.index, img] = got.merged_into
+        self._commit(state, 0, self._start, kept, budgets, scores, owner)
+        return None if owner is None else _group_means(h, owner)
+
+
+def _group_means(hidden: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """`hidden` (B, P, D) with each kept position that others merge into (`owner` (B, P), -1 for none) replaced by
+    the mean (fp32) of its group's hidden states (itself and the positions merged into it)."""
+    b, p, _ = hidden.shape
+    target = torch.where(owner >= 0, owner, torch.arange(p)).to(hidden.device)
+    sums = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    sums.scatter_add_(1, target[:, :, None].expand_as(hidden), hidden.float())
+    count = torch.zeros(b, p, dtype=torch.float32, device=hidden.device).scatter_add_(
+        1, target, torch.ones(b, p, device=hidden.device))
+    heads = (count > 1)[:, :, None]
+    return torch.where(heads, sums / count.clamp_min(1)[:, :, None], hidden.float()).to(hidden.dtype)
+
+
+class HiddenMaskCall(ChoosesFromHidden, MaskPruneCall):
+    """A hidden-state pruner in mask form: nothing is removed; a merged group's mean is written at its kept position
+    entering the stage layer, and the dropped tokens are masked out as keys from there on."""
+
+    shortens_cache = False
+
+    def view(self, block: Block, state: CallState) -> None:
+        return None
+
+    def _then(self, layer: int, state: CallState, args: tuple, kwargs: dict,
+              changed: bool) -> tuple[tuple, dict] | None:
+        return (args, kwargs) if changed else None
+
+
+class HiddenInPlaceCall(ChoosesFromHidden, InPlacePruneCall):
+    """A hidden-state pruner in the in-place form: the dropped tokens leave the hidden states and the KV cache
+    from the stage layer on (`InPlaceMoves`)."""
+
+    def _then(self, layer: int, state: CallState, args: tuple, kwargs: dict,
+              changed: bool) -> tuple[tuple, dict] | None:
+        moved = InPlaceMoves.before_layer(self, layer, state, args, kwargs)
+        return moved if moved is not None else (args, kwargs) if changed else None
 
 
 def _padding_geometry(adapter: "Adapter") -> tuple[str, torch.Tensor | None]:
@@ -419,7 +574,10 @@ class PruneRuntime(Runtime):
     #: the call class of each form
     forms: ClassVar[dict[str, type[PruneCall]]] = {"mask": MaskPruneCall, "inplace": InPlacePruneCall}
 
-    def __init__(self, config: "FastVPrune | StagedPrune", target: Target):
+    #: the first layer a stage may act at (attention scorers read the layer before theirs)
+    first_layer: ClassVar[int] = FIRST_STAGE_LAYER
+
+    def __init__(self, config: MethodConfig, target: Target):
         super().__init__(config, target)
         adapter = target.adapter
         name = type(config).__name__
@@ -431,18 +589,18 @@ class PruneRuntime(Runtime):
             )
         layers = config.stage_layers()
         for layer in layers:
-            if not FIRST_STAGE_LAYER <= layer < adapter.num_layers:
+            if not self.first_layer <= layer < adapter.num_layers:
+                why = "scores come from the layer before; " if self.first_layer else ""
                 raise ValueError(
-                    f"{name} layer {layer} is out of range: it must be in {FIRST_STAGE_LAYER} .. "
-                    f"{adapter.num_layers - 1} (scores come from the layer before; the model has "
-                    f"{adapter.num_layers} decoder layers)"
+                    f"{name} layer {layer} is out of range: it must be in {self.first_layer} .. "
+                    f"{adapter.num_layers - 1} ({why}the model has {adapter.num_layers} decoder layers)"
                 )
         adapter.check_pruning(layers, config.form)
         self.layers: tuple[int, ...] = layers
         self.call = self.forms[config.form]  # type: ignore[misc]  # per runtime: attach reads its capabilities
         self._num_layers = adapter.num_layers
         self.geometry, self.background = _padding_geometry(adapter)
-        self.debias: Debias | None = config.debias
+        self.debias: Debias | None = getattr(config, "debias", None)
         names = " ".join(str(getattr(c, "_name_or_path", "") or "") for c in (adapter.config, adapter.text_config))
         self.trend: Trend | None = self.debias.resolve(names, config.preset_key) if self.debias else None
         #: a fixed token count per row (FastV's `keep`), which the call's notes compare with each row's; else None
@@ -450,6 +608,11 @@ class PruneRuntime(Runtime):
 
     def budget(self, stage: int, n: int) -> int:
         """The image tokens a row with `n` of them keeps at stage `stage` (before the padding cap)."""
+        raise NotImplementedError
+
+    def choose(self, state: CallState, row: "RowLayout", hidden: torch.Tensor, budget: int) -> RowChoice:
+        """A hidden-state pruner's choice (`ChoosesFromHidden`) for batch row `row` from its hidden states `hidden`
+        (prompt_len, D) entering the stage layer, keeping `budget` of its image tokens."""
         raise NotImplementedError
 
     def start(self, state: CallState) -> PruneCall:
@@ -464,26 +627,38 @@ class PruneRuntime(Runtime):
         return out
 
     def moved_layers(self) -> tuple[int, ...]:
-        return tuple(range(min(self.layers), self._num_layers)) if issubclass(self.call, MovesTokens) else ()
+        if issubclass(self.call, InPlaceMoves):
+            return tuple(range(min(self.layers), self._num_layers))
+        # a mask-form hidden-state pruner rewrites the prefill's inputs of its one layer
+        return (min(self.layers),) if issubclass(self.call, MovesTokens) else ()
 
     def check_combination(self, others: Sequence[Runtime]) -> None:
-        if any(isinstance(r, PruneRuntime) for r in others):
-            raise ValueError("attach at most one pruner (FastVPrune or StagedPrune)")
+        found = [type(r.config).__name__ for r in others if isinstance(r, PruneRuntime)]
+        if found:
+            raise ValueError(f"attach at most one pruner: {type(self.config).__name__} was given with "
+                             f"{', '.join(found)}")
 
 
-class FastVRuntime(PruneRuntime):
+class KeepRuntime(PruneRuntime):
+    """A one-stage pruner bound to a model with FastV's budget: `keep` tokens or `keep_ratio` of each row's image
+    (its config has `keep`, `keep_ratio` and `default_keep`; `keep_problems` checks them)."""
+
+    def __init__(self, config: MethodConfig, target: Target):
+        super().__init__(config, target)
+        ratio = config.keep_ratio  # type: ignore[attr-defined]
+        self.ratio: float | None = None if ratio is None else float(ratio)
+        keep = config.keep  # type: ignore[attr-defined]
+        self.keep = None if ratio is not None else (config.default_keep if keep is None else keep)  # type: ignore
+
+    def budget(self, stage: int, n: int) -> int:
+        return _ratio_budget(self.ratio, n) if self.ratio is not None else min(n, int(self.keep))
+
+
+class FastVRuntime(KeepRuntime):
     """FastV bound to a model: one stage, scored by each row's last real token; `keep` tokens or `keep_ratio`
     of each row's image."""
 
     scoring = LastToken()
-
-    def __init__(self, config: "FastVPrune", target: Target):
-        super().__init__(config, target)
-        self.ratio: float | None = None if config.keep_ratio is None else float(config.keep_ratio)
-        self.keep = config.fixed_keep
-
-    def budget(self, stage: int, n: int) -> int:
-        return _ratio_budget(self.ratio, n) if self.ratio is not None else min(n, int(self.keep))
 
 
 #: StagedPrune's `scoring` choices: the text after the image (default), or each row's last real token (PDrop's
@@ -507,6 +682,17 @@ class StagedRuntime(PruneRuntime):
 
 
 # -- configs --------------------------------------------------------------------------------------
+def keep_problems(keep: Any, ratio: Any) -> list[str | None]:
+    """The checks of a `keep` / `keep_ratio` budget (`KeepRuntime`): a positive int, a ratio in (0, 1], not both."""
+    return [
+        None if keep is None or is_int(keep) and keep > 0 else
+        f"keep must be a positive number of tokens (an int), got {keep!r}",
+        None if ratio is None else check_number("keep_ratio", ratio, 0.0, 1.0, lo_open=True),
+        None if keep is None or ratio is None else
+        f"takes keep or keep_ratio, not both (got keep={keep!r}, keep_ratio={ratio!r}); set the other to None",
+    ]
+
+
 def _pruner_problems(config: "FastVPrune | StagedPrune") -> list[str | None]:
     """The checks FastVPrune and StagedPrune share: `form`, and `debias` (a mapping, as a YAML preset
     gives it, becomes a `Debias` here, checked as such)."""
@@ -549,21 +735,12 @@ class FastVPrune(MethodConfig):
             f"layer must be an int, got {self.layer!r}" if not is_int(self.layer) else
             None if self.layer >= FIRST_STAGE_LAYER else
             f"layer {self.layer} is out of range: it must be >= {FIRST_STAGE_LAYER} (scores come from the layer before)",
-            None if keep is None or is_int(keep) and keep > 0 else
-            f"keep must be a positive number of tokens (an int), got {keep!r}",
-            None if ratio is None else check_number("keep_ratio", ratio, 0.0, 1.0, lo_open=True),
-            None if keep is None or ratio is None else
-            f"takes keep or keep_ratio, not both (got keep={keep!r}, keep_ratio={ratio!r}); set the other to None",
+            *keep_problems(keep, ratio),
             *_pruner_problems(self),
         ])
 
     def stage_layers(self) -> tuple[int, ...]:
         return (int(self.layer),)
-
-    @property
-    def fixed_keep(self) -> Any:
-        """The image tokens kept per row when no `keep_ratio` is given (`keep`, else `default_keep`), else None."""
-        return None if self.keep_ratio is not None else (self.default_keep if self.keep is None else self.keep)
 
     def scorer(self) -> "FastVPrune":
         """This pruner as trend calibration runs it (`vlmfix.eval.calibrate`): without debiasing, in mask form,
@@ -632,8 +809,9 @@ def kept_tokens(state: CallState, row: int = 0, stage: int = -1) -> torch.Tensor
     return state.rows[row].image_positions if kept is None else kept
 
 
-__all__ = ["FastVPrune", "FastVRuntime", "InPlacePruneCall", "LastToken", "MaskPruneCall", "PruneCall",
-           "PruneRecord", "PruneRuntime", "PruneStage", "Scoring", "StagedPrune", "StagedRuntime", "TextAfterImage",
+__all__ = ["ChoosesFromHidden", "FastVPrune", "FastVRuntime", "HiddenInPlaceCall", "HiddenMaskCall", "HiddenStates",
+           "InPlacePruneCall", "KeepRuntime", "LastToken", "MaskPruneCall", "PruneCall", "PruneRecord", "PruneRuntime",
+           "PruneStage", "RowChoice", "Scoring", "StagedPrune", "StagedRuntime", "TextAfterImage", "keep_problems",
            "kept_tokens", "prune_record"]
 
 

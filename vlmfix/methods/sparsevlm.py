@@ -253,11 +253,12 @@ class SparseVLMCall(PruneCall):
         self._plan.setdefault(layer, {})[row.index] = (cand[best.sort().values], clusters)
         return keep - clusters
 
-    def _add_stage(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor) -> None:
+    def _add_stage(self, state: CallState, layer: int, prev: SlotMap, alive: torch.Tensor,
+                   owner: torch.Tensor | None = None) -> None:
         if layer in self._plan:  # the recycled tokens need the hidden states entering the layer
             self._pending[layer] = (prev, alive)
         else:
-            super()._add_stage(state, layer, prev, alive)
+            super()._add_stage(state, layer, prev, alive, owner)
 
     def _recycle(self, state: CallState, layer: int, hidden: torch.Tensor) -> None:
         """Cluster each row's recycle candidates on the hidden states entering `layer` (in the previous stage's
