@@ -15,10 +15,10 @@ Random weights, fp32, one thread; tau is set so that about 10 % of the image tok
 It prints, against the plain model in the same run (interleaved, medians over repeats):
 - eager prefill (generate 1 token) and decode-per-token ratios (the interval between consecutive
   one-token forwards of generate, medians over tokens and repeats) for attach with no methods, VAR,
-  GIFT, VAR + GIFT, FastV keep 128, StagedPrune, PAI's attention intervention alone (gamma 1) and PAI
-  (with its image-free contrast rows: twice the batch);
+  GIFT, VAR + GIFT, FastV keep 128, StagedPrune, PAI's attention intervention alone (gamma 1), PAI and M3ID
+  (with their image-free contrast rows: twice the batch) and VAF;
 - compiled decode (static cache, torch.compile fullgraph): the median time of a compiled decoding
-  step (each call of transformers' compiled forward timed on its own) for VAR and GIFT against
+  step (each call of transformers' compiled forward timed on its own) for VAR, GIFT and VAF against
   plain, or why the compilation failed;
 - aten operator counts (vlmfix.core.profiling.OpCounter) of one decode step, total and per layer, and
   the host reads (device syncs) of the prefill and of a decode step.
@@ -272,6 +272,7 @@ def main() -> None:
         "VAR+GIFT": [vlmfix.VAR(tau=tau), vlmfix.GIFT()], "FastV keep 128": [vlmfix.FastVPrune(keep=128)],
         "StagedPrune": [vlmfix.StagedPrune() if layers == 32 else vlmfix.StagedPrune(layers=(1, 2, 3))],
         "PAI attention": [vlmfix.PAI(gamma=1.0)], "PAI": [vlmfix.PAI()],
+        "M3ID": [vlmfix.M3ID()], "VAF": [vlmfix.VAF()],
     }
     say("checking that each variant attaches ...")
     variants = attachable(model, tokenizer, variants, dims)
@@ -283,10 +284,11 @@ def main() -> None:
     eager_times(model, tokenizer, inputs, variants, n, repeats)
     if not args.no_compile:
         say(f"compiled generate (static cache, fullgraph), {n} new tokens ...")
-        compiled_times(model, tokenizer, inputs, some("plain", "VAR", "GIFT", "PAI attention"), n, repeats)
+        compiled_times(model, tokenizer, inputs, some("plain", "VAR", "GIFT", "PAI attention", "VAF"), n,
+                       repeats)
     say(f"aten operators of one decode step ({layers} layers) ...")
-    op_counts(model, tokenizer, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128", "PAI attention"),
-              layers)
+    op_counts(model, tokenizer, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128", "PAI attention",
+                                                "VAF"), layers)
 
 
 if __name__ == "__main__":

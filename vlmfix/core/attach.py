@@ -79,6 +79,19 @@ def _refuse_right_padding(rows: list[int]) -> None:
         )
 
 
+def _refuse_dola(model: nn.Module, kwargs: dict) -> None:
+    """Raise VlmfixError when a generate call asks for DoLa (`dola_layers`, in the call or a generation config)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if kwargs.get("dola_layers") is not None or getattr(config, "dola_layers", None) is not None:
+        raise VlmfixError(
+            "DoLa (dola_layers) is not part of transformers 5: generate loads it from the Hub repo "
+            "transformers-community/dola as remote code (custom_generate, trust_remote_code=True), which vlmfix "
+            "neither runs nor tests under its methods: its layer contrast reads the hidden states that the attention "
+            "methods edit, and a contrast-branch method's combined logits are not those hidden states' logits. "
+            "Generate DoLa with the plain model (detach first), or use vlmfix's own contrast methods (pai, m3id)."
+        )
+
+
 def _cache_of(kwargs: dict) -> Any:
     """The KV cache a model forward was given (`cache`; `past_key_values` before transformers 5), or None."""
     return kwargs.get("cache", kwargs.get("past_key_values"))
@@ -278,6 +291,7 @@ class Attached:
         the right is refused before any work (generation needs left padding); a plain `model.generate` is
         refused at its prefill."""
         self._check_attached()
+        _refuse_dola(self.model, kwargs)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             _refuse_right_padding(sides(mask.cpu())[:, 1].nonzero().flatten().tolist())
