@@ -127,15 +127,9 @@ def test_config_checks():
     assert vlmfix.methods.registry.build("only") == ONLY()
 
 
-@pytest.mark.smollm2
-def test_cli_generate_runs_only(tmp_path, capsys):
-    from vlmfix.cli.main import main
-
-    assert main(["generate", "--methods", "only", "--max-new-tokens", "3", "--out", str(tmp_path)]) == 0
-    assert "only" in capsys.readouterr().out.lower()
-
-
-def test_lmms_eval_runs_only_and_logs_its_record():
+def test_lmms_eval_runs_only_beside_vaf_and_logs_their_records():
+    """lmms-eval's `methods=only+vaf`: ONLY's branch rows and VAF's edit of the real rows in one batch of two; each
+    request's sample log holds both records of its row."""
     pytest.importorskip("lmms_eval")
     from types import SimpleNamespace
 
@@ -143,7 +137,7 @@ def test_lmms_eval_runs_only_and_logs_its_record():
 
     from vlmfix.integrations.lmms_eval import VlmfixLMM
 
-    lmm = VlmfixLMM.create_from_arg_string("pretrained=demo,methods=only", {"batch_size": 2, "device": None})
+    lmm = VlmfixLMM.create_from_arg_string("pretrained=demo,methods=only+vaf", {"batch_size": 2, "device": None})
     try:
         docs = {0: Image.new("RGB", (96, 64), (200, 40, 40)), 1: Image.new("RGB", (64, 96), (40, 160, 60))}
         lmm.task_dict = {"task": {"test": docs}}
@@ -156,3 +150,4 @@ def test_lmms_eval_runs_only_and_logs_its_record():
     logs = [r.token_counts.to_dict()["vlmfix"] for r in results]
     assert [log["only_image"] for log in logs] == [True, True]
     assert all(log["only_collaborative"] + log["only_contrastive"] >= 1 for log in logs)
+    assert [log["vaf_image"] for log in logs] == [True, True] and all(log["vaf_system"] > 0 for log in logs)

@@ -218,4 +218,5 @@ class ONLYRuntime(Runtime):
 
 
 register_method(name="only", config=ONLY, runtime=ONLYRuntime, summary="one-layer intervention (Wan et al., ICCV "
-                "2025): contrast with the logits of one layer's text-leaning heads (TVER), collaborative or contrastive")
+                "2025): contrast with the logits of one layer's text-leaning heads (TVER), collaborative or "
+                "contrastive")
