@@ -28,6 +28,7 @@ them before generate starts.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import weakref
@@ -257,6 +258,7 @@ class Attached:
         signature = inspect.signature(original)
         settings = self.brancher.branch_settings()
 
+        @functools.wraps(original)  # generate reads its signature
         def get_image_features(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
             if self._busy_thread != threading.get_ident():  # generate's encoding before the prefill

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmfix.core.errors import VlmfixError
+from vlmfix.core.protocol import CombinesLogits, HeatMaps, MethodCall, Record
 
 #: the branch kinds attach knows how to build
 KINDS = ("no_image", "same", "noised", "disturbed")
@@ -69,9 +70,16 @@ _TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")
 #: pixel inputs of a modality (the encoder's main input), as `generate` names them
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
-#: the forward diffusion's schedule (DDPM, Ho et al. 2020): T steps, beta_t linear from 1e-4 to 0.02
+#: the forward diffusion's schedule for the noised branch: T = 1000 steps, beta_t = 1e-5 + (5e-3 - 1e-5) *
+#: sigmoid(s_t), s_t evenly spaced over [-6, 6] (the VCD authors' published schedule)
 DIFFUSION_STEPS = 1000
-BETA_START, BETA_END = 1e-4, 0.02
+BETA_MIN, BETA_MAX = 1e-5, 5e-3
+
+
+def diffusion_abar(step: int) -> float:
+    """abar_t = prod_{s <= t} (1 - beta_s) of the schedule above at step t (0 .. DIFFUSION_STEPS - 1, from 0)."""
+    betas = torch.sigmoid(torch.linspace(-6, 6, DIFFUSION_STEPS, dtype=torch.float64)) * (BETA_MAX - BETA_MIN) + BETA_MIN
+    return float(torch.cumprod(1 - betas, 0)[step])
 
 
 @dataclass
@@ -104,16 +112,13 @@ def removed_ids(adapter: Any) -> set[int]:
 
 def diffusion_noise(pixels: torch.Tensor, step: int, seed: int, grid: torch.Tensor | None = None) -> torch.Tensor:
     """`pixels` noised by the forward diffusion q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) at step `step`
-    (abar_t = prod_{s <= t} (1 - beta_s), the DDPM schedule above; step 0: `pixels` unchanged).
+    (`diffusion_abar`), on the model's input pixels as the processor made them (normalized; not clamped).
 
     The noise is deterministic and per image: each unit (an (C, H, W) image or tile of a 4-D or 5-D tensor; the
     rows of one image of a flat (patches, D) tensor, `grid` (images, 3) its t, h, w) draws from a generator
     seeded with `seed` and a digest of the unit's own pixels, so an image gets the same noise alone or in any
     batch. The host reads the pixels (a prefill, never a decoding step)."""
-    if step == 0:
-        return pixels
-    betas = torch.linspace(BETA_START, BETA_END, DIFFUSION_STEPS, dtype=torch.float64)
-    abar = float(torch.cumprod(1 - betas, 0)[step - 1])
+    abar = diffusion_abar(step)
     if pixels.dim() >= 4:
         units = list(pixels.reshape(-1, *pixels.shape[-3:]))
     elif pixels.dim() == 2 and grid is not None:
@@ -126,7 +131,7 @@ def diffusion_noise(pixels: torch.Tensor, step: int, seed: int, grid: torch.Tens
         digest = hashlib.blake2b(host.numpy().tobytes(), digest_size=8, key=str(seed).encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
         noise.append(torch.randn(host.shape, generator=g, dtype=torch.float32))
-    eps = torch.stack(noise) if pixels.dim() >= 4 else torch.cat(noise) if len(noise) > 1 else noise[0]
+    eps = torch.stack(noise) if pixels.dim() >= 4 else torch.cat(noise)
     eps = eps.reshape(pixels.shape).to(pixels.device)
     return (math.sqrt(abar) * pixels.float() + math.sqrt(1 - abar) * eps).to(pixels.dtype)
 
@@ -414,3 +419,71 @@ def combine_output(output: Any, branch: Branch, last: torch.Tensor | None) -> An
         elif key in ("hidden_states", "attentions"):  # per layer, batch first (image features are not per row)
             output[key] = _rows(output[key], real)
     return output
+
+
+# -- contrastive decoding over a branch (VCD, ICD) ---------------------------------------------------------
+def contrast_logits(logits: torch.Tensor, branch: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Contrastive decoding (Li et al. 2023; VCD, ICD): (1 + alpha) logits - alpha branch, with the adaptive
+    plausibility cut: -inf at the tokens whose probability under `logits` is below beta x its maximum (beta = 0:
+    no cut). (B, V) fp32 -> (B, V); tensor ops only."""
+    out = (1 + alpha) * logits - alpha * branch
+    if beta > 0:
+        lp = torch.log_softmax(logits, dim=-1)
+        out = out.masked_fill(lp < lp.amax(-1, keepdim=True) + math.log(beta), float("-inf"))
+    return out
+
+
+@dataclass
+class ContrastRecord(Record):
+    """What a contrastive-decoding method did in one call: its settings, which rows it acted on (`acting`; the
+    others kept their raw logits, `why` says why) and, per row, the steps (the prefill's and each decoding
+    step's) where the contrast changed the greedy pick (`changed`, (B,) on the model's device) of `steps`.
+    No heat map: the method acts on the next-token logits, not on prompt positions."""
+
+    settings: dict[str, Any]
+    acting: list[bool]
+    why: list[str]
+    changed: torch.Tensor
+    steps: torch.Tensor
+
+    def acted(self) -> list[bool]:
+        return list(self.acting)
+
+    def row(self, row: int) -> dict[str, Any]:
+        if not self.acting[row]:
+            return {"acted": False}
+        return {"acted": True, **self.settings, "changed_steps": int(self.changed[row]), "steps": int(self.steps)}
+
+    def notes(self, row: int) -> list[str]:
+        return [] if self.acting[row] else [self.why[row]]
+
+    def heat_maps(self, maps: HeatMaps) -> list[str]:
+        return [f"{self.method}: no heat map (it contrasts next-token logits, not prompt positions); "
+                f"{self.row(maps.row)}"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, **self.settings,
+                "rows": [{**self.row(r), "notes": self.notes(r)} for r in range(len(self.acting))]}
+
+
+class ContrastCall(MethodCall, CombinesLogits):
+    """A call of a contrastive-decoding method: `contrast_logits` on the rows in `acting`, raw logits elsewhere;
+    counts, per row, the steps where the contrast changed the greedy pick (tensor ops only)."""
+
+    record: ContrastRecord
+
+    def __init__(self, runtime: Any, state: Any, alpha: float, beta: float, acting: list[bool], why: list[str],
+                 settings: dict[str, Any]):
+        self.alpha, self.beta = float(alpha), float(beta)
+        self._acting = torch.tensor(acting, device=state.device)[:, None]
+        record = self.record_type(settings, acting, why, torch.zeros(len(acting), dtype=torch.long, device=state.device),
+                                  torch.zeros((), dtype=torch.long, device=state.device))
+        super().__init__(runtime, record)
+
+    def combine(self, logits: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        acting = self._acting.to(logits.device)
+        out = torch.where(acting, contrast_logits(logits, branch, self.alpha, self.beta), logits)
+        changed = (out.argmax(-1) != logits.argmax(-1)) & acting[:, 0]
+        self.record.changed += changed.to(self.record.changed.device)
+        self.record.steps += 1
+        return out
