@@ -47,6 +47,8 @@ def assert_scores(ours, ref, atol=1e-4):
 @pytest.mark.parametrize("alpha,beta,step", [(1.0, 0.1, 500), (0.5, 0.0, 900)])
 def test_equals_the_reference(family_model, alpha, beta, step):
     family, model = family_model
+    if step == 900 and family != "llava":
+        pytest.skip("other settings: once is enough (llava)")
     inputs = make_batch(family, model, [WITH])
     ref_tokens, ref_scores = vcd_generate_reference(model, inputs, alpha, beta, step, 3, STEPS)
     with vlmfix.attach(model, tokenizer(), VCD(alpha=alpha, beta=beta, noise_step=step, seed=3)) as fixed:
