@@ -108,6 +108,10 @@ def test_config_checks_and_refusals():
         vlmfix.attach(model, None, ICD())
     with pytest.raises(VlmfixError, match="token pruning"):
         vlmfix.attach(model, tokenizer(), [ICD(), vlmfix.FastVPrune()])
+    batch = make_batch("llava", model, [CHAT])
+    with vlmfix.attach(model, tokenizer(), ICD()) as fixed:
+        with pytest.raises(VlmfixError, match="widens the prompt"):
+            fixed.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
     assert vlmfix.methods.registry.build("icd") == ICD()
 
 

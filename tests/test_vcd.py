@@ -131,10 +131,6 @@ def test_config_checks_and_refusals():
     model = make_model("llava")
     with pytest.raises(VlmfixError, match="token pruning"):
         vlmfix.attach(model, tokenizer(), [VCD(), vlmfix.FastVPrune()])
-    batch = make_batch("llava", model, [WITH])
-    with vlmfix.attach(model, tokenizer(), VCD()) as fixed:
-        with pytest.raises(VlmfixError, match="dynamic cache"):
-            fixed.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
     assert vlmfix.methods.registry.build("vcd") == VCD()
     assert getattr(model.base_model, "get_image_features").__self__ is model.base_model, "detach unwraps"
 
@@ -182,3 +178,28 @@ def test_cli_generate_runs_vcd(tmp_path, capsys):
     assert main(["generate", "--methods", "vcd", "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "vcd" in out.lower()
+
+
+def test_compiled_static_cache_generation_equals_eager():
+    """The noised rows in a static cache and compiled decoding steps (the branch rows' inputs and the contrast are
+    tensor ops in attach's hooks, traced into the graph): the eager dynamic cache's tokens and logits, a text-only
+    row included; the record counts the compiled steps too."""
+    from torch._dynamo.utils import counters
+
+    from test_runtime import compile_config
+
+    torch._dynamo.reset()
+    model = make_model("llava")
+    batch = make_batch("llava", model, [WITH, TEXT, OTHER])
+    with vlmfix.attach(model, tokenizer(), VCD(alpha=2.0)) as fixed:
+        tokens, scores = generate(fixed, batch)
+        static_tokens, static_scores = generate(fixed, batch, cache_implementation="static", disable_compile=True)
+        counters.clear()
+        compiled_tokens, compiled_scores = generate(fixed, batch, cache_implementation="static",
+                                                    compile_config=compile_config())
+        assert counters["stats"]["unique_graphs"] > 0, "the decoding steps were not compiled"
+        record = fixed.last_state.record(VCD)
+    assert torch.equal(static_tokens, tokens) and torch.equal(compiled_tokens, tokens)
+    assert_scores(static_scores, scores)
+    assert_scores(compiled_scores, scores)
+    assert int(record.steps) == STEPS

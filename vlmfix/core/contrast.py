@@ -27,7 +27,15 @@ How (all in attach's forward hooks; the model and `generate` see nothing):
   attention mask and position ids (tensor ops only);
 - the post-forward hook combines the last position's logits of rows B..2B-1 into rows 0..B-1 and returns an
   output of B rows (logits, and hidden states / attentions when asked for): `generate` sees B rows; the KV
-  cache (dynamic, or static: a static cache sizes itself at the prefill's first write) holds 2B rows.
+  cache (dynamic, or static: a static cache sizes its batch at the prefill's first write) holds 2B rows.
+
+Compiled generation (static cache): generate hands a static cache's forwards 4-D masks (B, 1, Q, K) (or a
+dict of them); the branch rows get theirs from the real rows' causal limit and the branch prompt's mask
+(`_branch_4d`), and a "no_image" branch's decoding positions are the real rows' text positions less the real
+tokens its prompt lacks (`Branch.delta`). In a compiled decoding step (transformers compiles the forward,
+hooks included) the pre-hook does only the branch's input expansion and the post-hook only the combination,
+both tensor ops, traced into the graph. "disturbed" is refused with a static cache (its widened prompt
+overflows a cache sized for the prompt).
 
 Acting on branch rows (the API the "same" kind is for). By default a call's capabilities (`queries`, `bias`,
 `edit`, `observe`) see the B real rows only: the attention function cuts query / key / value / mask to rows
@@ -42,7 +50,7 @@ ONLY sets `batch_rows = "branch"` and biases one layer's scores of the "same" br
 
 Limits: one runtime with branches per attach; not with in-place pruning or mask-replacing methods (refused at
 attach). Right-padded prompts are refused (the branch rows are left-padded). A decoding step reads no host
-value, and runs inside compiled generation.
+value.
 """
 
 from __future__ import annotations
@@ -96,6 +104,8 @@ class Branch:
     #: the columns the cache holds before the next step (the prompt, then the generated tokens; host ints)
     length: int = 0
     shift: int = 0
+    #: (B,) on the model's device: real tokens of each real row's prompt minus its branch's ("no_image")
+    delta: torch.Tensor | None = None
 
 
 def removed_ids(adapter: Any) -> set[int]:
@@ -164,6 +174,43 @@ def _twice(positions: torch.Tensor, branch: torch.Tensor, b: int) -> torch.Tenso
     return torch.cat([positions, branch], dim=-2)
 
 
+def _mask_map(mask: Any, fn: Any) -> Any:
+    """`fn` applied to a 4-D mask, or to each of a dict of them (one per attention type)."""
+    return {k: fn(v) for k, v in mask.items()} if isinstance(mask, dict) else fn(mask)
+
+
+def _is_4d(mask: Any) -> bool:
+    """Whether `mask` is what generate builds for a static cache: a 4-D mask (B, 1, Q, K), or a dict of them."""
+    return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+
+
+def _rows_2d(mask: Any) -> torch.Tensor:
+    """The (B, L) padding mask of a prefill's 4-D mask (B, 1, L, K): the last query row over the prompt's columns."""
+    m = next(iter(mask.values())) if isinstance(mask, dict) else mask
+    length = m.shape[-2]
+    last = m[:, 0, -1, :length]
+    return (last if last.dtype == torch.bool else last == 0).long()
+
+
+def _branch_4d(real: torch.Tensor, branch_cols: torch.Tensor) -> torch.Tensor:
+    """The branch rows' 4-D mask: a real row's query may see key k when k is at most its own column (the last key
+    its real row's mask allows: the causal limit) and the branch row's column k holds a real token
+    (`branch_cols` (B, K) bool: the branch prompt's mask, then every generated column)."""
+    allowed = real if real.dtype == torch.bool else real == 0
+    cols = torch.arange(real.shape[-1], device=real.device)
+    limit = torch.where(allowed, cols, -1).amax(-1, keepdim=True)  # (B, 1, Q, 1)
+    out = (cols <= limit) & branch_cols[:, None, None, :]
+    if real.dtype == torch.bool:
+        return out
+    return torch.zeros_like(real).masked_fill(~out, torch.finfo(real.dtype).min)
+
+
+def _static_cols(branch_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, K) bool: the branch prompt's mask (B, L) followed by K - L generated columns."""
+    return torch.cat([branch_mask.bool(), branch_mask.new_ones(branch_mask.shape[0], k - branch_mask.shape[1],
+                                                               dtype=torch.bool)], dim=1)
+
+
 def _inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     kwargs = dict(kwargs)
     if args:
@@ -182,6 +229,10 @@ def widen(args: tuple, kwargs: dict, adapter: Any, shift: int) -> tuple[tuple, d
         raise VlmfixError("a contrast branch is built from input_ids; this forward brought inputs_embeds: pass input_ids")
     b, length = ids.shape
     mask = kwargs.get("attention_mask")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if _is_4d(mask) or getattr(cache, "is_compileable", False):
+        raise VlmfixError("the disturbed branch (ICD) widens the prompt, which a static cache sized for the prompt "
+                          "cannot hold: generate with the default dynamic cache (no cache_implementation=\"static\")")
     if mask is None:
         mask = torch.ones_like(ids)
     positions = kwargs.get("position_ids")
@@ -279,7 +330,10 @@ def prefill_inputs(args: tuple, kwargs: dict, adapter: Any, rows: Sequence[Any],
         raise VlmfixError("a contrast branch needs left-padded prompts (padding_side=\"left\")")
     b, length = ids.shape
     mask = kwargs.get("attention_mask")
-    if mask is None:
+    static = _is_4d(mask)
+    if static:
+        mask4d, mask = mask, _rows_2d(mask)
+    elif mask is None:
         mask = torch.ones_like(ids)
     positions = kwargs.get("position_ids")
     shift = 0
@@ -297,12 +351,18 @@ def prefill_inputs(args: tuple, kwargs: dict, adapter: Any, rows: Sequence[Any],
         shift = len(prefix)
         branch_ids, branch_mask, kwargs["position_ids"], types = _disturb(ids, mask, positions, kwargs, rows, prefix)
     kwargs["input_ids"] = torch.cat([ids, branch_ids])
-    kwargs["attention_mask"] = torch.cat([mask, branch_mask])
+    if not static:
+        kwargs["attention_mask"] = torch.cat([mask, branch_mask])
+    elif kind in SAME_LAYOUT:
+        kwargs["attention_mask"] = _mask_map(mask4d, lambda m: torch.cat([m, m]))
+    else:
+        kwargs["attention_mask"] = _mask_map(mask4d, lambda m: torch.cat([m, _branch_4d(m, _static_cols(branch_mask, m.shape[-1]))]))
     for name, value in types.items():
         kwargs[name] = torch.cat([kwargs[name], value])
     if kind != "no_image":
         _branch_images(kwargs, adapter.model, kind, settings, encoded)
-    return args, kwargs, Branch(b, kind, length, branch_mask, combiner, length, shift)
+    delta = (mask.sum(1) - branch_mask.sum(1)).to(ids.device)
+    return args, kwargs, Branch(b, kind, length, branch_mask, combiner, length, shift, delta)
 
 
 def _drop(ids: torch.Tensor, mask: torch.Tensor, drop_ids: torch.Tensor, adapter: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,6 +419,8 @@ def step_inputs(args: tuple, kwargs: dict, branch: Branch) -> tuple[tuple, dict]
     b = branch.real
     kwargs["input_ids"] = torch.cat([ids, ids])
     mask = kwargs.get("attention_mask")
+    if _is_4d(mask):  # a static cache's step (compiled generation): tensor ops on the 4-D masks
+        return args, _static_step(kwargs, mask, branch, b)
     if mask is None:  # every real token (a batch without padding): the cache's columns and this step's
         mask = torch.ones(b, branch.length - branch.shift + q, dtype=branch.mask.dtype, device=ids.device)
     real_mask = F.pad(mask, (branch.shift, 0)) if branch.shift else mask
@@ -383,6 +445,27 @@ def step_inputs(args: tuple, kwargs: dict, branch: Branch) -> tuple[tuple, dict]
         if isinstance(value, torch.Tensor) and value.shape[0] == b:
             kwargs[name] = torch.cat([value, value if branch.kind != "no_image" else torch.zeros_like(value)])
     return args, kwargs
+
+
+def _static_step(kwargs: dict, mask: Any, branch: Branch, b: int) -> dict:
+    """A static cache's decoding step (`step_inputs`): the 4-D masks of the branch rows built from the real rows'
+    causal limit and the branch prompt's mask; a "no_image" branch's positions are the real rows' text positions
+    less the real tokens the branch prompt lacks (`Branch.delta`). Tensor ops only."""
+    positions = kwargs.get("position_ids")
+    if branch.kind in SAME_LAYOUT:
+        kwargs["attention_mask"] = _mask_map(mask, lambda m: torch.cat([m, m]))
+        if positions is not None:
+            kwargs["position_ids"] = _twice(positions, positions, b)
+    else:
+        kwargs["attention_mask"] = _mask_map(
+            mask, lambda m: torch.cat([m, _branch_4d(m, _static_cols(branch.mask, m.shape[-1]))]))
+        text = positions[0] if positions.dim() == 3 else positions  # (B, Q): the real rows' text positions
+        kwargs["position_ids"] = _expand_positions(positions, text - branch.delta[:, None].to(text.dtype), 0)
+    for name in _TOKEN_TYPES:
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.shape[0] == b:
+            kwargs[name] = torch.cat([value, value if branch.kind != "no_image" else torch.zeros_like(value)])
+    return kwargs
 
 
 def _rows(value: Any, real: int) -> Any:
