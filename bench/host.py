@@ -15,8 +15,8 @@ Random weights, fp32, one thread; tau is set so that about 10 % of the image tok
 It prints, against the plain model in the same run (interleaved, medians over repeats):
 - eager prefill (generate 1 token) and decode-per-token ratios (the interval between consecutive
   one-token forwards of generate, medians over tokens and repeats) for attach with no methods, VAR,
-  GIFT, VAR + GIFT, FastV keep 128, StagedPrune, PAI's attention intervention alone (gamma 1), PAI, M3ID and ONLY
-  (with their contrast rows: twice the batch) and VAF;
+  GIFT, VAR + GIFT, FastV keep 128, StagedPrune, PAI's attention intervention alone (gamma 1), PAI, VCD,
+  ICD, M3ID and ONLY (with their contrast rows: twice the batch) and VAF;
 - compiled decode (static cache, torch.compile fullgraph): the median time of a compiled decoding
   step (each call of transformers' compiled forward timed on its own) for VAR, GIFT and VAF against
   plain, or why the compilation failed;
@@ -271,7 +271,7 @@ def main() -> None:
         "plain": None, "none": [], "VAR": [vlmfix.VAR(tau=tau)], "GIFT": [vlmfix.GIFT()],
         "VAR+GIFT": [vlmfix.VAR(tau=tau), vlmfix.GIFT()], "FastV keep 128": [vlmfix.FastVPrune(keep=128)],
         "StagedPrune": [vlmfix.StagedPrune() if layers == 32 else vlmfix.StagedPrune(layers=(1, 2, 3))],
-        "PAI attention": [vlmfix.PAI(gamma=1.0)], "PAI": [vlmfix.PAI()],
+        "PAI attention": [vlmfix.PAI(gamma=1.0)], "PAI": [vlmfix.PAI()], "VCD": [vlmfix.VCD()], "ICD": [vlmfix.ICD()],
         "M3ID": [vlmfix.M3ID()], "VAF": [vlmfix.VAF()], "ONLY": [vlmfix.ONLY()],
     }
     say("checking that each variant attaches ...")

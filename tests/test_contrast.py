@@ -91,12 +91,8 @@ def test_branch_logits_are_the_prompt_without_its_image():
     assert torch.allclose(branch, plain, atol=1e-5)
 
 
-def test_static_cache_and_two_branching_methods_are_refused():
+def test_two_branching_methods_are_refused():
     model = make_model("llava")
-    batch = make_batch("llava", model, prompts_two())
-    with vlmfix.attach(model, tokenizer(), Keep()) as fixed:
-        with pytest.raises(VlmfixError, match="dynamic cache"):
-            fixed.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
     with pytest.raises(VlmfixError, match="at most one"):
         vlmfix.attach(model, tokenizer(), [Keep(), Keep(mix=1.0)])
 

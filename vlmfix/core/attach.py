@@ -28,6 +28,7 @@ them before generate starts.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import weakref
@@ -270,6 +271,7 @@ class Attached:
         signature = inspect.signature(original)
         settings = self.brancher.branch_settings()
 
+        @functools.wraps(original)  # generate reads its signature
         def get_image_features(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
             if self._busy_thread != threading.get_ident():  # generate's encoding before the prefill
@@ -391,8 +393,13 @@ class Attached:
             self._busy.release()
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if torch.compiler.is_compiling() or not self._enter():
-            return
+        if torch.compiler.is_compiling():  # a compiled decoding step: only the branch rows' inputs (tensor ops)
+            state = self.state
+            if state is not None and state.branch is not None:
+                return contrast.step_inputs(args, kwargs, state.branch)
+            return None
+        if not self._enter():
+            return None
         try:
             if self._starts_call(args, kwargs):
                 brancher = self.brancher
@@ -433,13 +440,6 @@ class Attached:
                 f"{names} with form='inplace' removes tokens from the KV cache of the layers it prunes, which a "
                 f"static cache ({type(cache).__name__}) cannot hold. Use form='mask' for static-cache / compiled "
                 "generation, or generate with the default dynamic cache."
-            )
-        if self.brancher is not None and cache is not None and getattr(cache, "is_compileable", False):
-            raise VlmfixError(
-                f"{type(self.brancher.config).__name__} runs a contrast branch as extra batch rows of the same "
-                f"forward, and vlmfix does not yet expand the 4-D masks that generate builds for a static cache "
-                f"({type(cache).__name__}, compiled generation). Generate with the default dynamic cache (no "
-                "cache_implementation=\"static\")."
             )
         inputs = dict(kwargs)
         if args:
@@ -495,7 +495,12 @@ class Attached:
     def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """After every forward (also one that raised: `output` is then None): combine a contrast branch's logits
         (the output then has the B real rows), end the prefill, free the model."""
-        if torch.compiler.is_compiling() or self._in_prepass:
+        if torch.compiler.is_compiling():  # a compiled decoding step: only the branch's combination (tensor ops)
+            state = self.state
+            if output is not None and state is not None and state.branch is not None:
+                return contrast.combine_output(output, state.branch, None)
+            return None
+        if self._in_prepass:
             return None
         try:
             state = self.state

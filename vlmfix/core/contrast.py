@@ -27,7 +27,15 @@ How (all in attach's forward hooks; the model and `generate` see nothing):
   attention mask and position ids (tensor ops only);
 - the post-forward hook combines the last position's logits of rows B..2B-1 into rows 0..B-1 and returns an
   output of B rows (logits, and hidden states / attentions when asked for): `generate` sees B rows; the KV
-  cache (dynamic, or static: a static cache sizes itself at the prefill's first write) holds 2B rows.
+  cache (dynamic, or static: a static cache sizes its batch at the prefill's first write) holds 2B rows.
+
+Compiled generation (static cache): generate hands a static cache's forwards 4-D masks (B, 1, Q, K) (or a
+dict of them); the branch rows get theirs from the real rows' causal limit and the branch prompt's mask
+(`_branch_4d`), and a "no_image" branch's decoding positions are the real rows' text positions less the real
+tokens its prompt lacks (`Branch.delta`). In a compiled decoding step (transformers compiles the forward,
+hooks included) the pre-hook does only the branch's input expansion and the post-hook only the combination,
+both tensor ops, traced into the graph. "disturbed" is refused with a static cache (its widened prompt
+overflows a cache sized for the prompt).
 
 Acting on branch rows (the API the "same" kind is for). By default a call's capabilities (`queries`, `bias`,
 `edit`, `observe`) see the B real rows only: the attention function cuts query / key / value / mask to rows
@@ -42,7 +50,7 @@ ONLY sets `batch_rows = "branch"` and biases one layer's scores of the "same" br
 
 Limits: one runtime with branches per attach; not with in-place pruning or mask-replacing methods (refused at
 attach). Right-padded prompts are refused (the branch rows are left-padded). A decoding step reads no host
-value, and runs inside compiled generation.
+value.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmfix.core.errors import VlmfixError
+from vlmfix.core.protocol import CombinesLogits, HeatMaps, MethodCall, Record
 
 #: the branch kinds attach knows how to build
 KINDS = ("no_image", "same", "noised", "disturbed")
@@ -69,9 +78,16 @@ _TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")
 #: pixel inputs of a modality (the encoder's main input), as `generate` names them
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
-#: the forward diffusion's schedule (DDPM, Ho et al. 2020): T steps, beta_t linear from 1e-4 to 0.02
+#: the forward diffusion's schedule for the noised branch: T = 1000 steps, beta_t = 1e-5 + (5e-3 - 1e-5) *
+#: sigmoid(s_t), s_t evenly spaced over [-6, 6] (the VCD authors' published schedule)
 DIFFUSION_STEPS = 1000
-BETA_START, BETA_END = 1e-4, 0.02
+BETA_MIN, BETA_MAX = 1e-5, 5e-3
+
+
+def diffusion_abar(step: int) -> float:
+    """abar_t = prod_{s <= t} (1 - beta_s) of the schedule above at step t (0 .. DIFFUSION_STEPS - 1, from 0)."""
+    betas = torch.sigmoid(torch.linspace(-6, 6, DIFFUSION_STEPS, dtype=torch.float64)) * (BETA_MAX - BETA_MIN) + BETA_MIN
+    return float(torch.cumprod(1 - betas, 0)[step])
 
 
 @dataclass
@@ -88,6 +104,8 @@ class Branch:
     #: the columns the cache holds before the next step (the prompt, then the generated tokens; host ints)
     length: int = 0
     shift: int = 0
+    #: (B,) on the model's device: real tokens of each real row's prompt minus its branch's ("no_image")
+    delta: torch.Tensor | None = None
 
 
 def removed_ids(adapter: Any) -> set[int]:
@@ -104,16 +122,13 @@ def removed_ids(adapter: Any) -> set[int]:
 
 def diffusion_noise(pixels: torch.Tensor, step: int, seed: int, grid: torch.Tensor | None = None) -> torch.Tensor:
     """`pixels` noised by the forward diffusion q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) at step `step`
-    (abar_t = prod_{s <= t} (1 - beta_s), the DDPM schedule above; step 0: `pixels` unchanged).
+    (`diffusion_abar`), on the model's input pixels as the processor made them (normalized; not clamped).
 
     The noise is deterministic and per image: each unit (an (C, H, W) image or tile of a 4-D or 5-D tensor; the
     rows of one image of a flat (patches, D) tensor, `grid` (images, 3) its t, h, w) draws from a generator
     seeded with `seed` and a digest of the unit's own pixels, so an image gets the same noise alone or in any
     batch. The host reads the pixels (a prefill, never a decoding step)."""
-    if step == 0:
-        return pixels
-    betas = torch.linspace(BETA_START, BETA_END, DIFFUSION_STEPS, dtype=torch.float64)
-    abar = float(torch.cumprod(1 - betas, 0)[step - 1])
+    abar = diffusion_abar(step)
     if pixels.dim() >= 4:
         units = list(pixels.reshape(-1, *pixels.shape[-3:]))
     elif pixels.dim() == 2 and grid is not None:
@@ -126,7 +141,7 @@ def diffusion_noise(pixels: torch.Tensor, step: int, seed: int, grid: torch.Tens
         digest = hashlib.blake2b(host.numpy().tobytes(), digest_size=8, key=str(seed).encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
         noise.append(torch.randn(host.shape, generator=g, dtype=torch.float32))
-    eps = torch.stack(noise) if pixels.dim() >= 4 else torch.cat(noise) if len(noise) > 1 else noise[0]
+    eps = torch.stack(noise) if pixels.dim() >= 4 else torch.cat(noise)
     eps = eps.reshape(pixels.shape).to(pixels.device)
     return (math.sqrt(abar) * pixels.float() + math.sqrt(1 - abar) * eps).to(pixels.dtype)
 
@@ -159,6 +174,43 @@ def _twice(positions: torch.Tensor, branch: torch.Tensor, b: int) -> torch.Tenso
     return torch.cat([positions, branch], dim=-2)
 
 
+def _mask_map(mask: Any, fn: Any) -> Any:
+    """`fn` applied to a 4-D mask, or to each of a dict of them (one per attention type)."""
+    return {k: fn(v) for k, v in mask.items()} if isinstance(mask, dict) else fn(mask)
+
+
+def _is_4d(mask: Any) -> bool:
+    """Whether `mask` is what generate builds for a static cache: a 4-D mask (B, 1, Q, K), or a dict of them."""
+    return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+
+
+def _rows_2d(mask: Any) -> torch.Tensor:
+    """The (B, L) padding mask of a prefill's 4-D mask (B, 1, L, K): the last query row over the prompt's columns."""
+    m = next(iter(mask.values())) if isinstance(mask, dict) else mask
+    length = m.shape[-2]
+    last = m[:, 0, -1, :length]
+    return (last if last.dtype == torch.bool else last == 0).long()
+
+
+def _branch_4d(real: torch.Tensor, branch_cols: torch.Tensor) -> torch.Tensor:
+    """The branch rows' 4-D mask: a real row's query may see key k when k is at most its own column (the last key
+    its real row's mask allows: the causal limit) and the branch row's column k holds a real token
+    (`branch_cols` (B, K) bool: the branch prompt's mask, then every generated column)."""
+    allowed = real if real.dtype == torch.bool else real == 0
+    cols = torch.arange(real.shape[-1], device=real.device)
+    limit = torch.where(allowed, cols, -1).amax(-1, keepdim=True)  # (B, 1, Q, 1)
+    out = (cols <= limit) & branch_cols[:, None, None, :]
+    if real.dtype == torch.bool:
+        return out
+    return torch.zeros_like(real).masked_fill(~out, torch.finfo(real.dtype).min)
+
+
+def _static_cols(branch_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, K) bool: the branch prompt's mask (B, L) followed by K - L generated columns."""
+    return torch.cat([branch_mask.bool(), branch_mask.new_ones(branch_mask.shape[0], k - branch_mask.shape[1],
+                                                               dtype=torch.bool)], dim=1)
+
+
 def _inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     kwargs = dict(kwargs)
     if args:
@@ -177,6 +229,10 @@ def widen(args: tuple, kwargs: dict, adapter: Any, shift: int) -> tuple[tuple, d
         raise VlmfixError("a contrast branch is built from input_ids; this forward brought inputs_embeds: pass input_ids")
     b, length = ids.shape
     mask = kwargs.get("attention_mask")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if _is_4d(mask) or getattr(cache, "is_compileable", False):
+        raise VlmfixError("the disturbed branch (ICD) widens the prompt, which a static cache sized for the prompt "
+                          "cannot hold: generate with the default dynamic cache (no cache_implementation=\"static\")")
     if mask is None:
         mask = torch.ones_like(ids)
     positions = kwargs.get("position_ids")
@@ -274,7 +330,10 @@ def prefill_inputs(args: tuple, kwargs: dict, adapter: Any, rows: Sequence[Any],
         raise VlmfixError("a contrast branch needs left-padded prompts (padding_side=\"left\")")
     b, length = ids.shape
     mask = kwargs.get("attention_mask")
-    if mask is None:
+    static = _is_4d(mask)
+    if static:
+        mask4d, mask = mask, _rows_2d(mask)
+    elif mask is None:
         mask = torch.ones_like(ids)
     positions = kwargs.get("position_ids")
     shift = 0
@@ -292,12 +351,18 @@ def prefill_inputs(args: tuple, kwargs: dict, adapter: Any, rows: Sequence[Any],
         shift = len(prefix)
         branch_ids, branch_mask, kwargs["position_ids"], types = _disturb(ids, mask, positions, kwargs, rows, prefix)
     kwargs["input_ids"] = torch.cat([ids, branch_ids])
-    kwargs["attention_mask"] = torch.cat([mask, branch_mask])
+    if not static:
+        kwargs["attention_mask"] = torch.cat([mask, branch_mask])
+    elif kind in SAME_LAYOUT:
+        kwargs["attention_mask"] = _mask_map(mask4d, lambda m: torch.cat([m, m]))
+    else:
+        kwargs["attention_mask"] = _mask_map(mask4d, lambda m: torch.cat([m, _branch_4d(m, _static_cols(branch_mask, m.shape[-1]))]))
     for name, value in types.items():
         kwargs[name] = torch.cat([kwargs[name], value])
     if kind != "no_image":
         _branch_images(kwargs, adapter.model, kind, settings, encoded)
-    return args, kwargs, Branch(b, kind, length, branch_mask, combiner, length, shift)
+    delta = (mask.sum(1) - branch_mask.sum(1)).to(ids.device)
+    return args, kwargs, Branch(b, kind, length, branch_mask, combiner, length, shift, delta)
 
 
 def _drop(ids: torch.Tensor, mask: torch.Tensor, drop_ids: torch.Tensor, adapter: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,6 +419,8 @@ def step_inputs(args: tuple, kwargs: dict, branch: Branch) -> tuple[tuple, dict]
     b = branch.real
     kwargs["input_ids"] = torch.cat([ids, ids])
     mask = kwargs.get("attention_mask")
+    if _is_4d(mask):  # a static cache's step (compiled generation): tensor ops on the 4-D masks
+        return args, _static_step(kwargs, mask, branch, b)
     if mask is None:  # every real token (a batch without padding): the cache's columns and this step's
         mask = torch.ones(b, branch.length - branch.shift + q, dtype=branch.mask.dtype, device=ids.device)
     real_mask = F.pad(mask, (branch.shift, 0)) if branch.shift else mask
@@ -378,6 +445,27 @@ def step_inputs(args: tuple, kwargs: dict, branch: Branch) -> tuple[tuple, dict]
         if isinstance(value, torch.Tensor) and value.shape[0] == b:
             kwargs[name] = torch.cat([value, value if branch.kind != "no_image" else torch.zeros_like(value)])
     return args, kwargs
+
+
+def _static_step(kwargs: dict, mask: Any, branch: Branch, b: int) -> dict:
+    """A static cache's decoding step (`step_inputs`): the 4-D masks of the branch rows built from the real rows'
+    causal limit and the branch prompt's mask; a "no_image" branch's positions are the real rows' text positions
+    less the real tokens the branch prompt lacks (`Branch.delta`). Tensor ops only."""
+    positions = kwargs.get("position_ids")
+    if branch.kind in SAME_LAYOUT:
+        kwargs["attention_mask"] = _mask_map(mask, lambda m: torch.cat([m, m]))
+        if positions is not None:
+            kwargs["position_ids"] = _twice(positions, positions, b)
+    else:
+        kwargs["attention_mask"] = _mask_map(
+            mask, lambda m: torch.cat([m, _branch_4d(m, _static_cols(branch.mask, m.shape[-1]))]))
+        text = positions[0] if positions.dim() == 3 else positions  # (B, Q): the real rows' text positions
+        kwargs["position_ids"] = _expand_positions(positions, text - branch.delta[:, None].to(text.dtype), 0)
+    for name in _TOKEN_TYPES:
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.shape[0] == b:
+            kwargs[name] = torch.cat([value, value if branch.kind != "no_image" else torch.zeros_like(value)])
+    return kwargs
 
 
 def _rows(value: Any, real: int) -> Any:
@@ -414,3 +502,71 @@ def combine_output(output: Any, branch: Branch, last: torch.Tensor | None) -> An
         elif key in ("hidden_states", "attentions"):  # per layer, batch first (image features are not per row)
             output[key] = _rows(output[key], real)
     return output
+
+
+# -- contrastive decoding over a branch (VCD, ICD) ---------------------------------------------------------
+def contrast_logits(logits: torch.Tensor, branch: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Contrastive decoding (Li et al. 2023; VCD, ICD): (1 + alpha) logits - alpha branch, with the adaptive
+    plausibility cut: -inf at the tokens whose probability under `logits` is below beta x its maximum (beta = 0:
+    no cut). (B, V) fp32 -> (B, V); tensor ops only."""
+    out = (1 + alpha) * logits - alpha * branch
+    if beta > 0:
+        lp = torch.log_softmax(logits, dim=-1)
+        out = out.masked_fill(lp < lp.amax(-1, keepdim=True) + math.log(beta), float("-inf"))
+    return out
+
+
+@dataclass
+class ContrastRecord(Record):
+    """What a contrastive-decoding method did in one call: its settings, which rows it acted on (`acting`; the
+    others kept their raw logits, `why` says why) and, per row, the steps (the prefill's and each decoding
+    step's) where the contrast changed the greedy pick (`changed`, (B,) on the model's device) of `steps`.
+    No heat map: the method acts on the next-token logits, not on prompt positions."""
+
+    settings: dict[str, Any]
+    acting: list[bool]
+    why: list[str]
+    changed: torch.Tensor
+    steps: torch.Tensor
+
+    def acted(self) -> list[bool]:
+        return list(self.acting)
+
+    def row(self, row: int) -> dict[str, Any]:
+        if not self.acting[row]:
+            return {"acted": False}
+        return {"acted": True, **self.settings, "changed_steps": int(self.changed[row]), "steps": int(self.steps)}
+
+    def notes(self, row: int) -> list[str]:
+        return [] if self.acting[row] else [self.why[row]]
+
+    def heat_maps(self, maps: HeatMaps) -> list[str]:
+        return [f"{self.method}: no heat map (it contrasts next-token logits, not prompt positions); "
+                f"{self.row(maps.row)}"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, **self.settings,
+                "rows": [{**self.row(r), "notes": self.notes(r)} for r in range(len(self.acting))]}
+
+
+class ContrastCall(MethodCall, CombinesLogits):
+    """A call of a contrastive-decoding method: `contrast_logits` on the rows in `acting`, raw logits elsewhere;
+    counts, per row, the steps where the contrast changed the greedy pick (tensor ops only)."""
+
+    record: ContrastRecord
+
+    def __init__(self, runtime: Any, state: Any, alpha: float, beta: float, acting: list[bool], why: list[str],
+                 settings: dict[str, Any]):
+        self.alpha, self.beta = float(alpha), float(beta)
+        self._acting = torch.tensor(acting, device=state.device)[:, None]
+        record = self.record_type(settings, acting, why, torch.zeros(len(acting), dtype=torch.long, device=state.device),
+                                  torch.zeros((), dtype=torch.long, device=state.device))
+        super().__init__(runtime, record)
+
+    def combine(self, logits: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        acting = self._acting.to(logits.device)
+        out = torch.where(acting, contrast_logits(logits, branch, self.alpha, self.beta), logits)
+        changed = (out.argmax(-1) != logits.argmax(-1)) & acting[:, 0]
+        self.record.changed += changed.to(self.record.changed.device)
+        self.record.steps += 1
+        return out
