@@ -37,9 +37,12 @@ VARIANTS: list[tuple[str, Callable[[], list], dict, str]] = [
     ("VCD", lambda: [vlmfix.VCD()], {}, "plain"),
     ("ICD", lambda: [vlmfix.ICD()], {}, "plain"),
     ("PAI", lambda: [vlmfix.PAI()], {}, "plain"),
+    ("M3ID", lambda: [vlmfix.M3ID()], {}, "plain"),
+    ("ONLY", lambda: [vlmfix.ONLY()], {}, "plain"),
+    ("VAF", lambda: [vlmfix.VAF()], {}, "plain"),
 ]
 
-TARGETS = {"VCD": 2.05, "ICD": 2.05, "M3ID": 2.05, "PAI": 2.05, "OPERA": 2.0}
+TARGETS = {"VCD": 2.05, "ICD": 2.05, "M3ID": 2.05, "PAI": 2.05, "ONLY": 2.05, "OPERA": 2.0}
 
 
 def main() -> None:

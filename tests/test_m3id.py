@@ -79,12 +79,28 @@ def test_batch_rows_equal_rows_alone(family_model):
     assert torch.allclose(scores[2], plain_text_scores[0], atol=1e-5)
 
 
-def test_static_cache_is_refused_while_the_branch_needs_a_dynamic_cache():
+def test_compiled_static_cache_generation_equals_eager():
+    """The branch rows in a static cache and compiled decoding steps: the eager dynamic cache's tokens and scores, a
+    text-only row included (the decoding step reads tensors only)."""
+    from torch._dynamo.utils import counters
+
+    from test_runtime import compile_config
+
+    torch._dynamo.reset()
     model = make_model("llava")
-    batch = make_batch("llava", model, [(BEFORE, (60, 90), AFTER)])
-    with vlmfix.attach(model, tokenizer(), M3ID()) as fixed:
-        with pytest.raises(VlmfixError, match="dynamic cache"):
-            fixed.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+    batch = make_batch("llava", model, [(BEFORE, (60, 90), AFTER), ([1, 12, 20], None, [13, 14, 15, 16])])
+    with vlmfix.attach(model, tokenizer(), M3ID(lam=0.7)) as fixed:
+        tokens, scores = greedy(fixed, batch)
+        static_tokens, static_scores = greedy(fixed, batch, cache_implementation="static", disable_compile=True)
+        counters.clear()
+        compiled_tokens, compiled_scores = greedy(fixed, batch, cache_implementation="static",
+                                                  compile_config=compile_config())
+        assert counters["stats"]["unique_graphs"] > 0, "the decoding steps were not compiled"
+        record = fixed.last_state.record(M3ID)
+    assert record.row(0)["steps"] == STEPS - 1  # the step counter advanced inside the compiled steps too
+    assert torch.equal(static_tokens, tokens) and torch.equal(compiled_tokens, tokens)
+    assert_scores(static_scores, scores)
+    assert_scores(compiled_scores, scores)
 
 
 def test_composes_with_var_and_gift_and_refuses_pruning():

@@ -20,12 +20,7 @@ def family_model(request):
     return request.param, make_model(request.param)
 
 
-@pytest.mark.parametrize("layer,alpha1,alpha2,gamma,beta", [(0, 3.0, 1.0, 0.2, 0.1), (1, 3.0, 1.0, 2.0, 0.0),
-                                                            (2, 0.5, 2.0, 0.0, 0.05)])
-def test_equals_the_reference(family_model, layer, alpha1, alpha2, gamma, beta):
-    """The paper's setting, one that is always collaborative (gamma 2) and one always contrastive (gamma 0)."""
-    family, model = family_model
-    batch = make_batch(family, model, [(BEFORE, (60, 90), AFTER)])
+def check_reference(model, batch, layer, alpha1, alpha2, gamma, beta):
     ref_tokens, ref_scores = only_generate_reference(model, batch, layer, alpha1, alpha2, gamma, beta, STEPS)
     config = ONLY(layer=layer, alpha1=alpha1, alpha2=alpha2, gamma=gamma, beta=beta)
     with vlmfix.attach(model, tokenizer(), config) as fixed:
@@ -33,12 +28,23 @@ def test_equals_the_reference(family_model, layer, alpha1, alpha2, gamma, beta):
         record = fixed.last_state.record(ONLY)
     assert tokens[0].tolist() == ref_tokens.tolist()
     assert_scores(scores[0], ref_scores, atol=2e-4)
-    both = record.row(0)["collaborative"] + record.row(0)["contrastive"]
-    assert both == STEPS and record.acted() == [True]
-    if gamma == 2.0:
-        assert record.row(0)["collaborative"] == STEPS
-    if gamma == 0.0:
-        assert record.row(0)["contrastive"] == STEPS
+    assert record.row(0)["collaborative"] + record.row(0)["contrastive"] == STEPS and record.acted() == [True]
+    return record
+
+
+def test_equals_the_reference(family_model):
+    """The paper's setting on each family."""
+    family, model = family_model
+    check_reference(model, make_batch(family, model, [(BEFORE, (60, 90), AFTER)]), 0, 3.0, 1.0, 0.2, 0.1)
+
+
+@pytest.mark.parametrize("layer,alpha1,alpha2,gamma,beta", [(1, 3.0, 1.0, 2.0, 0.0), (2, 0.5, 2.0, 0.0, 0.05)])
+def test_equals_the_reference_collaborative_and_contrastive(layer, alpha1, alpha2, gamma, beta):
+    """Always collaborative (gamma 2, the largest distance) and always contrastive (gamma 0), other layers."""
+    model = make_model("llava")
+    record = check_reference(model, make_batch("llava", model, [(BEFORE, (60, 90), AFTER)]), layer, alpha1, alpha2,
+                             gamma, beta)
+    assert record.row(0)["collaborative" if gamma == 2.0 else "contrastive"] == STEPS
 
 
 def test_the_enhanced_branch_differs_from_the_plain_model():
@@ -93,12 +99,28 @@ def test_batch_rows_equal_rows_alone(family_model):
     assert torch.allclose(scores[2], plain_text_scores[0], atol=1e-5)
 
 
-def test_static_cache_is_refused_while_the_branch_needs_a_dynamic_cache():
+def test_compiled_static_cache_generation_equals_eager():
+    """The branch rows in a static cache and compiled decoding steps: the eager dynamic cache's tokens and scores, a
+    text-only row included (the decoding step reads tensors only)."""
+    from torch._dynamo.utils import counters
+
+    from test_runtime import compile_config
+
+    torch._dynamo.reset()
     model = make_model("llava")
-    batch = make_batch("llava", model, [(BEFORE, (60, 90), AFTER)])
-    with vlmfix.attach(model, tokenizer(), ONLY()) as fixed:
-        with pytest.raises(VlmfixError, match="dynamic cache"):
-            fixed.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+    batch = make_batch("llava", model, [(BEFORE, (60, 90), AFTER), ([1, 12, 20], None, [13, 14, 15, 16])])
+    with vlmfix.attach(model, tokenizer(), ONLY(layer=1, gamma=0.05)) as fixed:
+        tokens, scores = greedy(fixed, batch)
+        static_tokens, static_scores = greedy(fixed, batch, cache_implementation="static", disable_compile=True)
+        counters.clear()
+        compiled_tokens, compiled_scores = greedy(fixed, batch, cache_implementation="static",
+                                                  compile_config=compile_config())
+        assert counters["stats"]["unique_graphs"] > 0, "the decoding steps were not compiled"
+        record = fixed.last_state.record(ONLY)
+    assert record.row(0)["collaborative"] + record.row(0)["contrastive"] == STEPS
+    assert torch.equal(static_tokens, tokens) and torch.equal(compiled_tokens, tokens)
+    assert_scores(static_scores, scores)
+    assert_scores(compiled_scores, scores)
 
 
 def test_composes_with_var_and_gift_and_refuses_pruning():

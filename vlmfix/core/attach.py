@@ -90,7 +90,8 @@ def _refuse_dola(model: nn.Module, kwargs: dict) -> None:
             "transformers-community/dola as remote code (custom_generate, trust_remote_code=True), which vlmfix "
             "neither runs nor tests under its methods: its layer contrast reads the hidden states that the attention "
             "methods edit, and a contrast-branch method's combined logits are not those hidden states' logits. "
-            "Generate DoLa with the plain model (detach first), or use vlmfix's own contrast methods (pai, m3id, only)."
+            "Generate DoLa with the plain model (detach first), or use vlmfix's own contrast methods (pai, vcd, icd, "
+            "m3id, only)."
         )
 
 

@@ -24,8 +24,8 @@ How it runs: l_u comes from the "no_image" contrast branch (`vlmfix.core.contras
 image tokens, as extra batch rows of the same forward and the same KV cache; no second model call). The step
 index t lives in a preallocated 0-d tensor that `combine` reads and then increments in place, so a decoding
 step reads no Python counter. lambda = 0 is the neutral setting: no branch runs at all. A row without an image
-is left alone (its raw logits). Limits: those of the contrast branch (the default dynamic cache, left padding;
-not beside token pruning).
+is left alone (its raw logits). Runs in compiled static-cache generation (the counter is incremented inside the
+compiled step). Limits: those of the contrast branch (left padding; not beside token pruning).
 """
 
 from __future__ import annotations

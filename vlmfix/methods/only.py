@@ -29,8 +29,8 @@ as extra rows of the same forward and KV cache); this call sets `batch_rows = "b
 on the branch rows only, in layer l, and `combine` merges the two halves' logits. The paper's efficiency (one
 extra attention layer, not a second pass through the decoder) is not reproduced: the branch rows run every layer,
 about twice the arithmetic. alpha1 = alpha2 = beta = 0 is the neutral setting (no branch runs). A row without an
-image is left alone (its raw logits). Limits: those of the contrast branch (dynamic cache, left padding, not beside
-token pruning).
+image is left alone (its raw logits). Runs in compiled static-cache generation. Limits: those of the contrast
+branch (left padding, not beside token pruning).
 """
 
 from __future__ import annotations
