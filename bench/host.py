@@ -19,7 +19,7 @@ It prints, against the plain model in the same run (interleaved, medians over re
   (with its image-free contrast rows: twice the batch), and each other method of the `variants` table in
   main() (the decoding baselines; the pruners at keep 64 and 128);
 - compiled decode (static cache, torch.compile fullgraph): the median time of a compiled decoding
-  step (each call of transformers' compiled forward timed on its own) for VAR and GIFT against
+  step (each call of transformers' compiled forward timed on its own) for VAR, GIFT and VAF against
   plain, or why the compilation failed;
 - aten operator counts (vlmfix.core.profiling.OpCounter) of one decode step, total and per layer, and
   the host reads (device syncs) of the prefill and of a decode step.
@@ -287,7 +287,6 @@ def main() -> None:
         "StagedPrune": [vlmfix.StagedPrune() if layers == 32 else vlmfix.StagedPrune(layers=(1, 2, 3))],
         "DART keep 64": [vlmfix.DART(keep=64)], "random keep 64": [vlmfix.RandomPrune(keep=64)],
         "pool keep 64": [vlmfix.PoolPrune(keep=64)],
-        "PAI attention": [vlmfix.PAI(gamma=1.0)], "PAI": [vlmfix.PAI()],
         "SparseVLM keep 64": [vlmfix.SparseVLM(keep=64, **({} if layers == 32 else {"layers": (1, 2, 3)}))],
         "SparseVLM keep 128": [vlmfix.SparseVLM(keep=128, **({} if layers == 32 else {"layers": (1, 2, 3)}))],
         "VisionZip keep 64": [vlmfix.methods.VisionZip(keep=64, vision_layer=zip_layer)],
@@ -296,6 +295,8 @@ def main() -> None:
         "DivPrune keep 128": [vlmfix.methods.DivPrune(keep=128)],
         # OPERA is a 5-beam search: compare it with "beam 5" (its neutral setting, transformers' beam search)
         "beam 5": [vlmfix.OPERA(alpha=0.0, threshold=None)], "OPERA": [vlmfix.OPERA()],
+        "PAI attention": [vlmfix.PAI(gamma=1.0)], "PAI": [vlmfix.PAI()], "VCD": [vlmfix.VCD()], "ICD": [vlmfix.ICD()],
+        "M3ID": [vlmfix.M3ID()], "VAF": [vlmfix.VAF()], "ONLY": [vlmfix.ONLY()],
     }
     say("checking that each variant attaches ...")
     variants = attachable(model, tokenizer, variants, dims)
@@ -307,11 +308,12 @@ def main() -> None:
     eager_times(model, tokenizer, inputs, variants, n, repeats)
     if not args.no_compile:
         say(f"compiled generate (static cache, fullgraph), {n} new tokens ...")
-        compiled_times(model, tokenizer, inputs, some("plain", "VAR", "GIFT", "PAI attention"), n, repeats)
+        compiled_times(model, tokenizer, inputs, some("plain", "VAR", "GIFT", "PAI attention", "VAF"), n,
+                       repeats)
     say(f"aten operators of one decode step ({layers} layers) ...")
     op_counts(model, tokenizer, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128", "PAI attention",
                                              "SparseVLM keep 64", "VisionZip keep 64", "DivPrune keep 64", "DART keep 64",
-                                             "pool keep 64"), layers)
+                                             "pool keep 64", "VAF"), layers)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def test_method_sets_come_from_the_registry(monkeypatch):
         (later,) = runner.parse_method_sets(["later"])
         assert runner.method_params(later.methods) == [{"name": "later", "class": "Later",
                                                         "params": {"strength": 1.0}}]
-        with pytest.raises(ValueError, match="unknown method 'fastvv'; available: dart, divprune, fastv, gift, later, opera, pai, pool, random, sparsevlm, staged, var, visionzip"):
+        with pytest.raises(ValueError, match="unknown method 'fastvv'; available: dart, divprune, fastv, gift, icd, later, m3id, only, opera, pai, pool, random, sparsevlm, staged, vaf, var, vcd, visionzip"):
             runner.parse_method_sets(["fastvv"])
     finally:
         methods.unregister_method("later")

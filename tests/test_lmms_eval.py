@@ -214,7 +214,7 @@ def test_model_args_parsing():
 
 
 @pytest.mark.parametrize("model_args, message", [
-    ("methods=var+bogus", "unknown method 'bogus'; available: dart, divprune, fastv, gift, opera, pai, pool, random, sparsevlm, staged, var, visionzip. Give NAME or NAME:PRESET"),
+    ("methods=var+bogus", "unknown method 'bogus'; available: dart, divprune, fastv, gift, icd, m3id, only, opera, pai, pool, random, sparsevlm, staged, vaf, var, vcd, visionzip. Give NAME or NAME:PRESET"),
     ("methods=var:nope", "unknown var preset 'nope'"),
     ("batch_size=auto", "batch_size='auto': give a number of prompts >= 1"),
     ("sink_dims=1+x", "sink_dims='1+x': expected integers joined by '+'"),
@@ -333,6 +333,6 @@ def test_sample_logs_record_what_vlmfix_did(evaluated, pope_copy):
 
 def test_lmms_eval_shows_vlmfix_errors(evaluated):
     output = evaluated["output"]
-    assert "model_args methods='var+bogus': unknown method 'bogus'; available: dart, divprune, fastv, gift, opera, pai, pool, random, sparsevlm, staged, var, visionzip" in output
+    assert "model_args methods='var+bogus': unknown method 'bogus'; available: dart, divprune, fastv, gift, icd, m3id, only, opera, pai, pool, random, sparsevlm, staged, vaf, var, vcd, visionzip" in output
     assert "vlmfix does not support BlipForConditionalGeneration" in output
     assert "Supported families:" in output

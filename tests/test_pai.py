@@ -7,7 +7,6 @@ import torch
 import vlmfix
 from reference_pai import pai_generate_reference
 from tiny import IMAGE, VEND, VSTART, make_batch, make_model, tokenizer
-from vlmfix.core.attach import VlmfixError
 from vlmfix.methods.pai import PAI
 
 torch.set_num_threads(2)
@@ -120,12 +119,16 @@ def test_branch_rows_hold_no_image_and_generate_sees_b_rows():
     assert state.batch_size == 2 and state.branch_rows == 2
 
 
-def test_static_cache_is_refused():
+def test_static_cache_gives_the_dynamic_caches_tokens():
+    """The image-free contrast rows in a static cache (generate's 4-D masks expanded for them): the dynamic cache's
+    tokens and logits."""
     model = make_model("llava")
-    batch = make_batch("llava", model, [(BEFORE, (60, 90), AFTER)])
-    with vlmfix.attach(model, tokenizer(), PAI()) as fixed:
-        with pytest.raises(VlmfixError, match="dynamic cache"):
-            fixed.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+    batch = make_batch("llava", model, [(BEFORE, (60, 90), AFTER), ([1, 12], None, [13, 14, 15, 16])])
+    with vlmfix.attach(model, tokenizer(), PAI(alpha=0.5, gamma=1.5)) as fixed:
+        tokens, scores = greedy(fixed, batch)
+        static_tokens, static_scores = greedy(fixed, batch, cache_implementation="static", disable_compile=True)
+    assert torch.equal(tokens, static_tokens)
+    assert_scores(static_scores, scores)
 
 
 def test_config_checks():

@@ -29,6 +29,7 @@ them before generate starts.
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import weakref
 from typing import Any, Iterable, Sequence
@@ -77,6 +78,20 @@ def _refuse_right_padding(rows: list[int]) -> None:
             "every row after the prompt's last column, i.e. after their padding: decoder-only generation needs "
             "left padding. Build the inputs with processor(..., padding=True, padding_side=\"left\") (or set "
             "processor.tokenizer.padding_side = \"left\"). A plain forward, model(**inputs), takes either side."
+        )
+
+
+def _refuse_dola(model: nn.Module, kwargs: dict) -> None:
+    """Raise VlmfixError when a generate call asks for DoLa (`dola_layers`, in the call or a generation config)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if kwargs.get("dola_layers") is not None or getattr(config, "dola_layers", None) is not None:
+        raise VlmfixError(
+            "DoLa (dola_layers) is not part of transformers 5: generate loads it from the Hub repo "
+            "transformers-community/dola as remote code (custom_generate, trust_remote_code=True), which vlmfix "
+            "neither runs nor tests under its methods: its layer contrast reads the hidden states that the attention "
+            "methods edit, and a contrast-branch method's combined logits are not those hidden states' logits. "
+            "Generate DoLa with the plain model (detach first), or use vlmfix's own contrast methods (pai, vcd, icd, "
+            "m3id, only)."
         )
 
 
@@ -165,9 +180,10 @@ class Attached:
         #: `last_state` (its last call's state)
         self._local = threading.local()
         self._bias: tuple[Any, tuple, torch.Tensor | None] | None = None
-        #: (the model's mask, real rows, the mask cut to them) of the last branch-row cut (`real_rows_mask`)
-        self._real_mask: tuple[Any, int, torch.Tensor] | None = None
+        #: {(first row, end row): (the model's mask, the mask cut to those rows)} (`rows_mask`)
+        self._rows_masks: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self._attached = False
+        self._unwrap: Any = None
         self._attach()
 
     def _resolve_brancher(self) -> Runtime | None:
@@ -180,6 +196,9 @@ class Attached:
         runtime = found[0]
         if not issubclass(runtime.call, CombinesLogits):
             raise VlmfixError(f"{names} declares contrast branches but its calls do not combine logits (CombinesLogits)")
+        kinds = runtime.branches()
+        if len(kinds) != 1 or kinds[0] not in contrast.KINDS:
+            raise VlmfixError(f"{names} asks for contrast branches {kinds}: one kind of {', '.join(contrast.KINDS)}")
         others = [type(r.config).__name__ for r in self.runtimes
                   if issubclass(r.call, (MovesTokens, ReplacesMask)) and r is not runtime]
         if others:
@@ -200,12 +219,15 @@ class Attached:
         kwargs.setdefault("custom_generate", loop)
         return type(self.model).generate(self.model, *args, **settings(kwargs))
 
-    def real_rows_mask(self, mask: torch.Tensor, real: int) -> torch.Tensor:
-        """`mask` cut to the call's `real` batch rows (contrast branches), cut once per mask object."""
-        cached = self._real_mask
-        if torch.compiler.is_compiling() or cached is None or cached[0] is not mask or cached[1] != real:
-            cached = self._real_mask = (mask, real, mask[:real])
-        return cached[2]
+    def rows_mask(self, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """`mask` cut to batch rows start..stop-1 (contrast branches: the real rows, or the branch rows), cut once
+        per mask object and rows."""
+        if torch.compiler.is_compiling():
+            return mask[start:stop]
+        cached = self._rows_masks.get((start, stop))
+        if cached is None or cached[0] is not mask:
+            cached = self._rows_masks[start, stop] = (mask, mask[start:stop])
+        return cached[1]
 
     # -- sinks ------------------------------------------------------------------------------------
     def _resolve_sink_dims(self, dims: Sequence[int] | None) -> tuple[tuple[int, ...], str]:
@@ -255,7 +277,34 @@ class Attached:
                 return self._generate_with_decoder(*args, **kwargs)
 
             self.model.generate = functools.wraps(type(self.model).generate)(generate)
+        if self.brancher is not None and self.brancher.branches()[0] == "noised":
+            self._wrap_image_features()
         self._attached = True
+
+    def _wrap_image_features(self) -> None:
+        """The noised branch (`vlmfix.core.contrast`) needs the noised images' features. `generate` encodes the
+        images before the prefill's forward (`get_image_features`), and passes the features, not the pixels:
+        while attached, the model instance's `get_image_features` (its base model's, an instance attribute that
+        detach removes; the class is untouched) also encodes the noised pixels when called outside a forward,
+        and keeps them for the prefill (per thread). Inside a forward the pixels are at hand (no extra work)."""
+        base = getattr(self.model, "base_model", self.model)
+        original = base.get_image_features
+        signature = inspect.signature(original)
+        settings = self.brancher.branch_settings()
+
+        @functools.wraps(original)  # generate reads its signature
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            if self._busy_thread != threading.get_ident():  # generate's encoding before the prefill
+                bound = signature.bind(*args, **kwargs)
+                pixels = bound.arguments["pixel_values"]
+                bound.arguments["pixel_values"] = contrast.noise_pixels(pixels, settings,
+                                                                        bound.arguments.get("image_grid_thw"))
+                self._local.noised = {"image": original(*bound.args, **bound.kwargs)}
+            return out
+
+        base.get_image_features = get_image_features
+        self._unwrap = lambda: base.__dict__.pop("get_image_features", None)
 
     def detach(self) -> nn.Module:
         """Restore every sub-config's previous attention implementation and remove the hooks.
@@ -266,6 +315,9 @@ class Attached:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._unwrap is not None:
+            self._unwrap()
+            self._unwrap = None
         for module in self._attention_modules():
             if getattr(module, attention.ROUTE, None) is not None and getattr(module, attention.ROUTE).handle is self:
                 delattr(module, attention.ROUTE)
@@ -301,6 +353,7 @@ class Attached:
         the right is refused before any work (generation needs left padding); a plain `model.generate` is
         refused at its prefill."""
         self._check_attached()
+        _refuse_dola(self.model, kwargs)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             _refuse_right_padding(sides(mask.cpu())[:, 1].nonzero().flatten().tolist())
@@ -363,18 +416,31 @@ class Attached:
             self._busy.release()
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if torch.compiler.is_compiling() or not self._enter():
-            return
+        if torch.compiler.is_compiling():  # a compiled decoding step: only the branch rows' inputs (tensor ops)
+            state = self.state
+            if state is not None and state.branch is not None:
+                return contrast.step_inputs(args, kwargs, state.branch)
+            return None
+        if not self._enter():
+            return None
         try:
             if self._starts_call(args, kwargs):
+                brancher = self.brancher
+                if brancher is None:
+                    self._start_call(args, kwargs)
+                    return None
+                kind = brancher.branches()[0]
+                settings = brancher.branch_settings()
+                if kind == "disturbed":  # the branch rows are longer: widen the prompt before the call's state
+                    args, kwargs = contrast.widen(args, kwargs, self.adapter, len(settings["prefix_ids"]))
                 self._start_call(args, kwargs)
-                if self.brancher is not None:
-                    state = self.state
-                    call = next(c for c in state.calls if c.runtime is self.brancher)
-                    args, kwargs, state.branch = contrast.prefill_inputs(args, kwargs, self.adapter, state.rows, call,
-                                                                         self.brancher.branches())
-                    state.branch_rows = state.branch.real
-                    return args, kwargs
+                state = self.state
+                call = next(c for c in state.calls if c.runtime is brancher)
+                encoded, self._local.noised = getattr(self._local, "noised", None), None
+                args, kwargs, state.branch = contrast.prefill_inputs(args, kwargs, self.adapter, state.rows, call, kind,
+                                                                     settings, encoded)
+                state.branch_rows = state.branch.real
+                return args, kwargs
             elif self._state_thread != threading.get_ident():
                 raise VlmfixError(
                     "another thread started a call on this attached model while this thread's call was generating, "
@@ -401,12 +467,6 @@ class Attached:
                 f"({type(cache).__name__}) cannot hold. Generate with the default dynamic cache"
                 + (f", or use form='mask' ({', '.join(masked)}) for static-cache / compiled generation." if masked
                    else " (no cache_implementation=\"static\"); this pruner has no mask form.")
-            )
-        if self.brancher is not None and cache is not None and getattr(cache, "is_compileable", False):
-            raise VlmfixError(
-                f"{type(self.brancher.config).__name__} runs a contrast branch as extra batch rows of the same "
-                f"forward, which a static cache ({type(cache).__name__}, compiled generation) sized for the batch "
-                "cannot hold. Generate with the default dynamic cache (no cache_implementation=\"static\")."
             )
         inputs = dict(kwargs)
         if args:
@@ -462,7 +522,12 @@ class Attached:
     def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """After every forward (also one that raised: `output` is then None): combine a contrast branch's logits
         (the output then has the B real rows), end the prefill, free the model."""
-        if torch.compiler.is_compiling() or self._in_prepass:
+        if torch.compiler.is_compiling():  # a compiled decoding step: only the branch's combination (tensor ops)
+            state = self.state
+            if output is not None and state is not None and state.branch is not None:
+                return contrast.combine_output(output, state.branch, None)
+            return None
+        if self._in_prepass:
             return None
         try:
             state = self.state

@@ -15,8 +15,9 @@ when nothing records gradients), and the fast path's output is copied before the
 written into it. After in-place pruning a
 `SlotView` (slots.py) translates rows and key columns, so runtimes see prompt positions.
 
-Contrast branch rows (`CallState.branch_rows`, batch rows after the B real ones) always take the
-fallback: the eager rows are computed on batch rows 0..B-1 and written over the fallback's output.
+Contrast branch rows (`CallState.branch_rows`, batch rows after the B real ones) take the fallback, and so
+do the real rows; the eager rows are computed on the rows the calls that asked see (`MethodCall.batch_rows`:
+the real rows by default, the branch rows, or all) and written over the fallback's output.
 
 The mask function registered beside each name is the previous implementation's own (sdpa's for
 "vlmfix"; "vlmfix_<impl>" for the others), so the fallback always gets the mask it expects.
@@ -114,19 +115,23 @@ def vlmfix_attention(
     if not wanted:
         return route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     full = None
+    part = slice(None)
     real = len(state.rows)
-    if state.branch_rows and query.shape[0] > real:  # contrast branch rows: the model's own attention, never a method's
+    if state.branch_rows and query.shape[0] > real:  # contrast branch rows (see vlmfix.core.contrast)
+        part = _rows_of(wanted, real, query.shape[0])
         full, _ = route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if full.requires_grad:
             full = full.clone()
-        query, key, value = query[:real], key[:real], value[:real]
-        if attention_mask is not None and attention_mask.shape[0] > 1:
-            attention_mask = handle.real_rows_mask(attention_mask, real)
+        if part != slice(None):
+            query, key, value = query[part], key[part], value[part]
+            if attention_mask is not None and attention_mask.shape[0] > 1:
+                attention_mask = handle.rows_mask(attention_mask, part.start, part.stop)
+    mixed = full is not None and part == slice(None)  # real and branch rows: each call gets those it sees
     rows = union_queries(asked, block)
     whole = rows.count == q_len and view is None
     out = None
-    if not whole and full is not None:  # the real rows of the model's own output, computed above for every row
-        out = full[:real]
+    if not whole and full is not None:  # the rows' model output, computed above for every row
+        out = full[part]
     elif not whole:
         out, _ = route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if out.requires_grad:  # the eager rows are written into it, and its backward may read it (SDPA's does)
@@ -151,13 +156,13 @@ def vlmfix_attention(
                     mask_scores_(scores, attention_mask, None if whole else rows.index, block.q_start or 0)
         for call in wanted:
             if isinstance(call, BiasesScores):
-                scores = call.bias(block, state, rows, scores)
+                scores = _on_rows(call, mixed, real, scores, lambda t: call.bias(block, state, rows, t))
         probs = torch.softmax(scores, dim=-1)
         for call in wanted:
             if isinstance(call, EditsQueries):
-                probs = call.edit(block, state, rows, probs)
+                probs = _on_rows(call, mixed, real, probs, lambda t: call.edit(block, state, rows, t))
             elif isinstance(call, ObservesQueries):
-                call.observe(block, state, rows, probs)
+                _on_rows(call, mixed, real, probs, lambda t: call.observe(block, state, rows, t))
         if view is not None:
             rows_out = grouped_values(view.compress(probs).to(value.dtype), value).transpose(1, 2)
             return view.write(out, rows_out, *slots), None
@@ -165,10 +170,35 @@ def vlmfix_attention(
     if out is None:
         out = rows_out.contiguous()
         if full is not None:
-            full[:real] = out.to(full.dtype)
+            full[part] = out.to(full.dtype)
     else:
-        out[:, rows.index] = rows_out.to(out.dtype)  # with branch rows, `out` is a view of `full`'s real rows
+        out[:, rows.index] = rows_out.to(out.dtype)  # with branch rows, `out` is a view of `full`'s rows
     return (out if full is None else full), None
+
+
+def _rows_of(calls: list, real: int, total: int) -> slice:
+    """The batch rows the eager form is computed on, with `real` real rows of `total` (contrast branch rows
+    after them): the union of what the calls see (`MethodCall.batch_rows`)."""
+    sides = {getattr(c, "batch_rows", "real") for c in calls}
+    if sides == {"real"}:
+        return slice(0, real)
+    if sides == {"branch"}:
+        return slice(real, total)
+    return slice(None)
+
+
+def _on_rows(call: Any, mixed: bool, real: int, tensor: torch.Tensor, act: Callable) -> torch.Tensor:
+    """`act` (a call's bias / edit / observe) on the rows of `tensor` that `call` sees (`mixed`: `tensor` holds the
+    real rows then the branch rows, else only rows the call sees); the new tensor (other rows unchanged)."""
+    sees = getattr(call, "batch_rows", "real")
+    if not mixed or sees == "all":
+        new = act(tensor)
+        return tensor if new is None else new
+    cut = slice(0, real) if sees == "real" else slice(real, None)
+    new = act(tensor[cut])
+    if new is None or new.data_ptr() == tensor[cut].data_ptr():  # observed, or edited in place
+        return tensor
+    return torch.cat([new, tensor[real:]]) if sees == "real" else torch.cat([tensor[:real], new])
 
 
 def union_queries(ranges: list[range], block: Block) -> Queries:

@@ -27,7 +27,8 @@ A call declares what it does by the capabilities it subclasses. Each receives th
 - `ReadsInputs`: `read_inputs(state, inputs)` sees the prefill's model inputs (pixel values);
 - `CombinesLogits`: `combine(logits, branch)` merges the next-token logits of the real rows with those of
   the contrast branch its runtime declares (`Runtime.branches()`, e.g. the prompt without its image; see
-  `vlmfix.core.contrast`: the branch rows are extra rows of the same forward, which methods never act on).
+  `vlmfix.core.contrast`: the branch rows are extra rows of the same forward, which a call's attention
+  capabilities see only when its class asks for them, `MethodCall.batch_rows`).
 
 Queries no call asks for stay on the model's own attention function (the fast path). A
 runtime may also ask, from what it resolved, for a pre-pass over the prompt (`prepass_until`) or
@@ -175,6 +176,10 @@ class MethodCall:
     `record_type` is the class of its records (reports read its `acts` before any call)."""
 
     record_type: ClassVar[type[Record]] = Record
+    #: the batch rows its attention capabilities see when a contrast branch runs (`vlmfix.core.contrast`):
+    #: "real" (the B real rows; the default), "branch" (the B branch rows only) or "all" (2B: real rows first,
+    #: `CallState.branch_flags()` marks the branch rows)
+    batch_rows: ClassVar[str] = "real"
 
     def __init__(self, runtime: "Runtime", record: Record | None = None):
         self.runtime = runtime
@@ -238,8 +243,9 @@ class Runtime:
         return ()
 
     def branches(self) -> tuple[str, ...]:
-        """The contrast branches this runtime's calls combine logits with (`vlmfix.core.contrast`; () for none):
-        "no_image" is each prompt without its image tokens. Its calls are then `CombinesLogits`."""
+        """The contrast branch this runtime's calls combine logits with (`vlmfix.core.contrast`; () for none): one
+        kind of `contrast.KINDS`, e.g. ("no_image",), each prompt without its image tokens. Its calls are then
+        `CombinesLogits`."""
         return ()
 
     def decoding(self) -> tuple[Any, Any] | None:
@@ -247,6 +253,11 @@ class Runtime:
         the generate call's keyword arguments to those the loop runs with, e.g. setting num_beams). While
         attached, `model.generate(...)` runs it (unless the call names its own `custom_generate`)."""
         return None
+
+    def branch_settings(self) -> dict[str, Any]:
+        """What the branch kind needs (`vlmfix.core.contrast`): "noised": {"noise_step", "seed"}; "disturbed":
+        {"prefix_ids"} (the inserted instruction's token ids); {} for the others."""
+        return {}
 
     def check_combination(self, others: Sequence["Runtime"]) -> None:
         """Raise ValueError when this method cannot run beside the `others` attached with it."""

@@ -231,7 +231,7 @@ class CallState:
     movers: tuple[Any, ...] = ()
     readers: tuple[Any, ...] = ()
     #: extra batch rows after the B real ones that the model runs (contrast branches, `vlmfix.core.contrast`):
-    #: rows B..B+branch_rows-1 of every layer call, which no method acts on
+    #: rows B..B+branch_rows-1 of every layer call, which a call sees only when it asks (`MethodCall.batch_rows`)
     branch_rows: int = 0
     #: the call's contrast branch (`vlmfix.core.contrast.Branch`), None without one
     branch: Any = None
@@ -350,6 +350,16 @@ class CallState:
         if got is None:
             got = self._cache[key, device] = host.to(device)
         return got
+
+    def branch_flags(self, device: torch.device | None = None) -> torch.Tensor:
+        """(B + branch_rows,) bool: True at the contrast branch's batch rows (on `device`, default the model's)."""
+        device = self.device if device is None else torch.device(device)
+        key = ("branch", self.branch_rows, device)
+        if key not in self._cache:
+            flags = torch.zeros(self.batch_size + self.branch_rows, dtype=torch.bool)
+            flags[self.batch_size:] = True
+            self._cache[key] = flags.to(device)
+        return self._cache[key]
 
     def image_mask(self, device: torch.device | None = None) -> torch.Tensor:
         """(B, prompt_len) bool: True at image-token positions (on `device`, default the model's)."""

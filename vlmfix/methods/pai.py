@@ -18,8 +18,8 @@ Defaults alpha = 0.2, gamma = 1.1, beta = 0.1: the paper's PDF was not available
 they follow the authors' published commands (github.com/LALBJ/PAI README: --alpha 0.2, --gamma 1.1,
 --start-layer 2 --end-layer 32 on 32-layer LLaVA-1.5); beta = 0.1 (VCD-style plausibility cut) is to be
 checked against the paper. A row without an image is left alone (no intervention, its raw logits).
-Limits: the contrast branch needs the default dynamic cache (no static cache / compiled generation while
-gamma != 1) and left padding; see `vlmfix.core.contrast`.
+Limits: the contrast branch needs left padding; it runs in a static cache and compiled generation too (see
+`vlmfix.core.contrast`).
 """
 
 from __future__ import annotations
