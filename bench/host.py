@@ -18,8 +18,8 @@ It prints, against the plain model in the same run (interleaved, medians over re
   GIFT, VAR + GIFT, FastV keep 128, StagedPrune, PAI's attention intervention alone (gamma 1), PAI, VCD and
   ICD (with their contrast rows: twice the batch);
 - compiled decode (static cache, torch.compile fullgraph): the median time of a compiled decoding
-  step (each call of transformers' compiled forward timed on its own) for VAR and GIFT against
-  plain, or why the compilation failed;
+  step (each call of transformers' compiled forward timed on its own) for VAR, GIFT, PAI's attention
+  intervention and VCD (its contrast rows: twice the batch) against plain, or why the compilation failed;
 - aten operator counts (vlmfix.core.profiling.OpCounter) of one decode step, total and per layer, and
   the host reads (device syncs) of the prefill and of a decode step.
 
@@ -283,10 +283,10 @@ def main() -> None:
     eager_times(model, tokenizer, inputs, variants, n, repeats)
     if not args.no_compile:
         say(f"compiled generate (static cache, fullgraph), {n} new tokens ...")
-        compiled_times(model, tokenizer, inputs, some("plain", "VAR", "GIFT", "PAI attention"), n, repeats)
+        compiled_times(model, tokenizer, inputs, some("plain", "VAR", "GIFT", "PAI attention", "VCD"), n, repeats)
     say(f"aten operators of one decode step ({layers} layers) ...")
-    op_counts(model, tokenizer, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128", "PAI attention"),
-              layers)
+    op_counts(model, tokenizer, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128", "PAI attention", "VCD",
+                                             "ICD"), layers)
 
 
 if __name__ == "__main__":
