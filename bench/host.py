@@ -19,8 +19,8 @@ It prints, against the plain model in the same run (interleaved, medians over re
   (with its image-free contrast rows: twice the batch), and each other method of the `variants` table in
   main() (the decoding baselines; the pruners at keep 64 and 128);
 - compiled decode (static cache, torch.compile fullgraph): the median time of a compiled decoding
-  step (each call of transformers' compiled forward timed on its own) for VAR, GIFT and VAF against
-  plain, or why the compilation failed;
+  step (each call of transformers' compiled forward timed on its own) for VAR, GIFT, PAI's attention
+  intervention, VAF and VCD (its contrast rows: twice the batch) against plain, or why the compilation failed;
 - aten operator counts (vlmfix.core.profiling.OpCounter) of one decode step, total and per layer, and
   the host reads (device syncs) of the prefill and of a decode step.
 
@@ -308,12 +308,12 @@ def main() -> None:
     eager_times(model, tokenizer, inputs, variants, n, repeats)
     if not args.no_compile:
         say(f"compiled generate (static cache, fullgraph), {n} new tokens ...")
-        compiled_times(model, tokenizer, inputs, some("plain", "VAR", "GIFT", "PAI attention", "VAF"), n,
+        compiled_times(model, tokenizer, inputs, some("plain", "VAR", "GIFT", "PAI attention", "VAF", "VCD"), n,
                        repeats)
     say(f"aten operators of one decode step ({layers} layers) ...")
     op_counts(model, tokenizer, inputs, some("plain", "none", "VAR", "GIFT", "FastV keep 128", "PAI attention",
                                              "SparseVLM keep 64", "VisionZip keep 64", "DivPrune keep 64", "DART keep 64",
-                                             "pool keep 64", "VAF"), layers)
+                                             "pool keep 64", "VAF", "VCD", "ICD"), layers)
 
 
 if __name__ == "__main__":
