@@ -89,3 +89,29 @@ class _LastRow(Runtime):
 
 register_method(name="every_row", config=EveryRow, runtime=_EveryRow, listed=False)
 register_method(name="last_row", config=LastRow, runtime=_LastRow, listed=False)
+
+
+def lmms_eval_logs(methods: str, max_new_tokens: int = 3, batch_size: int = 2) -> list[dict]:
+    """lmms-eval's vlmfix model on the demo VLM with `methods=...` answers one batch of two requests (two images of
+    different aspect ratios): each request's sample log (its `vlmfix` entry: the methods' records of its row)."""
+    import pytest
+
+    pytest.importorskip("lmms_eval")
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from vlmfix.integrations.lmms_eval import VlmfixLMM
+
+    lmm = VlmfixLMM.create_from_arg_string(f"pretrained=demo,methods={methods}",
+                                           {"batch_size": batch_size, "device": None})
+    try:
+        docs = {0: Image.new("RGB", (96, 64), (200, 40, 40)), 1: Image.new("RGB", (64, 96), (40, 160, 60))}
+        lmm.task_dict = {"task": {"test": docs}}
+        gen = {"max_new_tokens": max_new_tokens, "until": ["\n"]}
+        requests = [SimpleNamespace(args=(f"What is in the image? {i}", gen, lambda doc: [doc], i, "task", "test"))
+                    for i in docs]
+        results = lmm.generate_until(requests)
+    finally:
+        lmm.detach()
+    return [r.token_counts.to_dict()["vlmfix"] for r in results]

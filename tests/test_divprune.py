@@ -14,6 +14,7 @@ import vlmfix
 from vlmfix.adapters import get_adapter
 from vlmfix.methods.divprune import DivPrune, max_min_select
 from vlmfix.methods.prune import kept_tokens
+from probes import lmms_eval_logs
 
 torch.set_num_threads(2)
 GEN = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True, output_logits=True)
@@ -198,24 +199,7 @@ def test_cli_generate_writes_the_kept_map(tmp_path, capsys):
 
 def test_lmms_eval_runs_divprune_and_logs_its_record():
     """lmms-eval's `methods=divprune:quarter` prunes each request's image on the demo VLM and logs its row."""
-    pytest.importorskip("lmms_eval")
-    from types import SimpleNamespace
-
-    from PIL import Image
-
-    from vlmfix.integrations.lmms_eval import VlmfixLMM
-
-    lmm = VlmfixLMM.create_from_arg_string("pretrained=demo,methods=divprune:quarter", {"batch_size": 2, "device": None})
-    try:
-        docs = {0: Image.new("RGB", (96, 64), (200, 40, 40)), 1: Image.new("RGB", (64, 96), (40, 160, 60))}
-        lmm.task_dict = {"task": {"test": docs}}
-        gen = {"max_new_tokens": 2, "until": ["\n"]}
-        requests = [SimpleNamespace(args=(f"What is in the image? {i}", gen, lambda doc: [doc], i, "task", "test"))
-                    for i in docs]
-        results = lmm.generate_until(requests)
-    finally:
-        lmm.detach()
-    logs = [r.token_counts.to_dict()["vlmfix"] for r in results]
+    logs = lmms_eval_logs("divprune:quarter", max_new_tokens=2)
     assert [log["divprune_kept"] for log in logs] == [36, 36]
 
 

@@ -10,6 +10,7 @@ from test_vcd import assert_scores, generate
 from tiny import chat_after, make_batch, make_model, tokenizer, user_turn
 from vlmfix.core.attach import VlmfixError
 from vlmfix.methods.icd import DISTURBANCE, ICD
+from probes import lmms_eval_logs
 
 torch.set_num_threads(2)
 CHAT = (user_turn(), (60, 90), chat_after())
@@ -119,22 +120,5 @@ def test_config_checks_and_refusals():
 def test_lmms_eval_runs_icd_and_logs_its_record():
     """lmms-eval's `methods=icd` generates a batch of two with the disturbed rows, and each request's sample log holds
     ICD's record of its row."""
-    pytest.importorskip("lmms_eval")
-    from types import SimpleNamespace
-
-    from PIL import Image
-
-    from vlmfix.integrations.lmms_eval import VlmfixLMM
-
-    lmm = VlmfixLMM.create_from_arg_string("pretrained=demo,methods=icd", {"batch_size": 2, "device": None})
-    try:
-        docs = {0: Image.new("RGB", (96, 64), (200, 40, 40)), 1: Image.new("RGB", (64, 96), (40, 160, 60))}
-        lmm.task_dict = {"task": {"test": docs}}
-        gen = {"max_new_tokens": 3, "until": ["\n"]}
-        requests = [SimpleNamespace(args=(f"What is in the image? {i}", gen, lambda doc: [doc], i, "task", "test"))
-                    for i in docs]
-        results = lmm.generate_until(requests)
-    finally:
-        lmm.detach()
-    logs = [r.token_counts.to_dict()["vlmfix"] for r in results]
+    logs = lmms_eval_logs("icd")
     assert [log["icd_acted"] for log in logs] == [True, True] and all(log["icd_alpha"] == 1.0 for log in logs)

@@ -10,6 +10,7 @@ from test_pai import AFTER, BEFORE, assert_scores, greedy
 from tiny import make_batch, make_model, tokenizer
 from vlmfix.core.attach import VlmfixError
 from vlmfix.methods.m3id import M3ID
+from probes import lmms_eval_logs
 
 torch.set_num_threads(2)
 STEPS = 5
@@ -133,22 +134,5 @@ def test_config_checks():
 
 
 def test_lmms_eval_runs_m3id_and_logs_its_record():
-    pytest.importorskip("lmms_eval")
-    from types import SimpleNamespace
-
-    from PIL import Image
-
-    from vlmfix.integrations.lmms_eval import VlmfixLMM
-
-    lmm = VlmfixLMM.create_from_arg_string("pretrained=demo,methods=m3id", {"batch_size": 2, "device": None})
-    try:
-        docs = {0: Image.new("RGB", (96, 64), (200, 40, 40)), 1: Image.new("RGB", (64, 96), (40, 160, 60))}
-        lmm.task_dict = {"task": {"test": docs}}
-        gen = {"max_new_tokens": 3, "until": ["\n"]}
-        requests = [SimpleNamespace(args=(f"What is in the image? {i}", gen, lambda doc: [doc], i, "task", "test"))
-                    for i in docs]
-        results = lmm.generate_until(requests)
-    finally:
-        lmm.detach()
-    logs = [r.token_counts.to_dict()["vlmfix"] for r in results]
+    logs = lmms_eval_logs("m3id")
     assert [log["m3id_image"] for log in logs] == [True, True] and all(log["m3id_lam"] == 0.02 for log in logs)

@@ -10,6 +10,7 @@ from test_pai import AFTER, BEFORE, assert_scores, greedy
 from tiny import make_batch, make_model, tokenizer
 from vlmfix.core.attach import VlmfixError
 from vlmfix.methods.only import ONLY, head_entropy_ratio
+from probes import lmms_eval_logs
 
 torch.set_num_threads(2)
 STEPS = 5
@@ -152,24 +153,7 @@ def test_config_checks():
 def test_lmms_eval_runs_only_beside_vaf_and_logs_their_records():
     """lmms-eval's `methods=only+vaf`: ONLY's branch rows and VAF's edit of the real rows in one batch of two; each
     request's sample log holds both records of its row."""
-    pytest.importorskip("lmms_eval")
-    from types import SimpleNamespace
-
-    from PIL import Image
-
-    from vlmfix.integrations.lmms_eval import VlmfixLMM
-
-    lmm = VlmfixLMM.create_from_arg_string("pretrained=demo,methods=only+vaf", {"batch_size": 2, "device": None})
-    try:
-        docs = {0: Image.new("RGB", (96, 64), (200, 40, 40)), 1: Image.new("RGB", (64, 96), (40, 160, 60))}
-        lmm.task_dict = {"task": {"test": docs}}
-        gen = {"max_new_tokens": 3, "until": ["\n"]}
-        requests = [SimpleNamespace(args=(f"What is in the image? {i}", gen, lambda doc: [doc], i, "task", "test"))
-                    for i in docs]
-        results = lmm.generate_until(requests)
-    finally:
-        lmm.detach()
-    logs = [r.token_counts.to_dict()["vlmfix"] for r in results]
+    logs = lmms_eval_logs("only+vaf")
     assert [log["only_image"] for log in logs] == [True, True]
     assert all(log["only_collaborative"] + log["only_contrastive"] >= 1 for log in logs)
     assert [log["vaf_image"] for log in logs] == [True, True] and all(log["vaf_system"] > 0 for log in logs)

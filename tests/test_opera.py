@@ -9,6 +9,7 @@ from reference_opera import opera_reference
 from tiny import make_batch, make_model, tokenizer
 from vlmfix.core.errors import VlmfixError
 from vlmfix.methods.opera import OPERA
+from probes import lmms_eval_logs
 
 torch.set_num_threads(2)
 STEPS = 5
@@ -147,22 +148,5 @@ def test_cli_generate_runs_opera(tmp_path, capsys):
 
 
 def test_lmms_eval_runs_opera_and_logs_its_record():
-    pytest.importorskip("lmms_eval")
-    from types import SimpleNamespace
-
-    from PIL import Image
-
-    from vlmfix.integrations.lmms_eval import VlmfixLMM
-
-    lmm = VlmfixLMM.create_from_arg_string("pretrained=demo,methods=opera", {"batch_size": 2, "device": None})
-    try:
-        docs = {0: Image.new("RGB", (96, 64), (200, 40, 40)), 1: Image.new("RGB", (64, 96), (40, 160, 60))}
-        lmm.task_dict = {"task": {"test": docs}}
-        gen = {"max_new_tokens": 3, "until": ["\n"]}
-        requests = [SimpleNamespace(args=(f"What is in the image? {i}", gen, lambda doc: [doc], i, "task", "test"))
-                    for i in docs]
-        results = lmm.generate_until(requests)
-    finally:
-        lmm.detach()
-    logs = [r.token_counts.to_dict()["vlmfix"] for r in results]
+    logs = lmms_eval_logs("opera")
     assert [log["opera_beams"] for log in logs] == [5, 5] and all("opera_rollbacks" in log for log in logs)

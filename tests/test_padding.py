@@ -145,7 +145,7 @@ def test_padded_rows_equal_the_rows_alone(family, model, methods):
     assert float((plain - got)[:2].abs().max()) > 1e-3, "the methods must act on the image rows"
 
 
-def test_every_family_right_padded_rows_equal_alone(case):
+def test_every_family_right_padded_rows_equal_alone(case):  # noqa: F811 (the fixture)
     """The families of tests/families (images, and videos where the family takes them), VAR, GIFT and FastV
     together (in place where the family allows it)."""
     module, model, kind, _ = case

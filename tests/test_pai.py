@@ -8,6 +8,7 @@ import vlmfix
 from reference_pai import pai_generate_reference
 from tiny import IMAGE, VEND, VSTART, make_batch, make_model, tokenizer
 from vlmfix.methods.pai import PAI
+from probes import lmms_eval_logs
 
 torch.set_num_threads(2)
 STEPS = 5
@@ -176,23 +177,6 @@ def test_compiled_static_cache_generation_equals_eager_without_contrast():
 def test_lmms_eval_runs_pai_and_logs_its_record():
     """lmms-eval's `methods=pai+var` attaches PAI beside VAR, generates a batch of two with the contrast rows, and
     each request's sample log holds PAI's record of its row (the protocol's `Record.row`)."""
-    pytest.importorskip("lmms_eval")
-    from types import SimpleNamespace
-
-    from PIL import Image
-
-    from vlmfix.integrations.lmms_eval import VlmfixLMM
-
-    lmm = VlmfixLMM.create_from_arg_string("pretrained=demo,methods=pai+var", {"batch_size": 2, "device": None})
-    try:
-        docs = {0: Image.new("RGB", (96, 64), (200, 40, 40)), 1: Image.new("RGB", (64, 96), (40, 160, 60))}
-        lmm.task_dict = {"task": {"test": docs}}
-        gen = {"max_new_tokens": 3, "until": ["\n"]}
-        requests = [SimpleNamespace(args=(f"What is in the image? {i}", gen, lambda doc: [doc], i, "task", "test"))
-                    for i in docs]
-        results = lmm.generate_until(requests)
-    finally:
-        lmm.detach()
-    logs = [r.token_counts.to_dict()["vlmfix"] for r in results]
+    logs = lmms_eval_logs("pai+var")
     assert [log["pai_image"] for log in logs] == [True, True] and all(log["pai_gamma"] == 1.1 for log in logs)
     assert all("var_moved" in log for log in logs)

@@ -17,6 +17,7 @@ from vlmfix.core.errors import VlmfixError
 from vlmfix.methods import build
 from vlmfix.methods.prune import prune_record
 from vlmfix.methods.sparsevlm import SparseVLM, density_peaks, select_raters
+from probes import lmms_eval_logs
 
 GEN = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=PAD)
 
@@ -244,25 +245,7 @@ def test_cli_generate_and_lmms_eval(tmp_path, capsys):
     assert main(["generate", "--methods", "sparsevlm:keep64", "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "kept_tokens.png" in out and (tmp_path / "kept_tokens.png").is_file()
-    pytest.importorskip("lmms_eval")
-    from types import SimpleNamespace
-
-    from PIL import Image
-
-    from vlmfix.integrations.lmms_eval import VlmfixLMM
-
-    lmm = VlmfixLMM.create_from_arg_string("pretrained=demo,methods=sparsevlm:keep64", {"batch_size": 2,
-                                                                                         "device": None})
-    try:
-        docs = {0: Image.new("RGB", (96, 64), (200, 40, 40)), 1: Image.new("RGB", (64, 96), (40, 160, 60))}
-        lmm.task_dict = {"task": {"test": docs}}
-        gen = {"max_new_tokens": 2, "until": ["\n"]}
-        requests = [SimpleNamespace(args=(f"What is in the image? {i}", gen, lambda doc: [doc], i, "task", "test"))
-                    for i in docs]
-        results = lmm.generate_until(requests)
-    finally:
-        lmm.detach()
-    logs = [r.token_counts.to_dict()["vlmfix"] for r in results]
+    logs = lmms_eval_logs("sparsevlm:keep64", max_new_tokens=2)
     assert [log["sparsevlm_kept"] for log in logs] == [64, 64] and all(log["sparsevlm_raters"] > 0 for log in logs)
 
 

@@ -22,7 +22,12 @@ from typing import Any, Mapping
 import torch
 
 METHOD_SETS = (
-    "none", "var", "gift", "fastv:quarter", "fastv:quarter-debiased", "var,fastv:quarter-debiased",
+    "none", "var", "gift", "var,gift",
+    # decoding baselines (their papers' presets)
+    "pai", "vcd", "icd", "m3id", "vaf", "only", "opera",
+    # pruners, each keeping a quarter of the image tokens
+    "fastv:quarter", "fastv:quarter-debiased", "sparsevlm:quarter", "visionzip:quarter", "divprune:quarter",
+    "dart:quarter", "random:quarter", "pool:quarter", "var,fastv:quarter-debiased",
 )
 
 

@@ -35,9 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
-from vlmfix.data.errors import DataFormatError
 
 #: tasks a grid can hold (a POPE split as "pope:SPLIT")
 TASK_NAMES = ("pope", "chair", "amber")
@@ -159,18 +156,9 @@ def load_grid(path: str | Path | None = None, overrides: Mapping[str, Any] | Non
     with `overrides` (flags; None values ignored) over it."""
     config: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: grid file not found")
-        try:
-            config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise DataFormatError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(config, dict):
-            raise DataFormatError(f"{path}: expected a mapping of grid settings")
-        unknown = sorted(set(config) - set(GRID_KEYS))
-        if unknown:
-            raise DataFormatError(f"{path}: unknown key(s) {unknown}; known: {', '.join(GRID_KEYS)}")
+        from vlmfix.eval.tasks import read_yaml_mapping
+
+        config = read_yaml_mapping(Path(path), "grid", GRID_KEYS)
     config.update({k: v for k, v in (overrides or {}).items() if v is not None})
     sweep = config.get("sweep") or {}
     if isinstance(sweep, dict):

@@ -16,7 +16,7 @@ import random
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import yaml
 
@@ -71,19 +71,26 @@ def config_tau(config: Mapping[str, Any]) -> float | str | None:
     return config["tau"] if config.get("tau") is not None else method_settings(config).get("", {}).get("tau")
 
 
-def _read_yaml(path: Path, task: str) -> dict:
+def read_yaml_mapping(path: Path, what: str, known: Sequence[str]) -> dict:
+    """The mapping a YAML file holds (`what` names the file in errors): a missing file, invalid YAML, a non-mapping
+    or a key not in `known` is an error that says so."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
+        raise FileNotFoundError(f"{path}: {what} file not found")
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise DataFormatError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(config, dict):
         raise DataFormatError(f"{path}: expected a mapping of settings, got {type(config).__name__}")
-    known = COMMON_KEYS + TASK_KEYS[task]
     unknown = sorted(set(config) - set(known))
     if unknown:
-        raise DataFormatError(f"{path}: unknown key(s) {unknown} for {task}; known: {', '.join(known)}")
+        raise DataFormatError(f"{path}: unknown key(s) {unknown}; known: {', '.join(known)}")
+    return config
+
+
+def _read_yaml(path: Path, task: str) -> dict:
+    known = COMMON_KEYS + TASK_KEYS[task]
+    config = read_yaml_mapping(path, f"{task} config", known)
     if "data" in config:
         _check_data(config["data"], task, str(path))
     return config
