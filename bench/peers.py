@@ -40,6 +40,7 @@ VARIANTS: list[tuple[str, Callable[[], list], dict, str]] = [
     ("M3ID", lambda: [vlmfix.M3ID()], {}, "plain"),
     ("ONLY", lambda: [vlmfix.ONLY()], {}, "plain"),
     ("VAF", lambda: [vlmfix.VAF()], {}, "plain"),
+    ("OPERA", lambda: [vlmfix.OPERA()], {}, "HF beam search 5"),
 ]
 
 TARGETS = {"VCD": 2.05, "ICD": 2.05, "M3ID": 2.05, "PAI": 2.05, "ONLY": 2.05, "OPERA": 2.0}
