@@ -135,7 +135,7 @@ def report(compared: str, sinks: Mapping[int, Mapping[str, float]], meta: Mappin
     body = compared.split("\n", 1)[1].strip() if compared.startswith("# ") else compared.strip()
     return "\n\n".join([
         "# Results on the demo VLM",
-        f"Produced by one command in one run: `{meta['command']}` ({meta['minutes']:.1f} minutes on {meta['device']}, "
+        f"Produced by one command: `{meta['command']}` ({meta['minutes']:.1f} minutes of runs on {meta['device']}, "
         f"{meta['date']}), a preset of `vlmfix compare` (docs/evaluation.md, \"Compare\"). Model: `vlmfix.load_demo()` "
         "(SmolLM2-135M-Instruct + the committed vision tower, projector and LoRA). Data: "
         f"{meta['images']} held-out EmojiCOCO images (world seed 0; training used seed 1), POPE's three splits and "
@@ -213,7 +213,8 @@ def run_results(out: str | Path = "out/demo-results", doc: str | Path | None = N
     for name in compared.get("plots", {}).values():  # the grid's plots beside the doc, named as its
         shutil.copyfile(grid_dir / name, doc.parent / f"results_{name}")
         text = text.replace(f"]({name})", f"](results_{name})")
-    meta = {"command": command, "minutes": (time.perf_counter() - start) / 60, "images": images,
+    earlier = compared.get("timing", {}).get("earlier_cells_seconds", 0.0)  # cells a stopped earlier run finished
+    meta = {"command": command, "minutes": (time.perf_counter() - start + earlier) / 60, "images": images,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
             "date": date.today().isoformat(), "chair_max_new_tokens": max_new_tokens, "share_images": share_images,
             "tau": tau}

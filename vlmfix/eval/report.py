@@ -167,8 +167,10 @@ def write_report(grid: Any, cells: Sequence[Any], outcomes: Mapping[Any, dict], 
     wall = time.perf_counter() - start
     runs = timing["cells"]
     own = wall - runs - timing["loading"] - timing["tasks"]
+    earlier = [o for o in outcomes.values() if o.get("resumed") and isinstance(o.get("seconds"), (int, float))]
     report["timing"] = {"wall_seconds": wall, "model_loading_seconds": timing["loading"],
                         "task_setup_seconds": timing["tasks"], "cells_seconds": runs,
+                        "earlier_cells": len(earlier), "earlier_cells_seconds": sum(o["seconds"] for o in earlier),
                         "compare_overhead_seconds": own, "report_seconds": time.perf_counter() - t_report,
                         "overhead_share_of_runs": own / runs if runs else None}
     write_atomic(grid.out / "report.json", json.dumps(report, indent=1, default=str))
@@ -267,7 +269,9 @@ def markdown(report: Mapping[str, Any]) -> str:
              f"- wall time {timing['wall_seconds']:.1f} s: model loading {timing['model_loading_seconds']:.1f} s, "
              f"task data {timing['task_setup_seconds']:.1f} s, the cells' runs {timing['cells_seconds']:.1f} s, compare itself {timing['compare_overhead_seconds']:.2f} s"
              + (f" ({100 * timing['overhead_share_of_runs']:.2f} % of the runs)"
-                if timing["overhead_share_of_runs"] is not None else ""),
+                if timing["overhead_share_of_runs"] is not None else "")
+             + (f"; {timing['earlier_cells']} cells were finished by earlier invocations (their runs took "
+                f"{timing['earlier_cells_seconds']:.1f} s then)" if timing.get("earlier_cells") else ""),
              "- *: on the frontier (no other cell of the model and task is better on both the hallucination rate "
              "and the coverage; POPE: accuracy and time per item)", ""]
     groups: dict[tuple, list[dict]] = {}

@@ -138,12 +138,19 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [round(start + k * step, 10) for k in range(int((high - start) / step + 1e-9) + 1)]
 
 
+#: a scatter panel with more points than this names them in a key under it (numbers beside the points)
+NAMED_POINTS = 8
+
+
 def scatter(panels: Sequence[Panel], path: Path, title: str, legend: str) -> Path | None:
     """Panels of labelled points with interval crosses, side by side (two per row)."""
     panels = [p for p in panels if p.points]
     if not panels:
         return None
-    pw, ph, cols = 520, 400, min(2, len(panels))
+    pw, plot_h, cols = 520, 400, min(2, len(panels))
+    # more points than fit as names: numbers beside the points, and a key of the names under each panel
+    key_rows = max((len(p.points) + 1) // 2 for p in panels) if max(len(p.points) for p in panels) > NAMED_POINTS else 0
+    ph = plot_h + (key_rows * 15 + 10 if key_rows else 0)
     rows_n = (len(panels) + cols - 1) // cols
     width = max(pw * cols + 20, int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(legend, font=text_font(12))) + 30)
     image = Image.new("RGB", (width, ph * rows_n + 70), "white")
@@ -152,7 +159,7 @@ def scatter(panels: Sequence[Panel], path: Path, title: str, legend: str) -> Pat
     _text(draw, (10, 30), legend, 12, fill=(70, 70, 70))
     for n, panel in enumerate(panels):
         ox, oy = 10 + (n % cols) * pw, 60 + (n // cols) * ph
-        left, right, top, bottom = ox + 62, ox + pw - 24, oy + 46, oy + ph - 52
+        left, right, top, bottom = ox + 62, ox + pw - 24, oy + 46, oy + plot_h - 52
         xs = [v for p in panel.points for v in (p.x, *(p.x_range or ()))] + ([1.0] if panel.one_line else [])
         ys = [v for p in panel.points for v in (p.y, *(p.y_range or ()))] + ([0.0] if panel.zero_line else [])
         x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
@@ -193,16 +200,26 @@ def scatter(panels: Sequence[Panel], path: Path, title: str, legend: str) -> Pat
             if p.y_range:
                 draw.line((px(p.x), py(p.y_range[0]), px(p.x), py(p.y_range[1])), fill=colour, width=1)
             draw.ellipse((px(p.x) - 5, py(p.y) - 5, px(p.x) + 5, py(p.y) + 5), fill=colour, outline=INK)
-        placed: list[tuple[float, float]] = []
+        numbered = len(panel.points) > NAMED_POINTS
+        labels = {id(p): str(i + 1) if numbered else p.label for i, p in enumerate(panel.points)}
+        placed: list[tuple[float, float, float]] = []
         for p in sorted(panel.points, key=lambda p: (py(p.y), px(p.x))):
+            label = labels[id(p)]
+            width = draw.textlength(label, font=text_font(12))
             lx, ly = px(p.x) + 8, py(p.y) - 14
-            while any(abs(ly - qy) < 14 and abs(lx - qx) < 120 for qx, qy in placed):
+            while ly < bottom - 14 and any(abs(ly - qy) < 14 and lx < qx + qw + 4 and qx < lx + width + 4
+                                           for qx, qy, qw in placed):
                 ly += 14
-            width = draw.textlength(p.label, font=text_font(12))
             if lx + width > right:
                 lx = px(p.x) - 8 - width
-            placed.append((lx, ly))
-            _text(draw, (lx, ly), p.label, 12)
+            placed.append((lx, ly, width))
+            _text(draw, (lx, ly), label, 12)
+        if numbered:  # the key: number, name, in two columns under the panel
+            half = (len(panel.points) + 1) // 2
+            for i, p in enumerate(panel.points):
+                kx, ky = ox + 10 + (i // half) * (pw // 2), oy + plot_h + (i % half) * 15
+                colour = GREY if p.muted else (RED if p.highlight else INK)
+                _text(draw, (kx, ky), f"{i + 1:>2}  {p.label}", 12, fill=colour)
     image.save(path)
     return path
 
