@@ -90,7 +90,9 @@ def test_a_2x2_grid_end_to_end_resumes_after_a_kill_without_recomputing(demo, wo
         assert (out / name).stat().st_size > 0
     text = (out / "report.md").read_text()
     assert "max_new_tokens 6" in text and "[" in text and "Holm" in text and "vlmfix 0." in text
-    assert json.loads((out / "report.json").read_text())["timing"]["cells_seconds"] > 0
+    timing = json.loads((out / "report.json").read_text())["timing"]
+    assert timing["cells_seconds"] > 0 and timing["earlier_cells"] == 2 and timing["earlier_cells_seconds"] > 0
+    assert "2 cells were finished by earlier invocations" in text
 
 
 def test_a_sweep_of_two_settings_runs_each_combination_once(demo, world, tmp_path, one_thread):
@@ -159,3 +161,18 @@ def test_eval_settings_reach_the_method_sets_and_tau_the_runner():
     assert config_tau(load_config("pope", None, {"tau": 9})) == 9
     with pytest.raises(ValueError, match="must be"):  # a value the method refuses
         runner.parse_method_sets(["var"], {"var": {"p": 7}})
+
+
+def test_a_crowded_scatter_numbers_its_points_and_keys_them(tmp_path):
+    """Past `NAMED_POINTS` points a scatter panel writes numbers beside the points and a key of the names under the
+    panel (taller image); with few points, the names stand beside the points."""
+    from vlmfix.eval.report_plots import NAMED_POINTS, Panel, Point, scatter
+
+    def panel(n: int) -> Panel:
+        return Panel("t", "x", "y", [Point(f"method {i}", float(i % 3), float(i // 3)) for i in range(n)])
+
+    few = scatter([panel(NAMED_POINTS)], tmp_path / "few.png", "title", "legend")
+    many = scatter([panel(NAMED_POINTS + 12)], tmp_path / "many.png", "title", "legend")
+    from PIL import Image
+
+    assert Image.open(many).height > Image.open(few).height  # the key's rows
