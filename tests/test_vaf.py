@@ -153,9 +153,9 @@ def test_equals_the_reference_on_smollm2_llava(smol_one):
     image as the system prompt (no vision markers in LLaVA)."""
     model, processor, one = smol_one
     used = middle_layers(model.config.text_config.num_hidden_layers)
-    ref_tokens, ref_scores = vaf_generate_reference(model, one, used, 0.15, 0.05, 3)
+    ref_tokens, ref_scores = vaf_generate_reference(model, one, used, 0.15, 0.05, 2)
     with vlmfix.attach(model, processor, VAF()) as fixed:
-        tokens, scores = greedy(fixed, one, steps=3)
+        tokens, scores = greedy(fixed, one, steps=2)
         record = fixed.last_state.record(VAF)
     assert tokens[0].tolist() == ref_tokens.tolist()
     assert torch.allclose(log_probs(scores[0]), ref_scores, atol=2e-3), (log_probs(scores[0]) - ref_scores).abs().max()
