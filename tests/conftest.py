@@ -55,6 +55,15 @@ def smol_pair(small_smol_llava):
     return model, processor, texts, images, dict(inputs)
 
 
+@pytest.fixture
+def smol_one(smol_pair):
+    """(model, processor, inputs): smol_pair's first prompt alone, unpadded (what the slow references take)."""
+    model, processor, _, _, inputs = smol_pair
+    pad = int((inputs["attention_mask"][0] == 0).sum())
+    one = {k: v[:1, pad:] if k in ("input_ids", "attention_mask") else v[:1] for k, v in inputs.items()}
+    return model, processor, one
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     """Each supported family in turn."""

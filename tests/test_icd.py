@@ -122,3 +122,23 @@ def test_lmms_eval_runs_icd_and_logs_its_record():
     ICD's record of its row."""
     logs = lmms_eval_logs("icd")
     assert [log["icd_acted"] for log in logs] == [True, True] and all(log["icd_alpha"] == 1.0 for log in logs)
+
+
+@pytest.mark.smollm2
+def test_equals_the_reference_on_smollm2_llava(smol_one):
+    """The paper's defaults on the real test-bed: the reference's disturbed prompt is the instruction's tokens
+    written before the question (the first non-blank token after the image)."""
+    model, processor, one = smol_one
+    ids = one["input_ids"][0].tolist()
+    at = max(i for i, t in enumerate(ids) if t == model.config.image_token_id) + 1
+    while not processor.tokenizer.decode([ids[at]]).strip():
+        at += 1
+    assert processor.tokenizer.decode(ids[at:]).startswith("Is there a red bicycle")
+    instruction = processor.tokenizer(DISTURBANCE + "\n", add_special_tokens=False).input_ids
+    disturbed_ids = torch.tensor([ids[:at] + instruction + ids[at:]])
+    disturbed_inputs = {**one, "input_ids": disturbed_ids, "attention_mask": torch.ones_like(disturbed_ids)}
+    ref_tokens, ref_scores = icd_generate_reference(model, one, disturbed_inputs, 1.0, 0.1, 2)
+    with vlmfix.attach(model, processor, ICD()) as fixed:
+        tokens, scores = generate(fixed, one, steps=2)
+    assert tokens[0].tolist() == ref_tokens.tolist()
+    assert_scores(scores[0], ref_scores, atol=2e-3)

@@ -136,3 +136,19 @@ def test_config_checks():
 def test_lmms_eval_runs_m3id_and_logs_its_record():
     logs = lmms_eval_logs("m3id")
     assert [log["m3id_image"] for log in logs] == [True, True] and all(log["m3id_lam"] == 0.02 for log in logs)
+
+
+@pytest.mark.smollm2
+def test_equals_the_reference_on_smollm2_llava(smol_one):
+    """The paper's defaults on the real test-bed; the image-free prompt is the same prompt without its image
+    tokens."""
+    model, processor, one = smol_one
+    ids = one["input_ids"][0]
+    free = ids[ids != model.config.image_token_id][None]
+    assert free.shape[1] < ids.shape[0]
+    without = {"input_ids": free, "attention_mask": torch.ones_like(free)}
+    ref_tokens, ref_scores = m3id_generate_reference(model, one, without, M3ID().lam, 2, M3ID().threshold)
+    with vlmfix.attach(model, processor, M3ID()) as fixed:
+        tokens, scores = greedy(fixed, one, steps=2)
+    assert tokens[0].tolist() == ref_tokens.tolist()
+    assert_scores(scores[0], ref_scores, atol=2e-3)

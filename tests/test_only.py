@@ -157,3 +157,17 @@ def test_lmms_eval_runs_only_beside_vaf_and_logs_their_records():
     assert [log["only_image"] for log in logs] == [True, True]
     assert all(log["only_collaborative"] + log["only_contrastive"] >= 1 for log in logs)
     assert [log["vaf_image"] for log in logs] == [True, True] and all(log["vaf_system"] > 0 for log in logs)
+
+
+@pytest.mark.smollm2
+def test_equals_the_reference_on_smollm2_llava(smol_one):
+    """The paper's defaults (layer 0, alpha1 3, alpha2 1, gamma 0.2, beta 0.1) on the real test-bed."""
+    model, processor, one = smol_one
+    d = ONLY()
+    ref_tokens, ref_scores = only_generate_reference(model, one, d.layer, d.alpha1, d.alpha2, d.gamma, d.beta, 2)
+    with vlmfix.attach(model, processor, ONLY()) as fixed:
+        tokens, scores = greedy(fixed, one, steps=2)
+        record = fixed.last_state.record(ONLY)
+    assert tokens[0].tolist() == ref_tokens.tolist()
+    assert_scores(scores[0], ref_scores, atol=2e-3)
+    assert record.row(0)["collaborative"] + record.row(0)["contrastive"] == 2 and record.acted() == [True]

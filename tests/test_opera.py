@@ -150,3 +150,23 @@ def test_cli_generate_runs_opera(tmp_path, capsys):
 def test_lmms_eval_runs_opera_and_logs_its_record():
     logs = lmms_eval_logs("opera")
     assert [log["opera_beams"] for log in logs] == [5, 5] and all("opera_rollbacks" in log for log in logs)
+
+
+@pytest.mark.smollm2
+def test_equals_the_reference_on_smollm2_llava(smol_one):
+    """The paper's defaults (5 beams, sigma 50, alpha 1, the last layer) on the real test-bed: the best beam's
+    tokens (2 steps: too few for a roll-back at the default threshold 15, none in either)."""
+    model, processor, one = smol_one
+    config = model.generation_config
+    eos, config.eos_token_id = config.eos_token_id, None  # the reference runs every beam to the end
+    try:
+        last = model.config.text_config.num_hidden_layers - 1
+        ref_tokens, ref_rollbacks = opera_reference(model, one, [last], steps=2)
+        with vlmfix.attach(model, processor, OPERA()) as fixed:
+            tokens = generated(fixed, one, steps=2)
+            record = fixed.last_state.record(OPERA)
+    finally:
+        config.eos_token_id = eos
+    assert tokens[0].tolist() == ref_tokens
+    assert record.rollbacks[0] == ref_rollbacks == []
+    assert record.acted() == [True] and record.steps[0] > 0 and record.row(0)["penalty_max"] > 0

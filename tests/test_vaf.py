@@ -145,3 +145,19 @@ def test_cli_generate_runs_the_decoding_baselines(tmp_path, capsys):
     out = capsys.readouterr().out.lower()
     assert all(name in out for name in ("m3id", "vaf", "only"))
     assert list(tmp_path.rglob("vaf_added.png"))
+
+
+@pytest.mark.smollm2
+def test_equals_the_reference_on_smollm2_llava(smol_one):
+    """The paper's defaults on the real test-bed: the middle layers of SmolLM2's 30, the chat header before the
+    image as the system prompt (no vision markers in LLaVA)."""
+    model, processor, one = smol_one
+    used = middle_layers(model.config.text_config.num_hidden_layers)
+    ref_tokens, ref_scores = vaf_generate_reference(model, one, used, 0.15, 0.05, 2)
+    with vlmfix.attach(model, processor, VAF()) as fixed:
+        tokens, scores = greedy(fixed, one, steps=2)
+        record = fixed.last_state.record(VAF)
+    assert tokens[0].tolist() == ref_tokens.tolist()
+    assert torch.allclose(log_probs(scores[0]), ref_scores, atol=2e-3), (log_probs(scores[0]) - ref_scores).abs().max()
+    image_at = one["input_ids"][0].tolist().index(model.config.image_token_id)
+    assert record.system == [image_at] and record.acted() == [True]
