@@ -93,6 +93,12 @@ def test_a_2x2_grid_end_to_end_resumes_after_a_kill_without_recomputing(demo, wo
     timing = json.loads((out / "report.json").read_text())["timing"]
     assert timing["cells_seconds"] > 0 and timing["earlier_cells"] == 2 and timing["earlier_cells_seconds"] > 0
     assert "2 cells were finished by earlier invocations" in text
+    from vlmfix.eval.report import markdown
+
+    saved = json.loads((out / "report.json").read_text())
+    entry = next(iter(next(r for r in saved["cells"] if r.get("against"))["against"].values()))
+    entry.update(p=1 / saved["draws"], p_holm=0.01, p_bound=True)  # a bootstrap p of 0: below the draws' resolution
+    assert f"| < {1 / saved['draws']:.3g} | < 0.01 |" in markdown(saved)
 
 
 def test_a_sweep_of_two_settings_runs_each_combination_once(demo, world, tmp_path, one_thread):

@@ -218,7 +218,10 @@ def _paired(grid: Any, cells: Sequence[Any], rows: list[dict], data: Mapping[int
                 mc = stats.mcnemar(right_a, right_b)
                 entry.update(test="McNemar exact", table=list(mc["table"]), p=mc["p"])
             else:
-                entry.update(test="paired bootstrap", p=test["p"])
+                # no draw on the other side: p is below the resolution of the draws, bounded by 1 / draws (Holm's
+                # adjusted values are monotone in the p-values, so theirs are bounds too)
+                bound = test["p"] == 0
+                entry.update(test="paired bootstrap", p=1 / grid.draws if bound else test["p"], p_bound=bound)
             rows[k]["against"][metric] = entry
             tests.append(entry)
     for entry, adjusted in zip(tests, stats.holm([t["p"] for t in tests])):
@@ -307,7 +310,8 @@ def markdown(report: Mapping[str, Any]) -> str:
                     if t["verdict"] != NO_EFFECT and _direction(m):
                         arrow = " (better)" if t["difference"] * _direction(m) > 0 else " (worse)"
                     lines.append(f"| {r['name']} | {m} | {scale * t['difference']:+.2f} | [{scale * t['low']:+.2f}, "
-                                 f"{scale * t['high']:+.2f}] | {t['test']} | {t['p']:.3g} | {t['p_holm']:.3g} | "
+                                 f"{scale * t['high']:+.2f}] | {t['test']} | {'< ' * bool(t.get('p_bound'))}{t['p']:.3g} | "
+                                 f"{'< ' * bool(t.get('p_bound'))}{t['p_holm']:.3g} | "
                                  f"{t['verdict']}{arrow} |")
             for r in done:
                 if r.get("paired_note"):
