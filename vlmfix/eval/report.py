@@ -227,8 +227,14 @@ def _paired(grid: Any, cells: Sequence[Any], rows: list[dict], data: Mapping[int
     for entry, adjusted in zip(tests, stats.holm([t["p"] for t in tests])):
         entry["p_holm"] = adjusted
         holds_zero = entry["low"] <= 0 <= entry["high"]
-        entry["verdict"] = NO_EFFECT if holds_zero else ("significant after Holm" if adjusted < 0.05 else
-                                                        "interval excludes 0, not significant after Holm")
+        if holds_zero:
+            entry["verdict"] = NO_EFFECT
+        elif adjusted < 0.05:
+            entry["verdict"] = "significant after Holm"
+        elif entry.get("p_bound"):  # only a bound on p: Holm cannot decide at this number of draws
+            entry["verdict"] = "interval excludes 0, too few draws to decide after Holm (raise --draws)"
+        else:
+            entry["verdict"] = "interval excludes 0, not significant after Holm"
 
 
 def _direction(metric: str) -> int:
