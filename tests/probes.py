@@ -115,3 +115,42 @@ def lmms_eval_logs(methods: str, max_new_tokens: int = 3, batch_size: int = 2) -
     finally:
         lmm.detach()
     return [r.token_counts.to_dict()["vlmfix"] for r in results]
+
+
+def assert_forms_agree_and_mask_compiles(model, make_config, prompts, gen: dict) -> None:
+    """A pre-decoder pruner (`make_config(form)`) on a llava batch of `prompts`: the mask form (nothing moves; pruned
+    tokens masked as keys from layer 0 on) chooses the in-place form's tokens and gives its tokens and logits; under
+    a static cache it gives the eager tokens, also compiled and on a second batch; the in-place form is refused
+    there, naming the mask form."""
+    import pytest
+    import torch
+    from test_runtime import compile_config, other_batch
+    from tiny import make_batch
+
+    import vlmfix
+    from vlmfix.methods.prune import kept_tokens
+
+    batch = make_batch("llava", model, prompts)
+    batch2 = other_batch("llava", model, prompts)
+    runs = {}
+    for form in ("inplace", "mask"):
+        config = make_config(form)
+        with vlmfix.attach(model, None, config) as fixed:
+            out = fixed.generate(**batch, **gen)
+            state = fixed.last_state
+            kept = [kept_tokens(state, r).tolist() for r in range(state.batch_size)]
+            runs[form] = (out.sequences, torch.stack(out.logits), kept)
+            if form == "inplace":
+                with pytest.raises(vlmfix.VlmfixError, match=f"{type(config).__name__}.*use form='mask'"):
+                    fixed.generate(**batch, **gen, cache_implementation="static")
+            else:
+                static = fixed.generate(**batch, **gen, cache_implementation="static", disable_compile=True)
+                static2 = fixed.generate(**batch2, **gen, cache_implementation="static", disable_compile=True)
+                compiled = fixed.generate(**batch, **gen, cache_implementation="static", compile_config=compile_config())
+                compiled2 = fixed.generate(**batch2, **gen, cache_implementation="static",
+                                           compile_config=compile_config())
+    assert runs["inplace"][2] == runs["mask"][2] and torch.equal(runs["inplace"][0], runs["mask"][0])
+    torch.testing.assert_close(runs["inplace"][1], runs["mask"][1], atol=1e-4, rtol=0)
+    assert torch.equal(static.sequences, runs["mask"][0])
+    assert torch.equal(compiled.sequences, static.sequences) and torch.equal(compiled2.sequences, static2.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(static.logits), atol=1e-4, rtol=0)

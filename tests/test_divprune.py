@@ -14,7 +14,7 @@ import vlmfix
 from vlmfix.adapters import get_adapter
 from vlmfix.methods.divprune import DivPrune, max_min_select
 from vlmfix.methods.prune import kept_tokens
-from probes import lmms_eval_logs
+from probes import assert_forms_agree_and_mask_compiles, lmms_eval_logs
 
 torch.set_num_threads(2)
 GEN = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True, output_logits=True)
@@ -112,38 +112,9 @@ def test_batch_rows_equal_rows_alone(family_model):
 
 @torch.no_grad()
 def test_forms_agree_and_the_mask_form_runs_compiled():
-    """The mask form (nothing moves; pruned tokens masked as keys from layer 0 on) chooses the same tokens and gives
-    the in-place form's tokens and logits; under a static cache it gives the eager tokens, also compiled (the
-    in-place form is refused there, naming the mask form)."""
-    from test_runtime import compile_config, other_batch
-
-    model = make_model("llava")
-    batch = make_batch("llava", model, TWO)
-    batch2 = other_batch("llava", model, TWO)
-    runs = {}
-    for form in ("inplace", "mask"):
-        with vlmfix.attach(model, None, DivPrune(keep=6, form=form)) as fixed:
-            out = fixed.generate(**batch, **GEN)
-            runs[form] = (out.sequences, torch.stack(out.logits), [k.tolist() for k in kept_tokens_all(fixed)])
-            if form == "inplace":
-                with pytest.raises(vlmfix.VlmfixError, match="DivPrune.*use form='mask'"):
-                    fixed.generate(**batch, **GEN, cache_implementation="static")
-            else:
-                static = fixed.generate(**batch, **GEN, cache_implementation="static", disable_compile=True)
-                static2 = fixed.generate(**batch2, **GEN, cache_implementation="static", disable_compile=True)
-                compiled = fixed.generate(**batch, **GEN, cache_implementation="static", compile_config=compile_config())
-                compiled2 = fixed.generate(**batch2, **GEN, cache_implementation="static",
-                                           compile_config=compile_config())
-    assert runs["inplace"][2] == runs["mask"][2] and torch.equal(runs["inplace"][0], runs["mask"][0])
-    torch.testing.assert_close(runs["inplace"][1], runs["mask"][1], atol=1e-4, rtol=0)
-    assert torch.equal(static.sequences, runs["mask"][0])
-    assert torch.equal(compiled.sequences, static.sequences) and torch.equal(compiled2.sequences, static2.sequences)
-    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(static.logits), atol=1e-4, rtol=0)
-
-
-def kept_tokens_all(fixed):
-    state = fixed.last_state
-    return [kept_tokens(state, r) for r in range(state.batch_size)]
+    """The mask form chooses the in-place form's tokens and gives its tokens and logits, and runs under a static
+    cache and compiled (`probes.assert_forms_agree_and_mask_compiles`)."""
+    assert_forms_agree_and_mask_compiles(make_model("llava"), lambda form: DivPrune(keep=6, form=form), TWO, GEN)
 
 
 @torch.no_grad()
