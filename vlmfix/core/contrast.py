@@ -541,7 +541,7 @@ class ContrastRecord(Record):
         return [] if self.acting[row] else [self.why[row]]
 
     def heat_maps(self, maps: HeatMaps) -> list[str]:
-        return [f"{self.method}: no heat map (it contrasts next-token logits, not prompt positions); "
+        return [f"{self.method.upper()} contrasts next-token logits, not prompt positions (no heat map); "
                 f"{self.row(maps.row)}"]
 
     def to_json(self) -> dict[str, Any]:
