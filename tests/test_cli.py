@@ -156,3 +156,16 @@ def test_hub_ids_load_by_transformers_rules(tmp_path, monkeypatch, capsys):
                        r"\(vlmfix-tests/gated is not a local folder and is not a valid model identifier\)"):
         load("vlmfix-tests/gated")
     assert seen == [{}]  # no local_files_only: transformers' own rule decides
+
+
+@pytest.mark.smollm2
+def test_generate_keeps_each_sets_heat_map_of_the_same_name(tmp_path, capsys):
+    """Two pruners both draw kept_tokens.png: the first set's stays at --out, the second's goes to its own folder
+    (nothing is overwritten), and each printed line names the file it wrote."""
+    assert main(["generate", "--methods", "pool:quarter", "random:quarter", "--max-new-tokens", "2",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    first, second = tmp_path / "kept_tokens.png", tmp_path / "random_quarter" / "kept_tokens.png"
+    assert first.is_file() and second.is_file() and first.read_bytes() != second.read_bytes()
+    assert f"pool:quarter: heat map, kept image tokens: {first}" in out
+    assert f"random:quarter: heat map, kept image tokens: {second}" in out

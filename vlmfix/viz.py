@@ -305,10 +305,22 @@ class Canvas:
     cells hatched, into the folder `out`; `hints` say how the calling command sets tau and the sink dims."""
 
     def __init__(self, state: CallState, out: str | Path, image: Image.Image | None = None, *, row: int = 0,
-                 segment: int = 0, padding: torch.Tensor | None = None, hints: Mapping[str, str] | None = None):
+                 segment: int = 0, padding: torch.Tensor | None = None, hints: Mapping[str, str] | None = None,
+                 written: dict[Path, str] | None = None, label: str = ""):
         self.state, self.out, self.image = state, Path(out), image
         self.row, self.segment, self.padding = row, segment, padding
         self.hints = dict(hints or {})
+        self.written, self.label = written, label
+
+    def _path(self, file: str) -> Path:
+        """Where `file` goes: `out/file`, unless another method set of the same command (`written`: path -> the
+        set that wrote it) wrote that path already: then `out/<this set>/file`, so no map overwrites another."""
+        path = self.out / file
+        if self.written is not None and self.written.setdefault(path, self.label) != self.label:
+            path = self.out / _slug(self.label) / file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.written[path] = self.label
+        return path
 
     def grid(self, file: str, values: torch.Tensor, title: str, *, vmin: float | None = None,
              vmax: float | None = None, marked: torch.Tensor | None = None, bar: str | None = None,
@@ -324,23 +336,26 @@ class Canvas:
         numbers = {"total": float(on.sum()), "count": on.numel(),
                    "marked": int(outlined.sum()) if outlined is not None else 0}
         extra = {} if alpha is None else {"alpha": alpha}
-        return grid_heatmap(on, self.out / file, self.image, vmin=vmin, vmax=vmax,
+        return grid_heatmap(on, self._path(file), self.image, vmin=vmin, vmax=vmax,
                             title=title.format(**numbers) + _where(state, row, segment), marked=outlined,
                             padding=self.padding, bar=ColourBar(bar) if bar else None, legend=legend,
                             caption=[line.format(**numbers) for line in caption], **extra)
 
     def sinks(self, file: str, layer: int) -> Path:
         """The sink scores phi at `layer` over this canvas's grid, visual sinks outlined, into `out/file`."""
-        return sink_heatmap(self.state, layer, self.out / file, self.image, row=self.row, segment=self.segment,
+        return sink_heatmap(self.state, layer, self._path(file), self.image, row=self.row, segment=self.segment,
                             padding=self.padding)
 
 
 def record_heat_maps(state: CallState, out: str | Path, image: Image.Image | None = None, *, row: int = 0,
                      segment: int = 0, padding: torch.Tensor | None = None,
-                     hints: Mapping[str, str] | None = None) -> list[str]:
+                     hints: Mapping[str, str] | None = None, written: dict[Path, str] | None = None,
+                     label: str = "") -> list[str]:
     """Every attached method's heat maps of one grid of batch row `row` of the call of `state` (each record
-    draws its own, `Record.heat_maps`), one line each saying where a map is or why there is none."""
-    canvas = Canvas(state, out, image, row=row, segment=segment, padding=padding, hints=hints)
+    draws its own, `Record.heat_maps`), one line each saying where a map is or why there is none; `written` and
+    `label`: the maps of the command's other method sets, kept (`Canvas`)."""
+    canvas = Canvas(state, out, image, row=row, segment=segment, padding=padding, hints=hints, written=written,
+                    label=label)
     lines: list[str] = []
     for record in state.records:
         if record is not None:
@@ -349,14 +364,15 @@ def record_heat_maps(state: CallState, out: str | Path, image: Image.Image | Non
 
 
 def method_heat_maps(state: CallState, processor: Any, inputs: Any, image: Image.Image, out: Path,
-                     hints: Mapping[str, str] | None = None) -> list[str]:
+                     hints: Mapping[str, str] | None = None, written: dict[Path, str] | None = None,
+                     label: str = "") -> list[str]:
     """The heat maps of the methods attached in the call of `state` (batch row 0, its first grid, over the
     image as the model saw it) under `out` (`record_heat_maps`); `hints`: how the calling command sets tau
     and the sink dims (e.g. {"tau_hint": "--tau", "dims_hint": "--sink-dims"})."""
     if not state.rows or not state.rows[0].has_image:
         return ["no heat maps: the prompt holds no image"]
     view, pad = image_view(inputs, processor, image, state.rows[0])
-    return record_heat_maps(state, out, view, padding=pad, hints=hints)
+    return record_heat_maps(state, out, view, padding=pad, hints=hints, written=written, label=label)
 
 
 def map_folders(specs: Sequence[str], out: Path) -> dict[str, Path]:
@@ -364,5 +380,9 @@ def map_folders(specs: Sequence[str], out: Path) -> dict[str, Path]:
     names are per method), else one sub-folder per set (`var,gift` -> out/var_gift)."""
     names = [{part.split(":")[0] for part in spec.split(",")} - {"none"} for spec in specs]
     clash = any(a & b for i, a in enumerate(names) for b in names[i + 1:])
-    slug = lambda spec: "".join(c if c.isalnum() or c in "-_" else "_" for c in spec)  # noqa: E731
-    return {spec: out / slug(spec) if clash else out for spec in specs}
+    return {spec: out / _slug(spec) if clash else out for spec in specs}
+
+
+def _slug(spec: str) -> str:
+    """A method set as a folder name (`var,gift` -> var_gift)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in spec)

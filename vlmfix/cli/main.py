@@ -205,6 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"{'plain':<16} {t_plain:5.2f} s  {plain}")
     runs, notes = [], []
     folders = map_folders(args.methods, out)
+    written: dict[Path, str] = {}  # heat maps of earlier sets: a later set's map of the same name goes to its folder
     for spec, methods in sets:
         with attach(model, processor, methods, sink_dims=args.sink_dims, tau=tau) as fixed:
             text, seconds = run(fixed)
@@ -214,7 +215,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                      "sink_dims": list(fixed.sink_dims), "sink_dims_source": fixed.sink_source,
                      "records": [r.to_json() for r in state.records if r is not None]})
         lines = method_heat_maps(state, processor, inputs, image, folders[spec],
-                                 hints={"tau_hint": "--tau", "dims_hint": "--sink-dims"})
+                                 hints={"tau_hint": "--tau", "dims_hint": "--sink-dims"}, written=written, label=spec)
         if fixed.sink_source == "discovered" and not fixed.sink_dims:
             lines.insert(0, "sink-dim discovery found none in this model, so phi is 0 for every token and no token "
                          "is a sink at any tau; --sink-dims sets them")
