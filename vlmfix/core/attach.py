@@ -457,8 +457,7 @@ class Attached:
         """A prefill: build the call's state, let the runtimes begin, add the prefill-only hooks."""
         self._drop_prefill_hooks()  # a prefill that raised left them
         cache = _cache_of(kwargs)
-        shorten = [r for r in self.movers  # a mask form only reads
-                   if r.call.shortens_cache and getattr(r.config, "form", "inplace") != "mask"]
+        shorten = [r for r in self.movers if r.shortens_cache()]
         if shorten and cache is not None and getattr(cache, "is_compileable", False):
             names = ", ".join(type(r.config).__name__ for r in shorten)
             masked = [type(r.config).__name__ for r in shorten if hasattr(r.config, "form")]

@@ -242,6 +242,12 @@ class Runtime:
         """Decoder layers whose prefill inputs this runtime's calls rewrite (`MovesTokens`; () for none)."""
         return ()
 
+    def shortens_cache(self) -> bool:
+        """Whether this runtime's calls remove tokens from the KV cache, which a static cache cannot hold: its call
+        class's `MovesTokens.shortens_cache` (a runtime whose one call class serves both pruning forms decides by
+        its form)."""
+        return issubclass(self.call, MovesTokens) and self.call.shortens_cache
+
     def branches(self) -> tuple[str, ...]:
         """The contrast branch this runtime's calls combine logits with (`vlmfix.core.contrast`; () for none): one
         kind of `contrast.KINDS`, e.g. ("no_image",), each prompt without its image tokens. Its calls are then

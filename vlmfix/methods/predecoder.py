@@ -176,6 +176,9 @@ class PreDecoderRuntime(Runtime):
     def moved_layers(self) -> tuple[int, ...]:
         return tuple(range(self._num_layers)) if self.config.form == "inplace" else self.read_layers
 
+    def shortens_cache(self) -> bool:
+        return self.config.form == "inplace"
+
     #: the decoder layers whose prefill inputs the mask form reads (DivPrune: layer 0's); none by default
     read_layers: ClassVar[tuple[int, ...]] = ()
 
