@@ -154,3 +154,31 @@ def assert_forms_agree_and_mask_compiles(model, make_config, prompts, gen: dict)
     assert torch.equal(static.sequences, runs["mask"][0])
     assert torch.equal(compiled.sequences, static.sequences) and torch.equal(compiled2.sequences, static2.sequences)
     torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(static.logits), atol=1e-4, rtol=0)
+
+
+def assert_pruned_tokens_are_never_sinks(model, pruner, prompts, gen: dict, dropped: int):
+    """VAR and GIFT beside `pruner` on a llava batch of `prompts` keep naming tokens by prompt position: the run
+    generates, each row drops `dropped` image tokens, a dropped token has phi 0 in every layer and no GIFT saliency.
+    Returns the call's state."""
+    import torch
+    from tiny import make_batch, tokenizer
+
+    import vlmfix
+    from vlmfix.methods.prune import kept_tokens
+
+    batch = make_batch("llava", model, prompts)
+    var = vlmfix.VAR(tau=1.2, m_min=0.05, rho=0.3, layers=(2, 3))
+    gift = vlmfix.GIFT(alpha=3.0, saliency_layers=(1,), boost_layers=(2, 3))
+    with vlmfix.attach(model, tokenizer(), [var, gift, pruner], sink_dims=[0, 1]) as fixed:
+        out = fixed.generate(**batch, **gen)
+        state = fixed.last_state
+    assert out.sequences.shape[1] == batch["input_ids"].shape[1] + gen["max_new_tokens"]
+    for r, row in enumerate(state.rows):
+        gone = row.image_positions[~torch.isin(row.image_positions, kept_tokens(state, r))]
+        assert len(gone) == dropped
+        for layer, phi in state.phi.items():
+            assert bool((phi[r, gone] == 0).all()), f"a pruned token has phi at layer {layer}"
+        sal = vlmfix.GIFT.saliency(state, r)
+        if sal is not None:
+            assert bool((sal.flatten()[torch.searchsorted(row.image_positions, gone)] == 0).all())
+    return state

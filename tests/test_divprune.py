@@ -14,7 +14,7 @@ import vlmfix
 from vlmfix.adapters import get_adapter
 from vlmfix.methods.divprune import DivPrune, max_min_select
 from vlmfix.methods.prune import kept_tokens
-from probes import assert_forms_agree_and_mask_compiles, lmms_eval_logs
+from probes import assert_forms_agree_and_mask_compiles, assert_pruned_tokens_are_never_sinks, lmms_eval_logs
 
 torch.set_num_threads(2)
 GEN = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True, output_logits=True)
@@ -123,20 +123,7 @@ def test_composes_with_var_gift_and_pai():
     a sink, gets no saliency, and the runs generate; PAI's contrast branch is refused with the reason."""
     model = make_model("llava")
     batch = make_batch("llava", model, TWO)
-    var = vlmfix.VAR(tau=1.2, m_min=0.05, rho=0.3, layers=(2, 3))
-    gift = vlmfix.GIFT(alpha=3.0, saliency_layers=(1,), boost_layers=(2, 3))
-    with vlmfix.attach(model, tokenizer(), [var, gift, DivPrune(keep=6)], sink_dims=[0, 1]) as fixed:
-        out = fixed.generate(**batch, **GEN)
-        state = fixed.last_state
-    assert out.sequences.shape[1] == batch["input_ids"].shape[1] + 3
-    for r, row in enumerate(state.rows):
-        gone = row.image_positions[~torch.isin(row.image_positions, kept_tokens(state, r))]
-        assert len(gone) == 19
-        for layer, phi in state.phi.items():
-            assert bool((phi[r, gone] == 0).all()), f"a pruned token has phi at layer {layer}"
-        sal = vlmfix.GIFT.saliency(state, r)
-        if sal is not None:
-            assert bool((sal.flatten()[torch.searchsorted(row.image_positions, gone)] == 0).all())
+    assert_pruned_tokens_are_never_sinks(model, DivPrune(keep=6), TWO, GEN, dropped=19)
     with vlmfix.attach(model, None, [vlmfix.PAI(gamma=1.0), DivPrune(keep=6)]) as fixed:
         fixed.generate(**batch, **GEN)
     with pytest.raises(vlmfix.VlmfixError, match="contrast branch.*DivPrune"):

@@ -14,7 +14,7 @@ from tiny import PAD, make_batch, make_model, tokenizer
 import vlmfix
 from vlmfix.methods.prune import kept_tokens
 from vlmfix.methods.visionzip import VisionZip
-from probes import assert_forms_agree_and_mask_compiles, lmms_eval_logs
+from probes import assert_forms_agree_and_mask_compiles, assert_pruned_tokens_are_never_sinks, lmms_eval_logs
 
 torch.set_num_threads(2)
 GEN = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True, output_logits=True)
@@ -138,17 +138,7 @@ def test_forms_agree_and_the_mask_form_runs_compiled(llava):
 @torch.no_grad()
 def test_composes_with_var_gift_and_pai(llava):
     batch = make_batch("llava", llava, TWO)
-    var = vlmfix.VAR(tau=1.2, m_min=0.05, rho=0.3, layers=(2, 3))
-    gift = vlmfix.GIFT(alpha=3.0, saliency_layers=(1,), boost_layers=(2, 3))
-    with vlmfix.attach(llava, tokenizer(), [var, gift, VisionZip(keep=6)], sink_dims=[0, 1]) as fixed:
-        out = fixed.generate(**batch, **GEN)
-        state = fixed.last_state
-    assert out.sequences.shape[1] == batch["input_ids"].shape[1] + 3
-    for r, row in enumerate(state.rows):
-        gone = row.image_positions[~torch.isin(row.image_positions, kept_tokens(state, r))]
-        assert len(gone) == 19
-        for layer, phi in state.phi.items():
-            assert bool((phi[r, gone] == 0).all()), f"a pruned token has phi at layer {layer}"
+    assert_pruned_tokens_are_never_sinks(llava, VisionZip(keep=6), TWO, GEN, dropped=19)
     prepass = vlmfix.GIFT(alpha=3.0, saliency_layers=(2,), boost_layers=(1, 2, 3))  # a pre-pass over the whole prompt
     forms = {}
     for form in ("inplace", "mask"):
