@@ -13,6 +13,12 @@ from tiny import FAMILIES, make_model  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
+def family_model(request):
+    """(family, tiny random model) of the three families the method tests run on, built once per test module."""
+    return request.param, make_model(request.param)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(LlamaForCausalLM, tokenizer) of the real SmolLM2-135M-Instruct (converted once, cached)."""

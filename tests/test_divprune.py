@@ -22,11 +22,6 @@ ONE = [([1, 5, 6], (60, 90), [7, 8, 9, 10, 11])]
 TWO = [([1, 5, 6], (60, 90), [7, 8, 9, 10, 11]), ([1, 12, 13], (90, 60), [14, 15, 16])]
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
-def family_model(request):
-    return request.param, make_model(request.param)
-
-
 def last_logits(logits, state):
     """(B, V): each row's logits at its last real token (in the slot holding it after the pruning)."""
     m = state.slot_maps[-1] if state.slot_maps else None

@@ -30,11 +30,6 @@ def disturbed(prompt, instruction=DISTURBANCE):
     return (before, size, prefix(instruction) + after)
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
-def family_model(request):
-    return request.param, make_model(request.param)
-
-
 @pytest.mark.parametrize("which", ["chat", "plain"])
 def test_equals_the_reference(family_model, which):
     family, model = family_model

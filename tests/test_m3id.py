@@ -16,11 +16,6 @@ torch.set_num_threads(2)
 STEPS = 5
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
-def family_model(request):
-    return request.param, make_model(request.param)
-
-
 @pytest.mark.parametrize("lam,threshold", [(0.02, None), (0.7, 0.05)])
 def test_equals_the_reference(family_model, lam, threshold):
     family, model = family_model

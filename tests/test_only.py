@@ -16,11 +16,6 @@ torch.set_num_threads(2)
 STEPS = 5
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
-def family_model(request):
-    return request.param, make_model(request.param)
-
-
 def check_reference(model, batch, layer, alpha1, alpha2, gamma, beta):
     ref_tokens, ref_scores = only_generate_reference(model, batch, layer, alpha1, alpha2, gamma, beta, STEPS)
     config = ONLY(layer=layer, alpha1=alpha1, alpha2=alpha2, gamma=gamma, beta=beta)

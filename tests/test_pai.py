@@ -15,11 +15,6 @@ STEPS = 5
 BEFORE, AFTER = [1, 5, 6], [7, 8, 9, 10, 11]
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
-def family_model(request):
-    return request.param, make_model(request.param)
-
-
 def greedy(model, inputs, steps=STEPS, **kw):
     """generate()'s greedy tokens and scores (B, steps, V) (EOS never stops it)."""
     config = (model.model if isinstance(model, vlmfix.Attached) else model).generation_config

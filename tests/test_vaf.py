@@ -15,11 +15,6 @@ torch.set_num_threads(2)
 STEPS = 5
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
-def family_model(request):
-    return request.param, make_model(request.param)
-
-
 def log_probs(scores):
     return torch.log_softmax(scores, -1)
 

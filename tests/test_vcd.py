@@ -20,11 +20,6 @@ OTHER = ([1, 12], (40, 70), [13, 14, 15, 16, 17, 18])
 TEXT = ([1, 12, 20], None, [13, 14, 15, 16])
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
-def family_model(request):
-    return request.param, make_model(request.param)
-
-
 def generate(model, inputs, steps=STEPS, **kw):
     """generate()'s tokens and the scores it saw (B, steps, V) (EOS never stops it); greedy unless told."""
     config = (model.model if isinstance(model, vlmfix.Attached) else model).generation_config
